@@ -1,0 +1,31 @@
+# `make run` and `make test` each bootstrap .venv from nothing, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench sysdeps clean
+
+$(STAMP): setup.py
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update && apt-get install -y python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# System packages the tests use: OpenSSH's sshd for the real-SSH tests.
+sysdeps:
+	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; }
+
+run: $(STAMP)
+	$(VENV)/bin/dispatch-cloud run --demo
+
+test: $(STAMP) sysdeps
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) *.egg-info

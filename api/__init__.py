@@ -1,0 +1,1 @@
+"""The management HTTP API (Bottle on Waitress), Prometheus metrics and the admin client."""

@@ -1,0 +1,1 @@
+"""Configuration: the Arvados cluster config format, loaded into frozen dataclasses."""

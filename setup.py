@@ -1,0 +1,40 @@
+"""dispatch-cloud: a cloud dispatcher for Arvados-style container queues."""
+
+from setuptools import setup
+
+setup(
+    name="dispatch-cloud",
+    version="0.1.0",
+    description="Cloud dispatcher for Arvados container queues, compatible with arvados-dispatch-cloud",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    python_requires=">=3.11",
+    packages=["actors", "api", "cloud", "conf"],
+    package_data={"conf": ["*.yml"]},
+    install_requires=[
+        "pykka>=4.4,<5",
+        "paramiko>=3.4,<6",
+        "bottle>=0.13,<0.14",
+        "waitress>=3.0,<4",
+        "prometheus-client>=0.20,<1",
+        "pyyaml>=6,<7",
+        "requests>=2.31,<3",
+        "azure-core>=1.30,<2",
+        "azure-identity>=1.15,<2",
+        "azure-mgmt-compute>=30,<40",
+        "azure-mgmt-network>=25,<34",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pytest-timeout>=2.2,<3",
+            "hypothesis>=6.100,<7",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "dispatch-cloud=actors.cli:main",
+            "dispatch-cloud-crunch-run=cloud.crunchrun:main",
+        ],
+    },
+)
