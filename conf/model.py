@@ -79,7 +79,7 @@ class InstanceType:
 class CloudVMs:
     enable: bool = False
     driver: str = "ec2"
-    driver_parameters: Mapping = EMPTY  # raw, with the driver's defaults merged in
+    driver_parameters: Mapping = field(default_factory=lambda: EMPTY)  # raw, with the driver's defaults merged in
     ssh_port: str = "22"
     poll_interval: float = 10.0
     boot_probe_command: str = "systemctl is-system-running"
@@ -104,7 +104,7 @@ class CloudVMs:
     deploy_runner_binary: str = ""
     deploy_runner_directory: str = "/tmp/arvados-crunch-run"
     deploy_public_key: bool = True
-    resource_tags: Mapping = EMPTY
+    resource_tags: Mapping = field(default_factory=lambda: EMPTY)
     tag_key_prefix: str = "Arvados"
 
 
@@ -134,9 +134,9 @@ class Cluster:
     dispatch_urls: tuple[str, ...] = ("http://localhost:9006",)  # Services.DispatchCloud.InternalURLs
     tls_insecure: bool = False
     containers: Containers = Containers()
-    instance_types: Mapping = EMPTY  # name -> InstanceType
+    instance_types: Mapping = field(default_factory=lambda: EMPTY)  # name -> InstanceType
     source: str = ""  # the file this came from, for messages
-    raw: Mapping = EMPTY  # the merged cluster section, as crunch-run's ConfigData.Cluster
+    raw: Mapping = field(default_factory=lambda: EMPTY)  # the merged cluster section, as crunch-run's ConfigData.Cluster
 
     @property
     def cloud_vms(self) -> CloudVMs:
