@@ -1,0 +1,148 @@
+"""Run a WSGI app on Waitress in a background thread, and stop it cleanly.
+
+Waitress has no public stop. Closing its sockets from another thread races the select() in its
+loop (EBADF), so :class:`WsgiServer` drives the loop itself: :meth:`WsgiServer.stop` only pulls the
+server's trigger with a thunk that raises a flag, and the loop thread — the one that owns the
+sockets — closes the listener, the open connections and the trigger, then stops the worker
+threads. The API server of the dev cluster and the management API both use this.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from urllib.parse import urlsplit
+
+from waitress import wasyncore
+from waitress.server import create_server
+
+log = logging.getLogger(__name__)
+
+# Waitress resolves "localhost" to every address it has (IPv4 and IPv6) and then builds a
+# multi-socket server with a different shape; one loopback socket is what callers mean.
+_ALIASES = {"localhost": "127.0.0.1", "": "127.0.0.1"}
+
+
+def parse_listen_url(url: str) -> tuple[str, int]:
+    """``"http://localhost:9006"`` -> ``("127.0.0.1", 9006)``; ValueError naming the URL if bad.
+
+    Only plain http is served here (TLS belongs to a proxy in front, as with Arvados'
+    InternalURLs); a URL without a port listens on 80.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"listen URL {url!r}: expected http://host:port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"listen URL {url!r}: must not have a path, query or fragment")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"listen URL {url!r}: bad port ({e})") from None
+    return _ALIASES.get(parts.hostname, parts.hostname), 80 if port is None else port
+
+
+class WsgiServer:
+    """One Waitress server on one socket, served from a daemon thread.
+
+    ``host`` may also be a listen URL (``"http://localhost:9006"``), in which case ``port`` is
+    taken from it. ``port=0`` picks a free port; read :attr:`port` after :meth:`start`.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
+                 *, name: str = "wsgi"):
+        if "://" in host:
+            host, port = parse_listen_url(host)
+        self._app = app
+        self._host = _ALIASES.get(host, host)
+        self._want_port = int(port)
+        self._threads = int(threads)
+        self._name = name
+        self._server = None
+        self._loop_thread: threading.Thread | None = None
+        self._stop_requested = False
+        self._stopped = threading.Event()
+
+    @classmethod
+    def from_url(cls, app, url: str, threads: int = 8, **kw) -> "WsgiServer":
+        host, port = parse_listen_url(url)
+        return cls(app, host, port, threads, **kw)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> "WsgiServer":
+        """Bind and start serving; returns once the socket is listening (it is bound here)."""
+        if self._server is not None:
+            raise RuntimeError("WsgiServer already started")
+        # create_server binds and listens before returning, so the port is usable at once.
+        self._server = create_server(self._app, host=self._host, port=self._want_port,
+                                     threads=self._threads, clear_untrusted_proxy_headers=True,
+                                     ident=None)
+        self._loop_thread = threading.Thread(target=self._loop, name=f"{self._name}-loop:{self.port}",
+                                             daemon=True)
+        self._loop_thread.start()
+        log.debug("wsgi server listening", extra={"url": self.url})
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop thread to close everything, then wait for it (at most ``timeout`` s)."""
+        server, thread = self._server, self._loop_thread
+        if server is None or thread is None or self._stopped.is_set():
+            return
+        server.trigger.pull_trigger(self._request_stop)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.error("wsgi server did not stop in time", extra={"url": self.url, "timeout": timeout})
+
+    def __enter__(self) -> "WsgiServer":
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- addresses -----------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("WsgiServer not started")
+        return int(self._server.effective_port)
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    # -- the loop thread -----------------------------------------------------------------------
+
+    def _request_stop(self) -> None:
+        # Runs in the loop thread (a trigger thunk); the loop checks the flag after this poll.
+        self._stop_requested = True
+
+    def _loop(self) -> None:
+        server = self._server
+        socket_map = server._map  # waitress keeps the channel map here; no public accessor
+        timeout = server.adj.asyncore_loop_timeout
+        try:
+            while not self._stop_requested and socket_map:
+                wasyncore.loop(timeout=timeout, map=socket_map, count=1)
+        except Exception:
+            log.exception("wsgi server loop failed", extra={"url": self.url})
+        finally:
+            self._close_in_loop(server, socket_map)
+            self._stopped.set()
+
+    @staticmethod
+    def _close_in_loop(server, socket_map) -> None:
+        """Close the listener, trigger and every open connection from the loop's own thread."""
+        server.close()  # listener + trigger
+        for channel in list(socket_map.values()):
+            try:
+                channel.close()
+            except OSError:
+                pass
+        socket_map.clear()
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
