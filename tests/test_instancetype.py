@@ -13,7 +13,7 @@ from actors.instancetype import (
     InvalidContainer, TypeChooser, accommodates, choose_instance_types, estimate_scratch,
     resources_needed, signature, sort_key, subtract, type_resources)
 from actors.snapshot import Resources
-from conf.model import GPU, Cluster, Containers, InstanceType
+from conf.model import GPU, Cluster, Containers, InstanceType, freeze
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -100,6 +100,15 @@ def test_choose(menu):
     assert best[0].name == "best"  # in menus 2 and 3, "best" beats "goodenough" on RAM at the same price
     assert best[0].ram >= 1234567890 and best[0].vcpus >= 2 and best[0].scratch >= 2 * GiB
     assert all(t.price == best[0].price for t in best)  # factor 0 means 1: no dearer types
+
+
+def test_tie_break_order():
+    """Same price: more RAM first, then more VCPUs, then more scratch, then name."""
+    menu = [itype("a-less-ram", 1.0, 4 * GiB, 8, 100 * GiB), itype("z-more-ram", 1.0, 8 * GiB, 2, 10 * GiB),
+            itype("m-more-cpu", 1.0, 4 * GiB, 16, 10 * GiB), itype("b-more-disk", 1.0, 4 * GiB, 8, 200 * GiB),
+            itype("c-same", 1.0, 4 * GiB, 8, 100 * GiB), itype("cheap", 0.5, GiB, 1, 10 * GiB)]
+    got = choose_instance_types(cluster(menu), ctr(vcpus=2, ram=MiB, tmp=GiB))
+    assert names(got) == ["z-more-ram", "m-more-cpu", "b-more-disk", "a-less-ram", "c-same"]
 
 
 def test_maximum_price_factor():
@@ -364,6 +373,15 @@ def test_memo_keeps_different_shapes_apart(change):
     assert chooser.cache_info().misses == 2
 
 
+def test_frozen_record_gives_the_same_answer():
+    """A queue may hold records frozen with conf.model.freeze (mapping proxies, tuples)."""
+    chooser = TypeChooser(cluster(GPU_MENU))
+    c = ctr(**STD_CTR, gpu=gpu_rc("rocm", 1, ["gfx1100", "gfx1103"], "6.2", 2000000000))
+    assert signature(freeze(c)) == signature(c)
+    assert chooser.choose(freeze(c)) is chooser.choose(c)
+    assert names(chooser.choose(c)) == ["cheap_gpu_rocm"]
+
+
 def test_memo_answers_differ_where_shapes_differ():
     chooser = TypeChooser(cluster(CHOOSE_MENUS[0], maximum_price_factor=4))
     small = ctr(vcpus=1, ram=MiB)
@@ -452,7 +470,8 @@ def test_choice_properties(types, c, factor):
                  local_keep_blob_buffers_per_vcpu=1)
     need = resources_needed(cl, c)
     preemptible = c["scheduling_parameters"]["preemptible"]
-    fitting = sorted((t for t in types if _fits(t, c, need, preemptible)), key=sort_key)
+    fitting = sorted((t for t in types if _fits(t, c, need, preemptible)),
+                     key=lambda t: (t.price, -t.ram, -t.vcpus, -t.scratch, t.name))
     try:
         got = choose_instance_types(cl, c)
     except ConstraintsNotSatisfiable as e:
@@ -461,7 +480,7 @@ def test_choice_properties(types, c, factor):
     assert got[0] == fitting[0]  # the cheapest satisfying type comes first
     cap = got[0].price * max(factor, 1)
     assert all(_fits(t, c, need, preemptible) for t in got)
-    assert list(got) == sorted(got, key=sort_key)
+    assert list(got) == sorted(got, key=sort_key) == fitting[:len(got)]
     assert all(t.price <= cap for t in got)
     assert list(got) == [t for t in fitting if t.price <= cap]  # and none is left out
     assert names(TypeChooser(cl).choose(c)) == names(got)
