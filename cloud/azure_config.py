@@ -1,0 +1,199 @@
+"""Azure DriverParameters: parsed, defaulted and checked once, before any SDK client exists.
+
+Keys are matched case-insensitively (Go's encoding/json does, and Arvados' own test config spells
+``TenantId``), so an operator's Arvados config loads unchanged. Every error names the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class CloudEnvironment:
+    """The endpoints go-autorest's ``EnvironmentFromName`` gives for one sovereign cloud."""
+
+    name: str
+    resource_manager: str
+    authority_host: str
+    storage_suffix: str
+
+
+ENVIRONMENTS = {e.name.lower(): e for e in (
+    CloudEnvironment("AzurePublicCloud", "https://management.azure.com/",
+                     "https://login.microsoftonline.com/", "core.windows.net"),
+    CloudEnvironment("AzureUSGovernmentCloud", "https://management.usgovcloudapi.net/",
+                     "https://login.microsoftonline.us/", "core.usgovcloudapi.net"),
+    CloudEnvironment("AzureChinaCloud", "https://management.chinacloudapi.cn/",
+                     "https://login.chinacloudapi.cn/", "core.chinacloudapi.cn"),
+    CloudEnvironment("AzureGermanCloud", "https://management.microsoftazure.de/",
+                     "https://login.microsoftonline.de/", "core.cloudapi.de"),
+)}
+
+
+class AzureConfigError(ValueError):
+    """A DriverParameters value is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class AzureConfig:
+    subscription_id: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    tenant_id: str = ""
+    cloud_environment: str = "AzurePublicCloud"
+    resource_group: str = ""
+    image_resource_group: str = ""
+    location: str = "centralus"
+    network: str = ""
+    network_resource_group: str = ""
+    subnet: str = ""
+    storage_account: str = ""
+    blob_container: str = ""
+    shared_image_gallery_name: str = ""
+    shared_image_gallery_image_version: str = ""
+    delete_dangling_resources_after: float = 20.0
+    admin_username: str = "crunch"
+    resource_manager_endpoint: str = ""  # "" = the environment's
+    authority_host: str = ""  # "" = the environment's
+
+    def __repr__(self) -> str:  # never print the client secret
+        return f"AzureConfig(subscription_id={self.subscription_id!r}, resource_group={self.resource_group!r}, ...)"
+
+    @property
+    def environment(self) -> CloudEnvironment:
+        return ENVIRONMENTS[self.cloud_environment.lower()]
+
+    @property
+    def arm_endpoint(self) -> str:
+        return (self.resource_manager_endpoint or self.environment.resource_manager).rstrip("/")
+
+    @property
+    def aad_authority(self) -> str:
+        return (self.authority_host or self.environment.authority_host).rstrip("/")
+
+    @property
+    def arm_is_loopback_http(self) -> bool:
+        u = urlsplit(self.arm_endpoint)
+        return u.scheme == "http" and is_loopback_host(u.hostname or "")
+
+    @property
+    def effective_image_resource_group(self) -> str:
+        return self.image_resource_group or self.resource_group
+
+    @property
+    def subnet_id(self) -> str:
+        rg = self.network_resource_group or self.resource_group
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{rg}/providers/"
+                f"Microsoft.Network/virtualnetworks/{self.network}/subnets/{self.subnet}")
+
+
+# DriverParameters key -> AzureConfig field (the Arvados spelling, for messages).
+KEYS = {
+    "SubscriptionID": "subscription_id", "ClientID": "client_id", "ClientSecret": "client_secret",
+    "TenantID": "tenant_id", "CloudEnvironment": "cloud_environment",
+    "ResourceGroup": "resource_group", "ImageResourceGroup": "image_resource_group",
+    "Location": "location", "Network": "network", "NetworkResourceGroup": "network_resource_group",
+    "Subnet": "subnet", "StorageAccount": "storage_account", "BlobContainer": "blob_container",
+    "SharedImageGalleryName": "shared_image_gallery_name",
+    "SharedImageGalleryImageVersion": "shared_image_gallery_image_version",
+    "DeleteDanglingResourcesAfter": "delete_dangling_resources_after",
+    "AdminUsername": "admin_username", "ResourceManagerEndpoint": "resource_manager_endpoint",
+    "AuthorityHost": "authority_host",
+}
+REQUIRED = ("SubscriptionID", "ResourceGroup", "Network", "Subnet")
+_DEFAULTS = {f.name: f.default for f in fields(AzureConfig)}
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value, key: str) -> float:
+    """Seconds from a Go duration string (``20s``, ``1m30s``) or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise AzureConfigError(f"DriverParameters.{key}: expected a duration like '20s', got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    s = str(value).strip()
+    if s in ("0", ""):
+        return 0.0
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or pos == 0:
+        raise AzureConfigError(f"DriverParameters.{key}: expected a duration like '20s', got {value!r}")
+    return total
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_endpoint(url: str, key: str) -> None:
+    u = urlsplit(url)
+    if u.scheme == "https" and u.hostname:
+        return
+    if u.scheme == "http" and u.hostname and is_loopback_host(u.hostname):
+        return
+    if u.scheme == "http":
+        raise AzureConfigError(f"DriverParameters.{key}: plain http is only allowed for a loopback host "
+                               f"(127.0.0.0/8, localhost, ::1), got {url!r}")
+    raise AzureConfigError(f"DriverParameters.{key}: expected an https:// URL, got {url!r}")
+
+
+def parse(params: Mapping | None) -> AzureConfig:
+    """An :class:`AzureConfig` from raw DriverParameters (defaults applied, required keys checked).
+
+    Keys of other drivers (the EC2 defaults are always merged in) are ignored, as in Arvados.
+    """
+    by_lower = {k.lower(): k for k in KEYS}
+    values = dict(_DEFAULTS)
+    for raw_key, v in (params or {}).items():
+        key = by_lower.get(str(raw_key).lower())
+        if key is None:
+            continue
+        name = KEYS[key]
+        if name == "delete_dangling_resources_after":
+            v = parse_duration(v, key)
+            if v < 0:
+                raise AzureConfigError(f"DriverParameters.{key}: must not be negative")
+        elif v is None:
+            v = _DEFAULTS[name]
+        elif not isinstance(v, str):
+            raise AzureConfigError(f"DriverParameters.{key}: expected a string, got {v!r}")
+        if isinstance(v, str) and v == "" and _DEFAULTS[name] != "":
+            v = _DEFAULTS[name]  # an explicit "" keeps the Arvados default, as the merged defaults do
+        values[name] = v
+    cfg = AzureConfig(**values)
+    for key in REQUIRED:
+        if not getattr(cfg, KEYS[key]):
+            raise AzureConfigError(f"DriverParameters.{key} is required for the azure driver")
+    if cfg.cloud_environment.lower() not in ENVIRONMENTS:
+        names = ", ".join(e.name for e in ENVIRONMENTS.values())
+        raise AzureConfigError(f"DriverParameters.CloudEnvironment: unknown environment "
+                               f"{cfg.cloud_environment!r} (one of {names})")
+    _check_endpoint(cfg.arm_endpoint, "ResourceManagerEndpoint")
+    _check_endpoint(cfg.aad_authority, "AuthorityHost")
+    if bool(cfg.storage_account) != bool(cfg.blob_container):
+        raise AzureConfigError("DriverParameters.StorageAccount and DriverParameters.BlobContainer "
+                               "must both be empty or both be set")
+    if bool(cfg.shared_image_gallery_name) != bool(cfg.shared_image_gallery_image_version):
+        raise AzureConfigError("DriverParameters.SharedImageGalleryName and "
+                               "DriverParameters.SharedImageGalleryImageVersion must both be empty or both be set")
+    if not cfg.arm_is_loopback_http:
+        for key in ("ClientID", "ClientSecret", "TenantID"):
+            if not getattr(cfg, KEYS[key]):
+                raise AzureConfigError(f"DriverParameters.{key} is required for the azure driver")
+    return cfg

@@ -1,0 +1,418 @@
+"""The Azure driver through the real azure-mgmt SDK clients, against a fake ARM on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from email.utils import format_datetime
+from datetime import datetime, timezone
+
+import pytest
+
+from actors.clock import FakeClock
+from cloud import azure, azure_errors
+from cloud.azure_config import AzureConfigError, parse, parse_duration
+from cloud.base import (CapacityError, CloudError, NotSupported, QuotaError, RateLimitError,
+                        capacity_scope, is_quota_error, rate_limit_retry_at, wrap)
+from conf.model import InstanceType
+from tests.fakearm import FakeArm, iso
+
+SET_ID = "abc123"
+SECRET = "0123456789abcdef0123456789abcdef01234567"
+CLIENT_SECRET = "very-secret-client-password"
+IT = InstanceType("small", "Standard_D2s_v3", 2, 8 << 30, 16 << 30, 0, 0.1)
+SPOT = InstanceType("small.spot", "Standard_D2s_v3", 2, 8 << 30, 16 << 30, 0, 0.03, preemptible=True)
+INIT = f'umask 0177 && echo -n "{SECRET}" >/var/run/arvados-instance-secret\necho booted'
+PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests dispatcher"
+
+
+@pytest.fixture
+def clock():
+    return FakeClock(1_700_000_000.0)
+
+
+@pytest.fixture
+def arm(clock):
+    fake = FakeArm(page_size=100, polls=1, now=clock.now).start()
+    yield fake
+    fake.stop()
+
+
+def params(arm, **extra):
+    p = {"SubscriptionID": "sub", "ResourceGroup": "rg", "Network": "vnet", "Subnet": "default",
+         "ClientSecret": CLIENT_SECRET, "ResourceManagerEndpoint": arm.url}
+    p.update(extra)
+    return p
+
+
+@pytest.fixture
+def make_set(arm, clock):
+    made = []
+
+    def make(logger=None, **extra):
+        s = azure.driver(params(arm, **extra), SET_ID, clock=clock, polling_interval=0.01,
+                         op_timeout=20, logger=logger)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.stop()
+
+
+def tags():
+    return {"ArvadosInstanceSetID": SET_ID, "ArvadosInstanceType": "small", "ArvadosInstanceSecret": SECRET}
+
+
+def vm_body(arm):
+    return arm.sent("PUT", "virtualMachines")[-1].body
+
+
+# --- create ---------------------------------------------------------------------------------
+
+
+def test_create_makes_nic_then_vm_with_tags_custom_data_and_key(arm, make_set, clock):
+    s = make_set()
+    inst = s.create(IT, "my-image", tags(), INIT, PUBKEY)
+
+    puts = [r for r in arm.requests if r.method == "PUT"]
+    assert [r.kind for r in puts] == ["networkInterfaces", "virtualMachines"]
+    assert all("api-version" in r.query for r in arm.requests)
+    name = inst.name
+    assert name.startswith(f"compute-{SET_ID}-") and len(name) == len(f"compute-{SET_ID}-") + 15
+    assert puts[0].path.endswith(f"/networkInterfaces/{name}-nic")
+    nic = puts[0].body
+    ipc = nic["properties"]["ipConfigurations"][0]
+    assert ipc["name"] == "ip1" and ipc["properties"]["privateIPAllocationMethod"] == "Dynamic"
+    assert ipc["properties"]["subnet"]["id"] == (
+        "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network/virtualnetworks/vnet/subnets/default")
+    created_at = "2023-11-14T22:13:20Z"
+    assert nic["tags"] == {**tags(), "created-at": created_at}
+    assert nic["location"] == "centralus"
+
+    vm = puts[1].body
+    assert vm["tags"] == {**tags(), "created-at": created_at}
+    p = vm["properties"]
+    assert p["hardwareProfile"]["vmSize"] == "Standard_D2s_v3"
+    assert p["networkProfile"]["networkInterfaces"][0]["id"].endswith(f"/networkInterfaces/{name}-nic")
+    assert p["storageProfile"]["imageReference"]["id"] == (
+        "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Compute/images/my-image")
+    assert p["storageProfile"]["osDisk"] == {"osType": "Linux", "name": f"{name}-os", "createOption": "FromImage"}
+    osp = p["osProfile"]
+    assert osp["computerName"] == name and osp["adminUsername"] == "crunch"
+    assert base64.b64decode(osp["customData"]).decode() == "#!/bin/sh\n" + INIT + "\n"
+    lin = osp["linuxConfiguration"]
+    assert lin["disablePasswordAuthentication"] is True
+    assert lin["ssh"]["publicKeys"] == [{"path": "/home/crunch/.ssh/authorized_keys", "keyData": PUBKEY}]
+    assert "priority" not in p and "billingProfile" not in p
+
+    assert inst.id == f"/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}"
+    assert inst.address.startswith("10.1.")
+    assert inst.provider_type == "Standard_D2s_v3"
+    assert inst.remote_user == "crunch"
+    assert inst.tags["ArvadosInstanceSecret"] == SECRET
+    assert s.instance_quota_group(IT) == ""
+    with pytest.raises(NotSupported):
+        inst.verify_host_key(None, None)
+
+
+def test_create_without_key_omits_ssh_block_and_honours_admin_user(arm, make_set):
+    s = make_set(AdminUsername="ops", Location="westeurope")
+    s.create(IT, "img", tags(), INIT, None)
+    body = vm_body(arm)
+    assert "ssh" not in body["properties"]["osProfile"]["linuxConfiguration"]
+    assert body["properties"]["osProfile"]["adminUsername"] == "ops"
+    assert body["location"] == "westeurope"
+
+
+def test_preemptible_is_spot_with_its_own_quota_group(arm, make_set):
+    s = make_set()
+    s.create(SPOT, "img", tags(), INIT, PUBKEY)
+    p = vm_body(arm)["properties"]
+    assert p["priority"] == "Spot" and p["evictionPolicy"] == "Delete"
+    assert p["billingProfile"] == {"maxPrice": -1}
+    assert s.instance_quota_group(SPOT) == "spot"
+
+
+def test_gallery_and_vhd_image_forms(arm, make_set):
+    s = make_set(ImageResourceGroup="images", SharedImageGalleryName="gal",
+                 SharedImageGalleryImageVersion="1.0.0")
+    s.create(IT, "def", tags(), INIT, None)
+    assert vm_body(arm)["properties"]["storageProfile"]["imageReference"]["id"] == (
+        "/subscriptions/sub/resourceGroups/images/providers/Microsoft.Compute/galleries/gal/images/def/versions/1.0.0")
+    v = make_set(StorageAccount="acct", BlobContainer="vhds")
+    inst = v.create(IT, "https://acct.blob.core.windows.net/system/img.vhd", tags(), INIT, None)
+    disk = vm_body(arm)["properties"]["storageProfile"]["osDisk"]
+    assert disk["image"] == {"uri": "https://acct.blob.core.windows.net/system/img.vhd"}
+    assert disk["vhd"] == {"uri": f"https://acct.blob.core.windows.net/vhds/{inst.name}-os.vhd"}
+
+
+def test_create_refuses_added_scratch_and_missing_image(arm, make_set):
+    s = make_set()
+    big = InstanceType("big", "Standard_D4", 4, 16 << 30, 0, 100 << 30, 0.2)
+    with pytest.raises(CloudError, match=r"cannot create instance type 'big': driver does not implement "
+                                         r"non-zero AddedScratch \(107374182400\)"):
+        s.create(big, "img", tags(), INIT, None)
+    with pytest.raises(CloudError, match="ImageID"):
+        s.create(IT, "", tags(), INIT, None)
+    with pytest.raises(CloudError, match="StorageAccount"):
+        s.create(IT, "https://x/y.vhd", tags(), INIT, None)
+    assert arm.sent("PUT") == []
+
+
+# --- list -----------------------------------------------------------------------------------
+
+
+def test_list_pages_through_next_links(arm, make_set):
+    arm.page_size = 2
+    s = make_set()
+    made = {s.create(IT, "img", tags(), INIT, None).id for _ in range(5)}
+    arm.put_raw("virtualMachines", "rg", "someone-else", {"tags": {}, "properties": {
+        "hardwareProfile": {"vmSize": "Standard_A1"}}})  # foreign VM without a network profile
+    listed = s.instances({})
+    assert {i.id for i in listed} == made | {arm.get("virtualMachines", "rg", "someone-else")["id"]}
+    vm_lists = [r for r in arm.sent("GET", "virtualMachines") if r.path.endswith("/virtualMachines")]
+    assert len(vm_lists) == 3 and vm_lists[-1].query["$skiptoken"] == "4"
+    assert len([r for r in arm.sent("GET", "networkInterfaces") if r.path.endswith("/networkInterfaces")]) == 3
+    by_id = {i.id: i for i in listed}
+    assert all(by_id[i].address.startswith("10.1.") for i in made)
+    foreign = [i for i in listed if i.name == "someone-else"][0]
+    assert foreign.address == "" and foreign.provider_type == "Standard_A1"
+    # through the wrapper stack, only ours (the filter is what makes Azure's unfiltered list safe)
+    wrapped = wrap(s, resource_tags={})
+    assert {i.id for i in wrapped.instances({"ArvadosInstanceSetID": SET_ID})} == made
+
+
+def test_list_after_restart_sees_the_same_ids(arm, make_set):
+    first = make_set()
+    ids = {first.create(IT, "img", tags(), INIT, None).id for _ in range(2)}
+    first.stop()
+    again = make_set()
+    assert {i.id for i in again.instances({})} == ids
+    assert all(i.tags["ArvadosInstanceSecret"] == SECRET for i in again.instances({}))
+
+
+def test_long_running_operations_are_polled_until_succeeded(arm, make_set):
+    arm.polls = 3
+    s = make_set()
+    inst = s.create(IT, "img", tags(), INIT, None)
+    polls = [r for r in arm.requests if r.path.startswith("/fakearm/operations/")]
+    assert len(polls) == 2 * (3 + 1)  # NIC and VM: 3 InProgress + 1 Succeeded each
+    assert arm.get("virtualMachines", "rg", inst.name)["properties"]["provisioningState"] == "Succeeded"
+
+
+def test_set_tags_patches_merged_tags(arm, make_set):
+    s = make_set()
+    inst = s.create(IT, "img", tags(), INIT, None)
+    inst.set_tags({"ArvadosIdleBehavior": "hold"})
+    patch = arm.sent("PATCH", "virtualMachines")[-1]
+    assert patch.body == {"tags": {**tags(), "created-at": inst.tags["created-at"], "ArvadosIdleBehavior": "hold"}}
+    assert inst.tags["ArvadosIdleBehavior"] == "hold"
+    fresh = [i for i in s.instances({}) if i.id == inst.id][0]
+    assert fresh.tags["ArvadosIdleBehavior"] == "hold"
+
+
+def test_destroy_deletes_vm_and_leaves_nic_and_disk_to_gc(arm, make_set):
+    s = make_set()
+    inst = s.create(IT, "img", tags(), INIT, None)
+    inst.destroy()
+    assert arm.get("virtualMachines", "rg", inst.name) is None
+    assert arm.get("networkInterfaces", "rg", inst.name + "-nic") is not None
+    assert arm.get("disks", "rg", inst.name + "-os")["properties"]["diskState"] == "Unattached"
+    assert s.instances({}) == [] or all(i.id != inst.id for i in s.instances({}))
+    inst.destroy()  # already gone: not an error
+
+
+# --- garbage collection ---------------------------------------------------------------------
+
+
+def test_dangling_nics_and_disks_are_collected_by_age(arm, make_set, clock):
+    s = make_set()
+    inst = s.create(IT, "img", tags(), INIT, None)
+    inst.destroy()
+    arm.put_raw("networkInterfaces", "rg", "foreign-nic", {"tags": {"created-at": iso(clock.now() - 3600)},
+                                                            "properties": {}})
+    arm.put_raw("disks", "rg", "foreign-os", {"properties": {"diskState": "Unattached",
+                                                             "timeCreated": iso(clock.now() - 3600)}})
+    s.instances({})  # too young: kept (and this was the first disk sweep)
+    assert arm.get("networkInterfaces", "rg", inst.name + "-nic") is not None
+    assert arm.get("disks", "rg", inst.name + "-os") is not None
+    clock.advance(21)
+    s.instances({})
+    assert arm.get("networkInterfaces", "rg", inst.name + "-nic") is None  # NICs: every list
+    assert arm.get("disks", "rg", inst.name + "-os") is not None  # disks: at most every 5 minutes
+    clock.advance(300)
+    s.instances({})
+    assert arm.get("disks", "rg", inst.name + "-os") is None
+    assert arm.get("networkInterfaces", "rg", "foreign-nic") is not None  # not ours: never touched
+    assert arm.get("disks", "rg", "foreign-os") is not None
+    assert len(arm.sent("GET", "disks")) == 2
+
+
+def test_attached_nic_is_never_collected(arm, make_set, clock):
+    s = make_set()
+    inst = s.create(IT, "img", tags(), INIT, None)
+    clock.advance(3600)
+    assert [i.id for i in s.instances({})] == [inst.id]
+    assert arm.get("networkInterfaces", "rg", inst.name + "-nic") is not None
+    assert arm.sent("DELETE") == []
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def _create_error(arm, make_set, **fail):
+    arm.fail("PUT", "virtualMachines", **fail)
+    s = make_set()
+    with pytest.raises(CloudError) as ei:
+        s.create(IT, "img", tags(), INIT, None)
+    return s, ei.value
+
+
+def test_429_with_seconds_is_a_rate_limit(arm, make_set, clock):
+    _, err = _create_error(arm, make_set, status=429, code="TooManyRequests", message="slow down",
+                           headers={"Retry-After": "123"})
+    assert isinstance(err, RateLimitError) and rate_limit_retry_at(err) == clock.now() + 123
+    assert len(arm.sent("PUT", "virtualMachines")) == 1  # the SDK did not retry it
+
+
+def test_429_with_http_date_is_a_rate_limit(arm, make_set):
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    _, err = _create_error(arm, make_set, status=429, code="TooManyRequests", message="slow down",
+                           headers={"Retry-After": format_datetime(when, usegmt=True)})
+    assert rate_limit_retry_at(err) == when.timestamp()
+
+
+def test_429_without_retry_after_defaults_to_20s(arm, make_set, clock):
+    _, err = _create_error(arm, make_set, status=429, code="TooManyRequests", message="slow down")
+    assert isinstance(err, RateLimitError) and rate_limit_retry_at(err) == clock.now() + 20
+
+
+def test_quota_error(arm, make_set):
+    _, err = _create_error(arm, make_set, status=409, code="OperationNotAllowed",
+                           message="Operation could not be completed as it results in exceeding approved "
+                                   "standardDSv3Family Cores quota.")
+    assert isinstance(err, QuotaError) and is_quota_error(err) and rate_limit_retry_at(err) is None
+
+
+def test_allocation_failure_is_a_type_capacity_error(arm, make_set):
+    _, err = _create_error(arm, make_set, status=409, code="AllocationFailed", async_=True,
+                           message="Allocation failed. We do not have sufficient capacity for the requested VM size.")
+    assert isinstance(err, CapacityError) and not is_quota_error(err)
+    assert capacity_scope(err, IT, "") == ("type", "Standard_D2s_v3", False)
+    assert "AllocationFailed" in str(err)
+
+
+def test_500_is_a_plain_cloud_error_after_a_short_retry(arm, make_set):
+    _, err = _create_error(arm, make_set, status=500, code="InternalServerError", message="oops", times=5)
+    assert type(err) is CloudError and "InternalServerError" in str(err)
+    assert len(arm.sent("PUT", "virtualMachines")) == 3  # retry_total=2
+
+
+@pytest.mark.parametrize("async_", [False, True])
+def test_failed_vm_create_deletes_the_nic(arm, make_set, async_):
+    s, err = _create_error(arm, make_set, status=409, code="SkuNotAvailable", message="no", async_=async_)
+    assert isinstance(err, CapacityError)
+    assert arm.of_kind("networkInterfaces") == [] and arm.of_kind("virtualMachines") == []
+    assert s.instances({}) == []
+
+
+def test_list_error_is_mapped(arm, make_set, clock):
+    arm.fail("GET", "networkInterfaces", status=429, code="TooManyRequests", message="x",
+             headers={"Retry-After": "7"})
+    with pytest.raises(RateLimitError) as ei:
+        make_set().instances({})
+    assert ei.value.earliest_retry == clock.now() + 7
+
+
+@pytest.mark.parametrize("status,code,message,header,expect", [
+    (429, "TooManyRequests", "x", "5", RateLimitError),
+    (503, "ServiceUnavailable", "No more quota", None, QuotaError),
+    (200, "ZonalAllocationFailed", "no capacity", None, CapacityError),
+    (400, "OverconstrainedAllocationRequest", "limit", None, CapacityError),
+    (409, "Conflict", "limit reached", "3", RateLimitError),  # any Retry-After wins
+    (400, "InvalidParameter", "bad name", None, CloudError),
+])
+def test_classify_table(status, code, message, header, expect):
+    err = azure_errors.classify(status, code, message, header, 1000.0)
+    assert type(err).__mro__[1] is expect or type(err) is expect
+
+
+def test_stop_abandons_a_pending_create(arm, make_set):
+    arm.polls = 10**9  # never finishes
+    s = make_set()
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(_try(s.create, IT, "img", tags(), INIT, None)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not arm.sent("GET") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.stop()
+    t.join(10)
+    assert not t.is_alive()
+    assert isinstance(errors[0], CloudError) and "stopping" in str(errors[0])
+
+
+def _try(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:
+        return e
+    return None
+
+
+# --- configuration and secrets --------------------------------------------------------------
+
+
+def test_params_are_case_insensitive_with_arvados_defaults():
+    cfg = parse({"subscriptionid": "s", "RESOURCEGROUP": "r", "network": "n", "SubNet": "x",
+                 "TenantId": "t", "ClientID": "c", "ClientSecret": "z", "cloudenvironment": "azurechinacloud",
+                 "DeleteDanglingResourcesAfter": "1m30s", "ImageID": "ignored-ec2-style-key"})
+    assert (cfg.tenant_id, cfg.location, cfg.admin_username) == ("t", "centralus", "crunch")
+    assert cfg.arm_endpoint == "https://management.chinacloudapi.cn"
+    assert cfg.delete_dangling_resources_after == 90
+    assert parse_duration("20s", "x") == 20 and CLIENT_SECRET not in repr(parse({**_req(), "ClientSecret": CLIENT_SECRET}))
+
+
+def _req():
+    return {"SubscriptionID": "s", "ResourceGroup": "r", "Network": "n", "Subnet": "x", "TenantID": "t",
+            "ClientID": "c", "ClientSecret": "z"}
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"SubscriptionID": ""}, "SubscriptionID"),
+    ({"ResourceGroup": None}, "ResourceGroup"),
+    ({"Subnet": ""}, "Subnet"),
+    ({"ClientSecret": ""}, "ClientSecret"),
+    ({"CloudEnvironment": "Mars"}, "CloudEnvironment"),
+    ({"DeleteDanglingResourcesAfter": "soon"}, "DeleteDanglingResourcesAfter"),
+    ({"ResourceManagerEndpoint": "http://arm.example.com"}, "ResourceManagerEndpoint"),
+    ({"ResourceManagerEndpoint": "ftp://127.0.0.1"}, "ResourceManagerEndpoint"),
+    ({"AuthorityHost": "http://login.example.com"}, "AuthorityHost"),
+    ({"StorageAccount": "a"}, "BlobContainer"),
+    ({"SharedImageGalleryName": "g"}, "SharedImageGalleryImageVersion"),
+])
+def test_bad_params_name_the_key(change, key):
+    with pytest.raises(AzureConfigError, match=key):
+        parse({**_req(), **change})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1", "http://127.8.9.10:1", "http://localhost:1",
+                                 "http://[::1]:1", "https://arm.example.com"])
+def test_http_only_for_loopback(url):
+    assert parse({**_req(), "ResourceManagerEndpoint": url}).arm_endpoint == url
+
+
+def test_no_secrets_in_logs(arm, make_set, caplog):
+    caplog.set_level(logging.DEBUG)
+    log = logging.getLogger("test.azure")
+    s = make_set(logger=log)
+    arm.fail("PUT", "virtualMachines", status=409, code="AllocationFailed", message="no")
+    with pytest.raises(CapacityError):
+        s.create(IT, "img", tags(), INIT, PUBKEY)
+    s.create(IT, "img", tags(), INIT, PUBKEY).destroy()
+    text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "creating azure instance" in text and "AllocationFailed" in text
+    for secret in (SECRET, CLIENT_SECRET, azure.custom_data(INIT), "loopback-fake-arm-token"):
+        assert secret not in text
