@@ -1,0 +1,329 @@
+"""The management API as a Bottle app: routes, token check, JSON bodies and JSON errors.
+
+Every response is built from the backend's last published Snapshot or is one short backend call,
+so a request never waits on a scheduling pass. Arvados' behaviour is the contract (reference §5);
+where it returns ``null`` for an empty list we return ``[]``, and every error body is JSON,
+including the router's 404/405 and our own 500s (which never carry a traceback).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hmac
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+
+import bottle
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from actors.snapshot import InstanceView, QueueEntryView, Snapshot
+from api.backend import Backend, BackendTimeout, NotFound
+from conf.model import Cluster, InstanceType
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/arvados/v1/dispatch"
+ZERO_TIME = "0001-01-01T00:00:00Z"  # Go's time.Time{} in RFC 3339
+JSON_TYPE = "application/json"
+REASON_PREFIX = "via management API: "
+
+
+# -- pure rendering ------------------------------------------------------------------------------
+
+def rfc3339(ts: float) -> str:
+    """Unix seconds -> RFC 3339 UTC with trailing zeros trimmed, as Go's RFC3339Nano; 0 -> zero time."""
+    if ts <= 0:
+        return ZERO_TIME
+    dt = datetime.fromtimestamp(ts, timezone.utc)
+    out = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    if dt.microsecond:
+        out += "." + f"{dt.microsecond:06d}".rstrip("0")
+    return out + "Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_json(it: InstanceType) -> tuple[dict, dict]:
+    # Types repeat across thousands of queue entries; build their dicts once.
+    return it.documented_json(), it.arvados_json()
+
+
+def queue_entry_json(ent: QueueEntryView) -> dict:
+    """One ``/containers`` item: the documented ``instance_type`` object *and* today's fields."""
+    types = [_type_json(t) for t in ent.instance_types]
+    return {
+        "container": ent.container,
+        "instance_type": types[0][0] if types else None,
+        "instance_types": [t[1] for t in types],
+        "instance_resources": ent.resources.arvados_json(),
+        "first_seen_at": rfc3339(ent.first_seen_at),
+        "scheduling_status": ent.scheduling_status,
+    }
+
+
+def instance_json(v: InstanceView) -> dict:
+    return {
+        "instance": v.instance,
+        "address": v.address,
+        "price": v.price,
+        "arvados_instance_type": v.arvados_instance_type,
+        "provider_instance_type": v.provider_instance_type,
+        "last_container_uuid": v.last_container_uuid,
+        "last_busy": rfc3339(v.last_busy),
+        "running_container_uuids": sorted(v.running_container_uuids or ()),
+        "worker_state": v.worker_state,
+        "idle_behavior": v.idle_behavior,
+    }
+
+
+def instances_json(snap: Snapshot) -> dict:
+    rows = sorted(snap.instances, key=lambda v: (v.instance, v.arvados_instance_type))
+    return {"items": [instance_json(v) for v in rows]}
+
+
+def containers_json(snap: Snapshot) -> dict:
+    return {"items": [queue_entry_json(e) for e in snap.queue]}
+
+
+def _json_default(o):
+    # Snapshots hold read-only mappings (MappingProxyType) and tuples; JSON wants dicts and lists.
+    if isinstance(o, Mapping):
+        return dict(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"cannot encode {type(o).__name__} as JSON")
+
+
+def encode(obj) -> str:
+    """Compact JSON with a trailing newline, like Go's json.Encoder."""
+    return json.dumps(obj, separators=(",", ":"), default=_json_default) + "\n"
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(body=encode({"errors": [message]}), status=status,
+                               headers={"Content-Type": JSON_TYPE, **(headers or {})})
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+def request_tokens(req: bottle.BaseRequest) -> list[str]:
+    """Every token the request offers, where Arvados looks: Bearer/OAuth2 header, Basic password,
+    ``api_token`` parameter, ``arvados_api_token`` cookie (base64url)."""
+    found = []
+    auth = req.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme in ("Bearer", "OAuth2") and value.strip():
+        found.append(value.strip())
+    elif scheme == "Basic" and req.auth and req.auth[1]:
+        found.append(req.auth[1])
+    param = req.query.getunicode("api_token") or ""
+    if not param and req.method == "POST":
+        param = req.forms.getunicode("api_token") or ""
+    if param:
+        found.append(param)
+    cookie = req.get_cookie("arvados_api_token")
+    if cookie:
+        try:
+            found.append(base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4)).decode())
+        except (ValueError, UnicodeDecodeError):
+            found.append(cookie)
+    return found
+
+
+def check_token(expected: str, offered: list[str]) -> tuple[int, str] | None:
+    """None when allowed, else (status, message). Pure, so the rules are tested as a table."""
+    if not expected:
+        return 403, "Management API authentication is not configured"
+    if not offered:
+        return 401, "Unauthorized: this API requires the cluster's ManagementToken"
+    want = expected.encode()
+    # Compare against every offered token so timing does not depend on which one matched.
+    ok = False
+    for tok in offered:
+        ok |= hmac.compare_digest(tok.encode(), want)
+    return None if ok else (403, "Forbidden: management token does not match")
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+class _Handlers:
+    """Route callbacks; holds the per-snapshot render caches (a Snapshot is immutable)."""
+
+    def __init__(self, cluster: Cluster, backend: Backend, metrics):
+        self.cluster = cluster
+        self.backend = backend
+        self.metrics = metrics
+        self._bodies: dict[str, tuple[Snapshot, str]] = {}
+        self._index: tuple[Snapshot, dict] | None = None
+
+    def _cached(self, key: str, render) -> str:
+        snap = self.backend.snapshot()
+        hit = self._bodies.get(key)
+        if hit is not None and hit[0] is snap:
+            return hit[1]
+        body = encode(render(snap))
+        self._bodies[key] = (snap, body)  # a racing writer stores an equally valid body
+        return body
+
+    def _json(self, body: str) -> str:
+        bottle.response.content_type = JSON_TYPE
+        return body
+
+    # GET /containers
+    def containers(self):
+        return self._json(self._cached("containers", containers_json))
+
+    # GET /container?container_uuid=
+    def container(self):
+        uuid = _param("container_uuid")
+        snap = self.backend.snapshot()
+        index = self._index
+        if index is None or index[0] is not snap:
+            index = (snap, {e.uuid: e for e in snap.queue})
+            self._index = index
+        ent = index[1].get(uuid) if uuid else None
+        if ent is None:
+            return error_response(404, "container not found")
+        return self._json(encode(queue_entry_json(ent)))
+
+    # POST /containers/kill
+    def kill_container(self):
+        uuid = _param("container_uuid")
+        if not uuid:
+            return error_response(400, "container_uuid parameter not provided")
+        reason = REASON_PREFIX + _param("reason")
+        _log_action("kill container", ContainerUUID=uuid, reason=reason)
+        try:
+            self.backend.kill_container(uuid, reason)
+        except NotFound:
+            return error_response(404, "container not found")
+        return ""
+
+    # GET /instances
+    def instances(self):
+        return self._json(self._cached("instances", instances_json))
+
+    # POST /instances/{hold,drain,run}
+    def set_idle_behavior(self, behavior: str):
+        iid = _param("instance_id")
+        if not iid:
+            return error_response(400, "instance_id parameter not provided")
+        _log_action("set idle behavior", Instance=iid, IdleBehavior=behavior)
+        try:
+            self.backend.set_idle_behavior(iid, behavior)
+        except NotFound:
+            return error_response(404, "requested instance does not exist")
+        return ""
+
+    # POST /instances/kill
+    def kill_instance(self):
+        iid = _param("instance_id")
+        if not iid:
+            return error_response(400, "instance_id parameter not provided")
+        reason = REASON_PREFIX + _param("reason")
+        _log_action("kill instance", Instance=iid, reason=reason)
+        try:
+            self.backend.kill_instance(iid, reason)
+        except NotFound:
+            return error_response(404, "instance not found")
+        return ""
+
+    # GET /metrics, /metrics.json
+    def metrics_text(self):
+        bottle.response.content_type = CONTENT_TYPE_LATEST
+        return generate_latest(self.metrics.registry)
+
+    # GET /_health/<check>
+    def health(self, check: str):
+        if check != "ping":
+            return error_response(404, f"unknown health check {check!r}")
+        return self._json(encode(self.backend.health()))
+
+
+def _param(name: str) -> str:
+    """A parameter from the query string or a urlencoded POST body (Go's r.FormValue)."""
+    req = bottle.request
+    value = req.query.getunicode(name)
+    if value is None and req.method == "POST":
+        value = req.forms.getunicode(name)
+    return value or ""
+
+
+def _log_action(msg: str, **fields) -> None:
+    log.info("management API: " + msg, extra={**fields, "RemoteAddr": bottle.request.remote_addr})
+
+
+def _guard(callback):
+    """Bottle plugin: a busy backend is a 503, anything unexpected a logged JSON 500."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except BackendTimeout:
+            log.warning("management API: dispatcher did not answer in time",
+                        extra={"path": bottle.request.path, "method": bottle.request.method})
+            return error_response(503, "dispatcher is busy, try again")
+        except Exception:
+            log.exception("management API: request failed",
+                          extra={"path": bottle.request.path, "method": bottle.request.method})
+            return error_response(500, "internal server error")
+
+    return wrapper
+
+
+def _json_error_handler(res: bottle.HTTPError) -> str:
+    """Router and framework errors (404, 405, 500) as JSON instead of Bottle's HTML page."""
+    bottle.response.content_type = JSON_TYPE
+    if res.status_code >= 500:
+        if res.exception is not None:
+            log.error("management API: unhandled error", exc_info=res.exception,
+                      extra={"path": bottle.request.path, "method": bottle.request.method})
+        message = "internal server error"
+    elif res.status_code == 404:
+        message = f"not found: {bottle.request.path}"
+    elif res.status_code == 405:
+        message = f"method {bottle.request.method} not allowed for {bottle.request.path}"
+    else:
+        message = res.body if isinstance(res.body, str) and res.body else res.status_line
+    return encode({"errors": [message]})
+
+
+def make_app(cluster: Cluster, backend: Backend, metrics) -> bottle.Bottle:
+    """The management API for ``cluster``, served from ``backend``; ``metrics`` is a DispatchMetrics."""
+    app = bottle.Bottle(catchall=True)
+    app.default_error_handler = _json_error_handler
+    h = _Handlers(cluster, backend, metrics)
+    token = cluster.management_token
+
+    def authenticate():
+        # A hook, not a route plugin: it runs before routing, so unknown paths need a token too.
+        try:
+            denied = check_token(token, request_tokens(bottle.request))
+        except Exception:
+            log.exception("management API: token check failed", extra={"path": bottle.request.path})
+            denied = 400, "malformed request"
+        if denied is not None:
+            status, message = denied
+            headers = {"WWW-Authenticate": 'Bearer realm="dispatch-cloud"'} if status == 401 else None
+            raise error_response(status, message, headers)
+
+    app.add_hook("before_request", authenticate)
+    app.install(_guard)
+
+    app.route(PREFIX + "/containers", "GET", h.containers)
+    app.route(PREFIX + "/container", "GET", h.container)
+    app.route(PREFIX + "/containers/kill", "POST", h.kill_container)
+    app.route(PREFIX + "/instances", "GET", h.instances)
+    for behavior in ("hold", "drain", "run"):
+        app.route(f"{PREFIX}/instances/{behavior}", "POST",
+                  functools.partial(h.set_idle_behavior, behavior))
+    app.route(PREFIX + "/instances/kill", "POST", h.kill_instance)
+    app.route("/metrics", "GET", h.metrics_text)
+    app.route("/metrics.json", "GET", h.metrics_text)
+    app.route("/_health/<check>", "GET", h.health)
+    return app
