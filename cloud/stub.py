@@ -43,9 +43,9 @@ KILL_WAIT = 1.0  # like crunch-run --kill, which polls the process for up to 1 s
 _log = logging.getLogger("cloud.stub")
 
 
-def _default_api_factory(api_host: str, token: str):
+def _default_api_factory(api_host: str, token: str, *, insecure: bool = False):
     from cloud.arvados import ArvadosClient  # lazily: the stub itself needs no HTTP client
-    return ArvadosClient(api_host, token)
+    return ArvadosClient(api_host, token, insecure=insecure)
 
 
 class StubCloud:
@@ -168,12 +168,24 @@ class StubCloud:
             self.advance()
 
     def stop(self) -> None:
-        """Stop the real-time thread and let any held cloud ops through."""
+        """Stop the real-time thread, let held cloud ops through, close cached API clients.
+
+        The VMs stay: a later instance set over this cloud still finds them.
+        """
         self._rt_stop.set()
         t, self._rt_thread = self._rt_thread, None
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
+            if t.is_alive():
+                self.logger.warning("stub cloud clock thread did not stop within 5 s "
+                                    "(an API call is probably still retrying)")
         self.release_cloud_ops(0, stop_holding=True)
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            close = getattr(client, "close", None)
+            if callable(close):
+                close()
 
     # --- holding cloud ops (tests with real threads) -------------------------------------------
 
@@ -434,11 +446,14 @@ class StubCloud:
     # --- the fake crunch-run's life (event handlers; API calls happen outside _lock) -----------
 
     def _client(self, proc: FakeCrunchRun):
-        key = (proc.api_host, proc.api_token)
+        key = (proc.api_host, proc.api_token, proc.insecure)
         with self._lock:
             client = self._clients.get(key)
         if client is None:
-            client = self.api_factory(proc.api_host, proc.api_token)
+            if proc.insecure and self.api_factory is _default_api_factory:
+                client = _default_api_factory(proc.api_host, proc.api_token, insecure=True)
+            else:
+                client = self.api_factory(proc.api_host, proc.api_token)
             with self._lock:
                 client = self._clients.setdefault(key, client)
         return client

@@ -629,3 +629,104 @@ def test_realtime_mode_runs_its_own_thread_and_stops(caplog):
         iset.stop()
     assert not cloud.realtime
     assert not any(t.name == "stub-cloud-clock" for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated crunch-run against the real API server, over HTTP on loopback
+
+
+@pytest.fixture
+def api_server():
+    from cloud.apiserver import serve
+    from cloud.containerstore import ContainerStore
+    store = ContainerStore(":memory:")
+    store.add_token("systemroottoken", admin=True)
+    server = serve(store, "127.0.0.1", 0)
+    try:
+        yield store, server
+    finally:
+        server.stop()
+        store.close()
+
+
+def _queued_locked_container(server):
+    from cloud.arvados import ArvadosClient
+    client = ArvadosClient(server.url, "systemroottoken", retries=0)
+    ctr = client.create_container({"container_image": "img", "command": ["echo", "hi"],
+                                   "runtime_constraints": {"vcpus": 1, "ram": 1 << 30}})
+    client.lock(ctr["uuid"])
+    return client, ctr["uuid"]
+
+
+def _http_config(server) -> bytes:
+    host = server.url.split("://", 1)[1].rstrip("/")  # host:port, as ARVADOS_API_HOST carries it
+    return config_data(host=host, token="systemroottoken")
+
+
+def _state(store, uuid):
+    from cloud.containerstore import TokenInfo
+    return store.get(uuid, caller=TokenInfo(uuid="test", admin=True))
+
+
+def test_crunch_run_completes_a_container_through_the_real_api_server(clock, api_server):
+    store, server = api_server
+    cloud = StubCloud(clock, StubParams(boot_time=1, boot_time_jitter=0, container_run_time=5),
+                      seed=3)  # default api_factory: the real HTTP client
+    _, _, ex = booted_vm(cloud, clock)
+    client, uuid = _queued_locked_container(server)
+    try:
+        assert run(ex, detach_cmd(uuid), _http_config(server))[0] == 0
+        cloud.advance()
+        assert _state(store, uuid)["state"] == "Running"
+        clock.advance(5)
+        cloud.advance()
+        ctr = _state(store, uuid)
+        assert (ctr["state"], ctr["exit_code"]) == ("Complete", 0)
+        assert run(ex, "crunch-run --list")[1] == ""
+    finally:
+        client.close()
+        cloud.stop()
+
+
+def test_kill_after_running_cancels_through_the_real_api_server(clock, api_server):
+    store, server = api_server
+    cloud = StubCloud(clock, StubParams(boot_time=1, boot_time_jitter=0, container_run_time=50),
+                      seed=3)
+    _, _, ex = booted_vm(cloud, clock)
+    client, uuid = _queued_locked_container(server)
+    client2, cancelled = _queued_locked_container(server)
+    try:
+        assert run(ex, detach_cmd(uuid), _http_config(server))[0] == 0
+        cloud.advance()
+        assert _state(store, uuid)["state"] == "Running"
+        clock.advance(10)
+        assert run(ex, f"crunch-run --kill 15 {uuid}")[0] == 0
+        assert _state(store, uuid)["state"] == "Cancelled"
+        # cancelled in the API before crunch-run starts it: the 422 ends the process quietly
+        client2.cancel(cancelled)
+        assert run(ex, detach_cmd(cancelled), _http_config(server))[0] == 0
+        cloud.advance()
+        assert run(ex, "crunch-run --list")[1] == ""
+        assert _state(store, cancelled)["state"] == "Cancelled"
+    finally:
+        client.close()
+        client2.close()
+        cloud.stop()
+
+
+def test_realtime_stub_completes_a_container_over_http(api_server):
+    store, server = api_server
+    iset = driver({"BootTime": "0s", "BootTimeJitter": "0s", "ContainerRunTime": "200ms"}, "set1",
+                  cluster=Cluster(), clock=SystemClock(), logger=None)
+    client, uuid = _queued_locked_container(server)
+    try:
+        inst = iset.create(itype(1), "img", {SET_TAG: "set1"}, INIT, None)
+        ex = iset.make_executor(inst)
+        assert run(ex, detach_cmd(uuid), _http_config(server))[0] == 0
+        deadline = time.monotonic() + 10
+        while _state(store, uuid)["state"] != "Complete" and time.monotonic() < deadline:
+            time.sleep(0.02)  # nobody calls the cloud: its own thread moves the container
+        assert _state(store, uuid)["state"] == "Complete"
+    finally:
+        client.close()
+        iset.stop()
