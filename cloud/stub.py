@@ -62,6 +62,8 @@ class StubCloud:
         self.params = params or StubParams()
         self.api_factory = api_factory or _default_api_factory
         self.logger = logger or _log
+        # Called under the cloud lock for each new VM, to set its knobs; raising (say, a
+        # CapacityError) fails the Create. It must not call back into the cloud.
         self.setup_vm: Callable[[StubVM], None] | None = None
         self._rng = random.Random(self.params.seed if seed is None else seed)
         self._lock = threading.RLock()
