@@ -38,8 +38,9 @@ class _Window:
     """Observations of the last ``max_age`` seconds in ``buckets`` rotating slots.
 
     Each slot keeps at most ``cap`` values (reservoir sampling beyond that), so memory is bounded
-    and observe() is O(1); quantiles are computed only when scraped. Like Go's summaries, the
-    window is between (buckets-1)/buckets and 1 times max_age long, and _sum/_count are all-time.
+    and observe() is O(1); quantiles are computed only when scraped. A slot counts while its start
+    is within max_age, so, as in Go's summaries, quantiles never see an observation older than
+    max_age and always see the last (buckets-1)/buckets of it; _sum/_count are all-time.
     """
 
     def __init__(self, max_age: float, buckets: int, cap: int, clock: Callable[[], float]):
@@ -74,7 +75,7 @@ class _Window:
         """(sorted recent values, all-time sum, all-time count)."""
         horizon = self._clock() - self._width * self._buckets
         with self._lock:
-            recent = [v for start, values, _ in self._slots if start + self._width > horizon for v in values]
+            recent = [v for start, values, _ in self._slots if start >= horizon for v in values]
             total, n = self.sum, self.count
         recent.sort()
         return recent, total, n
