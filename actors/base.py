@@ -1,0 +1,123 @@
+"""What every actor here shares: a counted inbox (for the ``wait_idle`` barrier) and a failure policy.
+
+``ACTIVITY`` counts work in flight across the whole actor system: every message put in an inbox,
+and every background job an actor hands to a thread pool. It drops back to zero only when all
+mailboxes are drained and no job is running, which is what a simulation step waits for. In
+production the counter costs one lock per message and is never waited on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable
+
+import pykka
+
+log = logging.getLogger("dispatch.actors")
+
+
+class Activity:
+    """A counter of in-flight work with a barrier: ``wait_idle`` returns when it is zero."""
+
+    def __init__(self):
+        self._n = 0
+        self._cond = threading.Condition()
+
+    def begin(self, n: int = 1) -> None:
+        with self._cond:
+            self._n += n
+
+    def end(self, n: int = 1) -> None:
+        with self._cond:
+            self._n -= n
+            if self._n <= 0:
+                self._n = 0
+                self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        return self._n
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._n == 0, timeout=timeout):
+                raise TimeoutError(f"actor system still busy after {timeout}s ({self._n} pending)")
+
+
+ACTIVITY = Activity()
+
+
+class _CountingQueue(queue.Queue):
+    def put(self, item, block=True, timeout=None):
+        ACTIVITY.begin()
+        super().put(item, block, timeout)
+
+
+def background(fn: Callable, *args) -> Callable[[], None]:
+    """Wrap a job for a thread pool so the barrier counts it from submission to completion."""
+    ACTIVITY.begin()
+
+    def run():
+        try:
+            fn(*args)
+        finally:
+            ACTIVITY.end()
+
+    return run
+
+
+class BaseActor(pykka.ThreadingActor):
+    """A pykka actor whose messages are counted and whose crashes are never silent.
+
+    ``critical`` actors (the singletons) call ``on_crash`` when an exception escapes a handler,
+    which the main program turns into a non-zero exit so a service manager restarts it.
+    """
+
+    use_daemon_thread = True
+    critical = False
+    on_crash: Callable[[BaseException], None] | None = None
+
+    @staticmethod
+    def _create_actor_inbox():
+        return _CountingQueue()
+
+    def _handle_receive(self, message):
+        try:
+            return super()._handle_receive(message)
+        finally:
+            ACTIVITY.end()
+
+    def _actor_loop_teardown(self):
+        # Messages left in the inbox of a stopped actor will never be handled: uncount them.
+        n = self.actor_inbox.qsize()
+        super()._actor_loop_teardown()
+        if n:
+            ACTIVITY.end(n)
+
+    def on_failure(self, exc_type, exc_value, tb):
+        log.error("actor crashed", extra={"actor": type(self).__name__, "error": repr(exc_value)},
+                  exc_info=(exc_type, exc_value, tb))
+        if self.critical and self.on_crash is not None:
+            self.on_crash(exc_value)
+
+
+def dump_threads() -> str:
+    """Every thread's stack, for SIGUSR1."""
+    import traceback
+    frames = sys._current_frames()
+    out = []
+    for t in threading.enumerate():
+        f = frames.get(t.ident)
+        if f is not None:
+            out.append(f"Thread {t.name} ({t.ident}):\n" + "".join(traceback.format_stack(f)))
+    return "\n".join(out)
+
+
+def small_thread_stacks() -> None:
+    """One thread per worker VM: keep each stack's reservation small (RSS is what's touched)."""
+    if os.environ.get("DISPATCH_CLOUD_THREAD_STACK") != "default":
+        threading.stack_size(512 * 1024)

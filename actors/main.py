@@ -1,0 +1,261 @@
+"""Wiring: build the actors for one cluster, start them in order, stop them in reverse.
+
+``Dispatcher`` is used three ways: by ``dispatch-cloud run`` (real clock, real driver), by the
+simulation harness (FakeClock, stub cloud, in-process container API), and by tests. Stopping a
+dispatcher never destroys a VM: the next one finds them by their InstanceSetID tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import sys
+import threading
+
+import pykka
+
+from actors.base import BaseActor, dump_threads, small_thread_stacks
+from actors.instance_set import InstanceSetActor
+from actors.queue import QueueActor
+from actors.scheduler import NotFound as SchedNotFound
+from actors.scheduler import SchedulerActor, SnapshotBox
+from actors.ticker import Ticker
+from actors.worker import WorkerActor
+from cloud.base import wrap
+
+log = logging.getLogger("dispatch.main")
+
+ASK_TIMEOUT = 5.0
+
+
+def instance_set_id(token: str) -> str:
+    """Arvados: the UUID part of a v2 token, else the hex MD5 of the token."""
+    if token.startswith("v2/"):
+        return token.split("/")[1]
+    return hashlib.md5(token.encode()).hexdigest()
+
+
+def public_key_line(private_pem: str) -> str | None:
+    """The ``authorized_keys`` line for the dispatcher's key (None without a key)."""
+    if not private_pem:
+        return None
+    from cloud.ssh import load_private_key
+    k = load_private_key(private_pem)
+    return f"{k.get_name()} {k.get_base64()}"
+
+
+class Dispatcher:
+    def __init__(self, cluster, *, clock, driver_set, api_client, metrics=None, ticker=None,
+                 logger=None):
+        from actors.instancetype import TypeChooser
+        from cloud.ssh import executor_for
+        self.cluster = cluster
+        self.clock = clock
+        self.ticker = ticker or Ticker(clock)
+        self.box = SnapshotBox()
+        self.metrics = metrics
+        self.api_client = api_client
+        self.driver_set = driver_set
+        self.set_id = instance_set_id(cluster.system_root_token)
+        self.crashed = threading.Event()
+        self.crash_error: BaseException | None = None
+        self.instance_set = wrap(driver_set, resource_tags=cluster.cloud_vms.resource_tags,
+                                 ops_counter=metrics.driver_operations if metrics else None,
+                                 logger=logging.getLogger("dispatch.cloud"))
+        if metrics is not None:
+            metrics.set_snapshot_source(lambda: self.box.snapshot)
+        self.chooser = TypeChooser(cluster)
+        pub = public_key_line(cluster.containers.dispatch_private_key) if cluster.cloud_vms.deploy_public_key else None
+        self._executor_for = executor_for
+        self._public_key = pub
+        self.scheduler = self.queue = self.iset = None
+
+    # -- actors ---------------------------------------------------------------------------------------
+
+    def _on_crash(self, exc: BaseException) -> None:
+        self.crash_error = exc
+        self.crashed.set()
+
+    def _make_worker(self, info, it, state, behavior, now, secret):
+        cluster, driver_set, metrics = self.cluster, self.driver_set, self.metrics
+        handle = getattr(info.handle, "unwrapped", info.handle)
+
+        def executor_factory(on_verified):
+            return self._executor_for(cluster, driver_set, handle, secret=secret or None,
+                                      on_verified=on_verified)
+
+        return WorkerActor.start(
+            instance=info, instance_type=it, state=state, behavior=behavior, now=now,
+            executor_factory=executor_factory, scheduler=self.scheduler, instance_set=self.iset,
+            ticker=self.ticker, cluster=cluster, metrics=metrics).proxy()
+
+    def start(self, start_ticker: bool = True) -> None:
+        small_thread_stacks()
+        BaseActor.on_crash = staticmethod(self._on_crash)
+        now = self.clock.now()
+        quota_group = self.instance_set.instance_quota_group
+        self.scheduler = SchedulerActor.start(
+            cluster=self.cluster, set_id=self.set_id, ticker=self.ticker, box=self.box,
+            worker_factory=self._make_worker, public_key=self._public_key,
+            api_client=self.api_client, metrics=self.metrics, quota_group=quota_group,
+            first_now=now).proxy()
+        self.iset = InstanceSetActor.start(
+            instance_set=self.instance_set, set_id=self.set_id, cluster=self.cluster,
+            scheduler=self.scheduler, ticker=self.ticker, first_now=now).proxy()
+        self.queue = QueueActor.start(
+            client=self.api_client, chooser=self.chooser, scheduler=self.scheduler,
+            ticker=self.ticker, cluster=self.cluster, first_now=now).proxy()
+        self.scheduler.wire(self.queue, self.iset).get(timeout=ASK_TIMEOUT)
+        if start_ticker:
+            self.ticker.start()
+        log.info("dispatcher started", extra={"InstanceSetID": self.set_id,
+                                              "Driver": self.cluster.cloud_vms.driver})
+
+    def stop(self) -> None:
+        """Stop in reverse order; leave every VM as it is."""
+        self.ticker.stop()
+        for proxy in (self.queue, self.iset, self.scheduler):
+            if proxy is not None:
+                try:
+                    proxy.actor_ref.stop(block=True, timeout=10)
+                except pykka.ActorDeadError:
+                    pass
+                except pykka.Timeout:
+                    log.warning("actor did not stop in time", extra={"actor": str(proxy.actor_ref)})
+        # workers are stopped by the scheduler's on_stop; wait for them to finish
+        for ref in pykka.ActorRegistry.get_by_class(WorkerActor):
+            try:
+                ref.stop(block=True, timeout=10)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass
+
+    # -- the management API's view (called from API threads) ---------------------------------------
+
+    def backend(self):
+        return ActorBackend(self)
+
+
+class ActorBackend:
+    """api.backend.Backend over the actors: asks the scheduler with a timeout, never waits longer."""
+
+    def __init__(self, d: Dispatcher, timeout: float = ASK_TIMEOUT):
+        self._d = d
+        self._timeout = timeout
+
+    def snapshot(self):
+        return self._d.box.snapshot
+
+    def _ask(self, method: str, *args) -> None:
+        from api.backend import BackendTimeout, NotFound
+        try:
+            getattr(self._d.scheduler, method)(*args).get(timeout=self._timeout)
+        except SchedNotFound as e:
+            raise NotFound(str(e)) from None
+        except pykka.Timeout:
+            raise BackendTimeout("dispatcher is busy, try again") from None
+        except pykka.ActorDeadError:
+            raise BackendTimeout("dispatcher is stopping") from None
+
+    def set_idle_behavior(self, instance_id: str, behavior: str) -> None:
+        self._ask("set_idle_behavior", instance_id, behavior)
+
+    def kill_instance(self, instance_id: str, reason: str) -> None:
+        self._ask("kill_instance", instance_id, reason)
+
+    def kill_container(self, uuid: str, reason: str) -> None:
+        self._ask("kill_container", uuid, reason)
+
+    def health(self) -> dict:
+        if self._d.crashed.is_set():
+            return {"health": "ERROR", "error": f"actor crashed: {self._d.crash_error!r}"}
+        return {"health": "OK"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# `dispatch-cloud run`
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run the dispatcher (no --config: the embedded dev cluster)")
+    p.add_argument("--config", help="Arvados cluster config file (default: embedded dev mode)")
+    p.add_argument("--cluster", help="cluster id, when the file has several")
+    p.add_argument("--log-level", default=os.environ.get("DISPATCH_CLOUD_LOG_LEVEL", "info"))
+    p.add_argument("--demo", action="store_true", help="dev mode: queue a short demo workload")
+    p.add_argument("--state-dir", help="dev mode: where the dev cluster keeps its state")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args) -> int:
+    from conf import logsetup
+    logsetup.setup(args.log_level)
+    if not args.config:
+        from cloud.devcluster import run_dev
+        return run_dev(args)
+    from conf.loader import ConfigError, load
+    try:
+        cluster = load(args.config, args.cluster)
+    except ConfigError as e:
+        print(f"dispatch-cloud: {e}", file=sys.stderr)
+        return 1
+    return serve(cluster)
+
+
+def build_real(cluster, clock):
+    """The driver set, container API client and metrics for a real (non-simulated) run."""
+    from api.metrics import DispatchMetrics
+    from cloud import drivers
+    from cloud.arvados import ArvadosClient
+    from cloud.ssh import api_host
+    metrics = DispatchMetrics(cluster)
+    mod = drivers.load(cluster.cloud_vms.driver)
+    driver_set = mod.driver(cluster.cloud_vms.driver_parameters,
+                            instance_set_id(cluster.system_root_token), cluster=cluster,
+                            clock=clock, logger=logging.getLogger("dispatch.driver"))
+    client = ArvadosClient(api_host(cluster.controller_url), cluster.system_root_token,
+                           insecure=cluster.tls_insecure)
+    return driver_set, client, metrics
+
+
+def serve(cluster, *, on_ready=None) -> int:
+    """Run until SIGTERM/SIGINT; non-zero if a singleton actor crashed."""
+    from actors.clock import SystemClock
+    from api.app import make_app
+    from api.server import ApiServer
+    sys.setswitchinterval(0.001)  # keep the API responsive while a pass holds the GIL
+    clock = SystemClock()
+    try:
+        driver_set, client, metrics = build_real(cluster, clock)
+    except Exception as e:
+        log.error("cannot start: %s", e, extra={"error": str(e)})
+        print(f"dispatch-cloud: cannot start: {e}", file=sys.stderr)
+        return 1
+    d = Dispatcher(cluster, clock=clock, driver_set=driver_set, api_client=client, metrics=metrics)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received signal, stopping", extra={"Signal": signum})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, lambda s, f: log.info("thread dump", extra={"stacks": dump_threads()}))
+    d.start()
+    api = ApiServer(make_app(cluster, d.backend(), metrics), cluster.dispatch_urls).start()
+    if on_ready is not None:
+        on_ready(d, api)
+    try:
+        while not stop.is_set() and not d.crashed.is_set():
+            stop.wait(0.5)
+    finally:
+        api.stop()
+        d.stop()
+        try:
+            driver_set.stop()
+        except Exception:
+            log.warning("driver stop failed", exc_info=True)
+    if d.crashed.is_set():
+        log.error("exiting after an actor crash", extra={"error": repr(d.crash_error)})
+        return 2
+    return 0

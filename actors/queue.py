@@ -1,0 +1,275 @@
+"""QueueActor: the dispatcher's cache of the containers it cares about.
+
+Every PollInterval it asks the container API for (1) containers locked by us, (2) Queued
+containers with priority > 0, highest first, and (3) any cached container the first two no longer
+return, so nothing is silently lost. A poll runs in a helper thread, so lock/unlock/cancel
+requests from the scheduler never wait behind a slow listing; a change we make ourselves while a
+poll is in flight is never overwritten by that (older) poll's result (Arvados' ``dontupdate``).
+
+The scheduler hears about changes as ``queue_update(changed, removed, updated_at)`` diffs, not as
+whole copies of a 10,000-entry queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from actors.base import BaseActor, background
+from actors.messages import QueueEntry
+
+log = logging.getLogger("dispatch.queue")
+
+SELECT = ["uuid", "state", "priority", "runtime_constraints", "container_image",
+          "scheduling_parameters", "created_at", "locked_by_uuid"]
+QUEUED_TARGET = 100  # like Arvados: stop listing Queued pages once this many non-supervisors
+PAGE = 1000
+MISSING_BATCH = 20
+FINAL = ("Complete", "Cancelled")
+
+
+def parse_time(v) -> float:
+    """RFC 3339 (nanosecond precision allowed) -> unix seconds; 0.0 for empty/None."""
+    if not v:
+        return 0.0
+    if isinstance(v, (int, float)):
+        return float(v)
+    s = str(v).replace("Z", "+00:00")
+    if "." in s:
+        head, rest = s.split(".", 1)
+        digits = "".join(c for c in rest if c.isdigit())
+        tz = rest[len(digits):]
+        s = f"{head}.{digits[:6]}{tz}"
+    try:
+        return datetime.fromisoformat(s).timestamp()
+    except ValueError:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class PollResult:
+    started_at: float
+    containers: tuple  # dicts, as returned by the API
+    mounts: Mapping  # uuid -> mounts for containers new to the cache
+    deleted: tuple  # uuids the controller no longer has
+    error: str = ""
+
+
+class QueueActor(BaseActor):
+    critical = True
+
+    def __init__(self, *, client, chooser, scheduler, ticker, cluster, first_now: float):
+        super().__init__()
+        self._client = client
+        self._chooser = chooser
+        self._scheduler = scheduler
+        self._ticker = ticker
+        self._cluster = cluster
+        self._poll_interval = cluster.cloud_vms.poll_interval
+        self._entries: dict[str, QueueEntry] = {}
+        self._me = ""
+        self._polling = False
+        self._dontupdate: set[str] = set()
+        self._next_poll = first_now
+        self._loaded = False
+        self._pool = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._self = self.actor_ref.proxy()
+        self._ticker.register(self.actor_urn, self._deliver_tick)
+        self._ticker.schedule(self.actor_urn, self._next_poll)
+
+    def on_stop(self) -> None:
+        self._ticker.unregister(self.actor_urn)
+
+    def _deliver_tick(self, now: float) -> None:
+        self._self.tick.defer(now)
+
+    def tick(self, now: float) -> None:
+        if not self._polling and now >= self._next_poll:
+            self._polling = True
+            self._dontupdate = set()
+            known = {u for u, e in self._entries.items() if e.state not in FINAL}
+            threading.Thread(target=background(self._poll, now, known), name="queue-poll",
+                             daemon=True).start()
+        self._ticker.schedule(self.actor_urn, self._next_poll if not self._polling else now + self._poll_interval)
+
+    # -- polling (runs in a helper thread; touches no actor state) -------------------------------
+
+    def _poll(self, started: float, known: set[str]) -> None:
+        try:
+            res = self._fetch(started, known)
+        except Exception as e:  # any API failure: report, retry later
+            res = PollResult(started, (), {}, (), error=f"{type(e).__name__}: {e}")
+        self._self.poll_done.defer(res)
+
+    def _fetch(self, started: float, known: set[str]) -> PollResult:
+        c = self._client
+        if not self._me:
+            self._me = c.current_token_uuid()
+        seen: dict[str, dict] = {}
+        for ctr in c.iter_containers(filters=[["locked_by_uuid", "=", self._me]], select=SELECT):
+            seen[ctr["uuid"]] = ctr
+        offset, nonsuper = 0, 0
+        while nonsuper < QUEUED_TARGET:
+            page = c.list_containers(filters=[["state", "=", "Queued"], ["priority", ">", "0"]],
+                                     order=["priority desc"], select=SELECT, limit=PAGE,
+                                     offset=offset, count="none")
+            if not page:
+                break
+            offset += len(page)
+            for ctr in page:
+                seen.setdefault(ctr["uuid"], ctr)
+                if not (ctr.get("scheduling_parameters") or {}).get("supervisor"):
+                    nonsuper += 1
+        missing = sorted(known - set(seen))
+        deleted = []
+        for i in range(0, len(missing), MISSING_BATCH):
+            batch = missing[i:i + MISSING_BATCH]
+            got = c.list_containers(filters=[["uuid", "in", batch]], select=SELECT,
+                                    limit=len(batch), count="none")
+            if not got:
+                deleted.extend(batch)
+            for ctr in got:
+                if ctr["uuid"] not in batch:
+                    raise RuntimeError("BUG? server response did not match requested filters")
+                seen[ctr["uuid"]] = ctr
+        mounts = {}
+        for uuid, ctr in seen.items():
+            if uuid not in known and uuid not in self._entries and ctr.get("state") not in FINAL:
+                try:
+                    mounts[uuid] = c.get_container(uuid, select=["mounts"]).get("mounts") or {}
+                except Exception as e:
+                    log.warning("error getting mounts", extra={"ContainerUUID": uuid, "error": str(e)})
+        return PollResult(started, tuple(seen.values()), mounts, tuple(deleted))
+
+    # -- applying results (actor thread) -----------------------------------------------------------
+
+    def poll_done(self, res: PollResult) -> None:
+        self._polling = False
+        if res.error:
+            retry = max(self._poll_interval / 10, 1.0) if not self._loaded else self._poll_interval
+            log.error("error updating queue: %s", res.error, extra={"error": res.error})
+            self._next_poll = res.started_at + retry
+            self._ticker.schedule(self.actor_urn, self._next_poll)
+            return
+        self._next_poll = res.started_at + self._poll_interval
+        self._ticker.schedule(self.actor_urn, self._next_poll)
+        changed, removed = [], []
+        returned = set()
+        for ctr in res.containers:
+            uuid = ctr["uuid"]
+            returned.add(uuid)
+            if uuid in self._dontupdate:
+                continue
+            old = self._entries.get(uuid)
+            if old is None:
+                if ctr.get("state") in FINAL:
+                    continue  # never add a finished container we hadn't seen
+                entry = self._new_entry(ctr, res.mounts.get(uuid, {}), res.started_at)
+                if entry is None:
+                    continue
+            else:
+                if (old.state, old.priority, old.locked_by_uuid) == (
+                        ctr.get("state"), int(ctr.get("priority") or 0), ctr.get("locked_by_uuid") or ""):
+                    continue
+                entry = old.with_update(ctr)
+            self._entries[uuid] = entry
+            changed.append(entry)
+        for uuid in list(self._entries):
+            if uuid in self._dontupdate:
+                continue
+            if uuid in res.deleted:
+                log.warning("container not found by controller (deleted?)", extra={"ContainerUUID": uuid})
+            elif uuid in returned:
+                continue
+            e = self._entries.pop(uuid)
+            log.info("dropping container from queue", extra={"ContainerUUID": uuid, "State": e.state})
+            removed.append(uuid)
+        self._dontupdate = set()
+        self._loaded = True
+        self._scheduler.queue_update.defer(tuple(changed), tuple(removed), res.started_at)
+
+    def _new_entry(self, ctr: dict, mounts: Mapping, now: float) -> QueueEntry | None:
+        from actors.instancetype import ConstraintsNotSatisfiable
+        full = {**ctr, "mounts": mounts}
+        try:
+            types = self._chooser.choose(full)
+            need = self._chooser.needed(full)
+        except ConstraintsNotSatisfiable as e:
+            if ctr.get("state") in ("Queued", "Locked"):
+                log.warning("cancel container with no suitable instance type",
+                            extra={"ContainerUUID": ctr["uuid"], "error": e.reason})
+                self._cancel_unsatisfiable(ctr, e.reason)
+            return None
+        log.info("adding container to queue", extra={
+            "ContainerUUID": ctr["uuid"], "State": ctr.get("state"), "Priority": ctr.get("priority"),
+            "InstanceTypes": ",".join(t.name for t in types)})
+        sp = ctr.get("scheduling_parameters") or {}
+        return QueueEntry(uuid=ctr["uuid"], state=ctr.get("state", ""),
+                          priority=int(ctr.get("priority") or 0), container=ctr,
+                          instance_types=tuple(types), resources=need, first_seen_at=now,
+                          created_at=parse_time(ctr.get("created_at")),
+                          supervisor=bool(sp.get("supervisor")),
+                          locked_by_uuid=ctr.get("locked_by_uuid") or "")
+
+    def _cancel_unsatisfiable(self, ctr: dict, reason: str) -> None:
+        uuid = ctr["uuid"]
+        try:
+            if ctr.get("state") == "Queued":
+                self._client.lock(uuid)
+            self._client.update(uuid, {"runtime_status": {"error": reason}})
+            self._client.update(uuid, {"state": "Cancelled"})
+        except Exception as e:
+            log.warning("error while trying to cancel unsatisfiable container",
+                        extra={"ContainerUUID": uuid, "error": str(e)})
+
+    # -- scheduler requests ------------------------------------------------------------------------
+
+    def _apply(self, uuid: str, op: str, call, reason: str = "") -> None:
+        entry, err = None, ""
+        try:
+            resp = call(uuid)
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"
+            level = logging.ERROR if op == "requeue" else logging.WARNING
+            log.log(level, f"error {op}ing container" if op != "lock" else "error locking container",
+                    extra={"ContainerUUID": uuid, "error": err, "Reason": reason})
+        else:
+            if self._polling:
+                self._dontupdate.add(uuid)
+            old = self._entries.get(uuid)
+            if old is not None:
+                entry = old.with_update(resp or {})
+                self._entries[uuid] = entry
+            log.debug(f"{op} succeeded", extra={"ContainerUUID": uuid})
+        self._scheduler.container_op_done.defer(uuid, op, entry, err)
+
+    def lock(self, uuid: str) -> None:
+        e = self._entries.get(uuid)
+        if e is None or e.state != "Queued":
+            log.debug("container no longer queued by the time we decided to lock it, doing nothing",
+                      extra={"ContainerUUID": uuid})
+            self._scheduler.container_op_done.defer(uuid, "lock", e, "not queued")
+            return
+        self._apply(uuid, "lock", self._client.lock)
+
+    def unlock(self, uuid: str, reason: str) -> None:
+        log.info("unlocking container", extra={"ContainerUUID": uuid, "Reason": reason})
+        self._apply(uuid, "unlock", self._client.unlock, reason)
+
+    def cancel(self, uuid: str, reason: str) -> None:
+        log.info("cancelling container because %s", reason, extra={"ContainerUUID": uuid, "Reason": reason})
+        self._apply(uuid, "cancel", self._client.cancel, reason)
+
+    def forget(self, uuid: str) -> None:
+        """Drop a finished (or priority-0 Queued) container the scheduler is done with."""
+        e = self._entries.get(uuid)
+        if e is not None and (e.state in FINAL or (e.state == "Queued" and e.priority <= 0)):
+            del self._entries[uuid]
+            self._scheduler.queue_update.defer((), (uuid,), None)

@@ -1,0 +1,495 @@
+"""SchedulerActor: the worker registry, the pool limits, and the scheduling passes.
+
+It holds what Arvados splits between ``scheduler.Scheduler`` and ``worker.Pool``: the workers
+(one WorkerActor each) and their last reported views, pending creates, quota and capacity state,
+and the container queue as the QueueActor last reported it. On every change (coalesced) and at
+least once a second it runs :func:`actors.planner.plan` and :func:`actors.planner.reconcile`,
+applies the actions by telling the other actors, and publishes a :class:`Snapshot` for the
+management API and /metrics.
+
+Nothing here blocks: every cloud, SSH or API call happens in another actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from actors.base import BaseActor
+from actors.messages import Behavior, CreateFailure, InstanceInfo, QueueEntry, State, WorkerView
+from actors.planner import Limits, Slot, plan, reconcile
+from actors.snapshot import InstanceView, QueueEntryView, Snapshot
+from cloud.base import capacity_keys
+from conf.model import InstanceType
+
+log = logging.getLogger("dispatch.scheduler")
+
+QUOTA_ERROR_TTL = 60.0
+CAPACITY_ERROR_TTL = 60.0
+CREATE_CONCURRENCY_HOLDOFF = 5.0
+QUIET_AFTER_503 = 60.0
+PASS_INTERVAL = 1.0
+
+
+class NotFound(Exception):
+    pass
+
+
+class SnapshotBox:
+    """Where the scheduler publishes; readers take ``.snapshot`` without any lock or actor call."""
+
+    def __init__(self):
+        self.snapshot = Snapshot()
+
+
+@dataclass
+class _Worker:
+    proxy: object
+    view: WorkerView
+    added: float
+    secret: str = ""
+    boot_reported: bool = False
+
+
+@dataclass
+class _Pending:
+    it: InstanceType
+    since: float
+
+
+@dataclass
+class _State:
+    """Pool state that decides whether a create may happen (Arvados pool.AtQuota/AtCapacity)."""
+
+    at_quota_until: float = 0.0
+    at_quota_until_fewer: int = 0
+    capacity_until: dict = field(default_factory=dict)  # capacity key -> time
+    create_hold_until: float = 0.0
+
+
+class SchedulerActor(BaseActor):
+    critical = True
+
+    def __init__(self, *, cluster, set_id: str, ticker, box: SnapshotBox, worker_factory,
+                 public_key: str | None, api_client=None, metrics=None, quota_group=None,
+                 first_now: float):
+        super().__init__()
+        self._cluster = cluster
+        self._cfg = cluster.cloud_vms
+        self._set_id = set_id
+        self._ticker = ticker
+        self._box = box
+        self._make_worker = worker_factory  # (info, it, state, behavior, now, secret) -> proxy
+        self._public_key = public_key
+        self._api = api_client
+        self._metrics = metrics
+        self._quota_group = quota_group or (lambda it: "")
+        self._queue_proxy = None
+        self._iset = None
+        self._now = first_now
+        self._started = first_now
+        self._workers: dict[str, _Worker] = {}
+        self._creating: dict[str, _Pending] = {}
+        self._exited: dict[str, float] = {}
+        self._queue: dict[str, QueueEntry] = {}
+        self._q_updated = 0.0
+        self._queue_loaded = False
+        self._loaded = False
+        self._gate_open = False
+        self._had_unknown_at_start: bool | None = None
+        self._ops: dict[str, str] = {}  # uuid -> API op in flight (Arvados uuidLock)
+        self._pool = _State()
+        self._dirty = True
+        self._next_pass = first_now
+        self._max_containers = self._cfg.initial_quota_estimate or self._cfg.max_instances
+        self._within_quota = 0
+        self._last_503 = 0.0
+        self._types = dict(cluster.instance_types)
+
+    def wire(self, queue, instance_set) -> None:
+        self._queue_proxy = queue
+        self._iset = instance_set
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._self = self.actor_ref.proxy()
+        self._ticker.register(self.actor_urn, lambda now: self._self.tick.defer(now))
+        self._ticker.schedule(self.actor_urn, self._next_pass)
+
+    def on_stop(self) -> None:
+        self._ticker.unregister(self.actor_urn)
+        for w in self._workers.values():
+            try:
+                w.proxy.actor_ref.stop(block=False)
+            except Exception:
+                pass
+
+    def _touch(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            self._ticker.schedule(self.actor_urn, self._now)
+
+    def tick(self, now: float) -> None:
+        self._now = max(self._now, now)
+        if self._dirty or now >= self._next_pass:
+            self._dirty = False
+            self._next_pass = now + PASS_INTERVAL
+            self._pass(now)
+        self._ticker.schedule(self.actor_urn, self._next_pass)
+
+    # -- events from the instance set ---------------------------------------------------------------
+
+    def instances_listed(self, infos: tuple[InstanceInfo, ...], started: float) -> None:
+        now = self._now = max(self._now, started)
+        seen = set()
+        creating_secrets = set(self._creating)
+        tag = self._cluster.tag
+        for info in infos:
+            seen.add(info.id)
+            w = self._workers.get(info.id)
+            if w is not None:
+                w.proxy.update_instance.defer(info, now)
+                continue
+            self._add_worker(info, now, booting=info.tags.get(tag("InstanceSecret"), "") in creating_secrets)
+        for iid in list(self._workers):
+            w = self._workers[iid]
+            if iid in seen or w.added > started:
+                continue
+            log.info("instance disappeared in cloud", extra={"Instance": iid, "WorkerState": str(w.view.state)})
+            self._observe_gone(w, now)
+            del self._workers[iid]
+            w.proxy.abandon.defer()
+        total = len(self._workers) + len(self._creating)
+        if self._pool.at_quota_until_fewer > total:
+            self._pool.at_quota_until_fewer = 0
+        if not self._loaded:
+            self._loaded = True
+            log.info("loaded initial instance list", extra={"N": len(self._workers)})
+        self._touch()
+
+    def _observe_gone(self, w: _Worker, now: float) -> None:
+        m = self._metrics
+        if m is None:
+            return
+        m.instances_disappeared.labels(state=str(w.view.state)).inc()
+        if w.view.destroyed:
+            m.time_from_shutdown_request_to_disappearance.observe(max(0.0, now - w.view.destroyed))
+        if w.view.state in (State.BOOTING, State.UNKNOWN) and not w.boot_reported:
+            m.boot_outcomes.labels(outcome="disappeared").inc()
+
+    def _add_worker(self, info: InstanceInfo, now: float, booting: bool) -> None:
+        tag = self._cluster.tag
+        tname = info.tags.get(tag("InstanceType"), "")
+        it = self._types.get(tname)
+        behavior = Behavior.parse(info.tags.get(tag("IdleBehavior"))) or Behavior.RUN
+        if it is None:
+            it = InstanceType(name=tname, provider_type="", vcpus=0, ram=0, included_scratch=0,
+                              added_scratch=0, price=0.0)
+            if behavior is not Behavior.HOLD:
+                behavior = Behavior.DRAIN
+            log.info(("holding" if behavior is Behavior.HOLD else "draining") +
+                     " instance that was tagged with an unrecognized InstanceType",
+                     extra={"Instance": info.id, "InstanceType": tname})
+        state = State.BOOTING if booting else State.UNKNOWN
+        secret = info.tags.get(tag("InstanceSecret"), "")
+        proxy = self._make_worker(info, it, state, behavior, now, secret)
+        view = WorkerView(instance_id=info.id, instance_type=it, state=state, idle_behavior=behavior,
+                          address=info.address, provider_type=info.provider_type, busy=now,
+                          appeared=now, probed=now)
+        self._workers[info.id] = _Worker(proxy, view, now, secret)
+        log.info("instance appeared in cloud", extra={
+            "Instance": info.id, "InstanceType": it.name, "Address": info.address,
+            "State": str(state), "IdleBehavior": str(behavior)})
+
+    def instance_created(self, req_id: str, it: InstanceType, info: InstanceInfo, now: float) -> None:
+        self._now = max(self._now, now)
+        if info.id not in self._workers:
+            self._add_worker(info, self._now, booting=True)
+        self._creating.pop(req_id, None)
+        self._iset.sync_now.defer(self._now)
+        self._touch()
+
+    def create_failed(self, req_id: str, it: InstanceType, failure: CreateFailure, now: float) -> None:
+        now = self._now = max(self._now, now)
+        self._creating.pop(req_id, None)
+        log.error("create failed", extra={"InstanceType": it.name, "error": failure.message,
+                                          "isQuotaError": failure.quota,
+                                          "isCapacityError": failure.capacity_scope is not None})
+        if failure.quota:
+            n = len(self._workers) + len(self._creating)
+            if n < 1:
+                self._pool.at_quota_until_fewer = 0
+                self._pool.at_quota_until = now + QUOTA_ERROR_TTL
+                log.info("quota error with 0 running -- waiting for quotaErrorTTL")
+            elif n < self._pool.at_quota_until_fewer or self._pool.at_quota_until_fewer == 0:
+                self._pool.at_quota_until_fewer = n
+                self._pool.at_quota_until = 0.0
+                log.info("quota error -- waiting for next instance shutdown", extra={"N": n})
+            self._ticker.schedule(self.actor_urn, now + QUOTA_ERROR_TTL)
+        if failure.capacity_scope is not None:
+            until = now + CAPACITY_ERROR_TTL
+            self._pool.capacity_until[failure.capacity_scope] = until
+            log.info("capacity error -- pausing instance create calls",
+                     extra={"capKey": repr(failure.capacity_scope), "atCapacityUntil": until})
+            self._ticker.schedule(self.actor_urn, until)
+        if failure.retry_at:
+            self._pool.create_hold_until = max(self._pool.create_hold_until, failure.retry_at)
+            self._ticker.schedule(self.actor_urn, failure.retry_at)
+        self._touch()
+
+    # -- events from workers -------------------------------------------------------------------------
+
+    def worker_changed(self, view: WorkerView) -> None:
+        w = self._workers.get(view.instance_id)
+        if w is None:
+            return  # already gone
+        if view.state is not State.BOOTING and view.state is not State.UNKNOWN:
+            w.boot_reported = True
+        elif view.state is State.SHUTDOWN:
+            w.boot_reported = True
+        w.view = view
+        self._touch()
+
+    def container_ended(self, uuid: str, instance_id: str, at: float) -> None:
+        self._exited[uuid] = at
+        self._touch()
+
+    def container_start_failed(self, uuid: str, instance_id: str, reason: str) -> None:
+        log.info("container start refused by worker", extra={"ContainerUUID": uuid, "Instance": instance_id,
+                                                             "Reason": reason})
+        self._touch()
+
+    # -- events from the queue ---------------------------------------------------------------------
+
+    def queue_update(self, changed: tuple[QueueEntry, ...], removed: tuple[str, ...], updated_at) -> None:
+        for e in changed:
+            self._queue[e.uuid] = e
+        for u in removed:
+            self._queue.pop(u, None)
+        if updated_at is not None:
+            self._q_updated = updated_at
+            self._queue_loaded = True
+        self._touch()
+
+    def container_op_done(self, uuid: str, op: str, entry: QueueEntry | None, error: str) -> None:
+        self._ops.pop(uuid, None)
+        if entry is not None:
+            self._queue[uuid] = entry
+        self._touch()
+
+    # -- management requests (asked with .get(timeout) by API threads) ------------------------------
+
+    def set_idle_behavior(self, instance_id: str, behavior: str) -> None:
+        w = self._workers.get(instance_id)
+        if w is None:
+            raise NotFound("requested instance does not exist")
+        w.proxy.set_idle_behavior.defer(Behavior(behavior), self._now)
+
+    def kill_instance(self, instance_id: str, reason: str) -> None:
+        w = self._workers.get(instance_id)
+        if w is None:
+            raise NotFound("instance not found")
+        log.info("shutting down", extra={"Instance": instance_id, "Reason": reason})
+        w.proxy.kill_instance.defer(reason, self._now)
+
+    def kill_container(self, uuid: str, reason: str) -> None:
+        for w in self._workers.values():
+            if uuid in w.view.running:
+                w.proxy.kill_container.defer(uuid, reason, self._now)
+                return
+        raise NotFound("container not found")
+
+    # -- the pass ------------------------------------------------------------------------------------
+
+    def _running(self) -> dict[str, float | None]:
+        running: dict[str, float | None] = {}
+        for w in self._workers.values():
+            for u in w.view.running:
+                running[u] = None
+        running.update(self._exited)
+        return running
+
+    def _at_quota_flag(self, now: float) -> bool:
+        p = self._pool
+        return p.at_quota_until_fewer > 0 or now < p.at_quota_until
+
+    def _pass(self, now: float) -> None:
+        p = self._pool
+        p.capacity_until = {k: t for k, t in p.capacity_until.items() if t > now}
+        running = self._running()
+        any_unknown = any(w.view.state is State.UNKNOWN for w in self._workers.values())
+        if not self._gate(now, running):
+            self._publish(now, running, None)
+            return
+        n_workers = len(self._workers)
+        at_quota = self._at_quota_flag(now) or (
+            0 < self._cfg.max_instances <= n_workers + len(self._creating))
+        self._adjust_max_containers(now, running, at_quota, n_workers)
+        maxc = self._max_containers
+        fraction = self._cfg.supervisor_fraction
+        maxs = int(maxc * fraction)
+        if maxs < 1 and fraction > 0 and maxc > 0:
+            maxs = 1
+        slots = [Slot(iid, w.view.instance_type, w.view.state, w.view.idle_behavior, w.view.running)
+                 for iid, w in self._workers.items() if w.view.state is not State.SHUTDOWN]
+        slots += [Slot("", c.it, State.BOOTING, Behavior.RUN, ()) for c in self._creating.values()]
+        entries = [e for e in self._queue.values() if e.uuid not in self._ops]
+        limits = Limits(
+            max_containers=maxc, max_supervisors=maxs,
+            max_per_instance=self._cfg.max_running_containers_per_instance,
+            max_instances=self._cfg.max_instances,
+            max_concurrent_creates=self._cfg.max_concurrent_instance_create_ops,
+            n_workers=n_workers, n_creating=len(self._creating),
+            at_quota=self._at_quota_flag(now), create_throttled=now < p.create_hold_until,
+            blocked=frozenset(p.capacity_until), quota_group=self._quota_group)
+        pl = plan(entries, running, slots, limits)
+        self._apply(pl, now)
+        for action, uuid, reason in reconcile(list(self._queue.values()), running, any_unknown,
+                                              self._q_updated):
+            self._reconcile_action(action, uuid, reason)
+        self._publish(now, running, pl)
+
+    def _gate(self, now: float, running) -> bool:
+        """No scheduling until the first listing and queue poll are in and startup probes done."""
+        if self._gate_open:
+            return True
+        if not (self._loaded and self._queue_loaded):
+            return False
+        unprobed = [w for w in self._workers.values()
+                    if w.view.state is State.UNKNOWN and not w.view.probe_done]
+        if self._had_unknown_at_start is None:
+            self._had_unknown_at_start = any(w.view.state is State.UNKNOWN for w in self._workers.values())
+            if self._had_unknown_at_start:
+                log.info("FixStaleLocks starting.")
+        if unprobed and now < self._started + self._cluster.containers.stale_lock_timeout:
+            self._ticker.schedule(self.actor_urn, self._started + self._cluster.containers.stale_lock_timeout)
+            return False
+        self._gate_open = True
+        if self._had_unknown_at_start:
+            for e in list(self._queue.values()):
+                if e.state == "Locked" and e.uuid not in running and e.uuid not in self._ops:
+                    self._ops[e.uuid] = "unlock"
+                    self._queue_proxy.unlock.defer(e.uuid, "stale lock")
+            log.info("FixStaleLocks finished (%.1fs), starting scheduling.", now - self._started)
+        return True
+
+    def _adjust_max_containers(self, now, running, at_quota, total) -> None:
+        last503 = getattr(self._api, "last_503", 0.0) or 0.0
+        if last503 > self._last_503:
+            self._last_503 = last503
+            self._max_containers = max(1, len(running) - 1)
+        elif self._max_containers > 0 and now - self._last_503 > QUIET_AFTER_503:
+            self._max_containers = max(self._max_containers, len(running) * 11 // 10 + 1)
+        if 0 < self._within_quota < total:
+            self._within_quota = total
+        if at_quota:
+            if self._max_containers == 0 or self._max_containers > total:
+                self._max_containers = total or 1
+            self._within_quota = total
+        elif self._within_quota > 0 and self._max_containers > self._within_quota + 1:
+            self._max_containers = self._within_quota + 1
+
+    def _apply(self, pl, now: float) -> None:
+        for uuid in pl.locks:
+            self._ops[uuid] = "lock"
+            self._queue_proxy.lock.defer(uuid)
+        for uuid, iid in pl.starts:
+            w = self._workers.get(iid)
+            if w is not None:
+                w.proxy.start_container.defer(self._queue[uuid], now)
+                # optimistic: count it as running on that worker until the worker reports
+                w.view = WorkerView(**{**w.view.__dict__, "running": tuple(sorted({*w.view.running, uuid}))})
+        for it, uuid in pl.creates:
+            self._create(it, now)
+        for uuid, reason in pl.unlocks:
+            log.info("unlock because pool capacity is used by higher priority containers",
+                     extra={"ContainerUUID": uuid})
+            self._ops[uuid] = "unlock"
+            self._queue_proxy.unlock.defer(uuid, reason)
+        for iid in pl.shutdowns:
+            w = self._workers.get(iid)
+            if w is not None:
+                w.proxy.shutdown_if_allowed.defer("at quota", now)
+
+    def _create(self, it: InstanceType, now: float) -> None:
+        if (self._cfg.max_concurrent_instance_create_ops > 0
+                and len(self._creating) >= self._cfg.max_concurrent_instance_create_ops):
+            log.info("reached MaxConcurrentInstanceCreateOps")
+            self._pool.create_hold_until = max(self._pool.create_hold_until, now + CREATE_CONCURRENCY_HOLDOFF)
+            return
+        secret = secrets.token_hex(20)
+        self._creating[secret] = _Pending(it, now)
+        tag = self._cluster.tag
+        tags = {tag("InstanceSetID"): self._set_id, tag("InstanceType"): it.name,
+                tag("IdleBehavior"): "run", tag("InstanceSecret"): secret}
+        init = f'umask 0177 && echo -n "{secret}" >/var/run/arvados-instance-secret\n{self._cfg.instance_init_command}'
+        log.info("creating new instance", extra={"InstanceType": it.name})
+        if 0 < self._cfg.max_instances == len(self._workers) + len(self._creating):
+            log.info("now at MaxInstances limit of %d instances", self._cfg.max_instances)
+        self._iset.create.defer(secret, it, tags, init, self._public_key, now)
+
+    def _reconcile_action(self, action: str, uuid: str, reason: str) -> None:
+        if action == "kill":
+            log.debug("kill", extra={"ContainerUUID": uuid, "Reason": reason})
+            for w in self._workers.values():
+                if uuid in w.view.running:
+                    w.proxy.kill_container.defer(uuid, reason, self._now)
+            self._exited.pop(uuid, None)
+            return
+        if action == "forget":
+            log.info(reason, extra={"ContainerUUID": uuid})
+            self._queue.pop(uuid, None)
+            self._queue_proxy.forget.defer(uuid)
+            return
+        if uuid in self._ops:
+            return
+        self._ops[uuid] = action
+        if action == "cancel":
+            self._queue_proxy.cancel.defer(uuid, reason)
+        elif action == "requeue":
+            log.info("requeueing locked container because %s", reason, extra={"ContainerUUID": uuid})
+            self._exited.pop(uuid, None)
+            self._queue_proxy.unlock.defer(uuid, reason)
+
+    # -- publishing ----------------------------------------------------------------------------------
+
+    def _publish(self, now: float, running, pl) -> None:
+        views = []
+        for iid, w in self._workers.items():
+            v = w.view
+            views.append(InstanceView(
+                instance=iid, address=v.address, price=v.instance_type.price,
+                arvados_instance_type=v.instance_type.name, provider_instance_type=v.provider_type,
+                last_container_uuid=v.last_uuid, last_busy=v.busy, running_container_uuids=v.running,
+                worker_state=str(v.state), idle_behavior=str(v.idle_behavior),
+                vcpus=v.instance_type.vcpus, ram=v.instance_type.ram, probed=v.probed))
+        for c in self._creating.values():
+            views.append(InstanceView(
+                instance="", address="", price=c.it.price, arvados_instance_type=c.it.name,
+                provider_instance_type=c.it.provider_type, last_container_uuid="", last_busy=0.0,
+                running_container_uuids=(), worker_state="booting", idle_behavior="run",
+                vcpus=c.it.vcpus, ram=c.it.ram))
+        views.sort(key=lambda v: (v.instance, v.arvados_instance_type))
+        order = pl.order if pl is not None else sorted(self._queue.values(), key=lambda e: e.first_seen_at)
+        statuses = pl.status_list() if pl is not None else [""] * len(order)
+        queue = tuple(QueueEntryView(e.container, e.instance_types, e.resources, e.first_seen_at, s)
+                      for e, s in zip(order, statuses))
+        counts: dict = {}
+        longest = 0.0
+        for e in self._queue.values():
+            k = (e.state, e.instance_types[0].name if e.instance_types else "")
+            counts[k] = counts.get(k, 0) + 1
+            if e.priority > 0 and e.state in ("Queued", "Locked") and e.uuid not in running and e.created_at:
+                longest = max(longest, now - e.created_at)
+        at_quota = pl.at_quota if pl is not None else self._at_quota_flag(now)
+        self._box.snapshot = Snapshot(
+            taken_at=now, instances=tuple(views), queue=queue,
+            runners=MappingProxyType({u: iid for iid, w in self._workers.items() for u in w.view.running}),
+            at_quota=at_quota, max_concurrent_containers=self._max_containers,
+            containers_allocated_not_started=pl.allocated_not_started if pl else 0,
+            containers_not_allocated_over_quota=pl.over_quota if pl else 0,
+            containers_longest_wait_time_seconds=longest, last_503_time=self._last_503,
+            queue_entries=MappingProxyType(counts), ready=self._gate_open)

@@ -1,0 +1,143 @@
+"""A deterministic-in-time simulation: the real actors, a FakeClock, the stub cloud, and the
+container API as an in-process SQLite store.
+
+``step(dt)`` moves the clock from event to event (the next actor deadline or stub-cloud event),
+delivers the ticks that are due, and waits until every mailbox and background job is drained
+before moving on. No sleeps, no wall clock: a simulated day costs what its events cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from actors.base import ACTIVITY
+from actors.clock import FakeClock
+from actors.main import Dispatcher
+from actors.ticker import Ticker
+
+log = logging.getLogger("dispatch.sim")
+
+START = 1_700_000_000.0
+
+
+class Simulation:
+    def __init__(self, cluster, *, stub_params=None, seed: int = 0, store=None, cloud=None,
+                 clock: FakeClock | None = None, metrics: bool = True):
+        from cloud.arvados import LocalArvadosClient
+        from cloud.containerstore import ContainerStore
+        from cloud.stub import StubCloud, StubParams
+        self.cluster = cluster
+        self.clock = clock or FakeClock(START)
+        self.store = store or ContainerStore(":memory:", cluster_id=cluster.cluster_id,
+                                             max_dispatch_attempts=cluster.containers.max_dispatch_attempts,
+                                             clock=self.clock)
+        self.token = cluster.system_root_token
+        try:
+            self.store.add_token(self.token, admin=True)
+        except Exception:
+            pass  # already there (a restarted simulation over the same store)
+        self.api = LocalArvadosClient(self.store, self.token)
+        params = stub_params if stub_params is not None else StubParams.from_driver_parameters(
+            cluster.cloud_vms.driver_parameters, "DriverParameters")
+        self.cloud = cloud or StubCloud(self.clock, params, seed=seed, cluster=cluster,
+                                        api_factory=lambda host, token, **kw: LocalArvadosClient(self.store, token))
+        self.cloud.configure(cluster)
+        self.metrics = None
+        if metrics:
+            from api.metrics import DispatchMetrics
+            self.metrics = DispatchMetrics(cluster, clock=self.clock.now, window_clock=self.clock.now)
+        self.ticker = Ticker(self.clock)
+        self.dispatcher = Dispatcher(cluster, clock=self.clock, ticker=self.ticker,
+                                     driver_set=self.cloud.instance_set(_set_id(cluster)),
+                                     api_client=self.api, metrics=self.metrics)
+        self._started = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> Simulation:
+        self.dispatcher.start(start_ticker=False)
+        self._started = True
+        self.settle()
+        return self
+
+    def stop(self) -> None:
+        if self._started:
+            self.settle()
+            self.dispatcher.stop()
+            self._started = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- time -----------------------------------------------------------------------------------------
+
+    @property
+    def now(self) -> float:
+        return self.clock.now()
+
+    def settle(self, max_rounds: int = 10_000) -> None:
+        """Deliver everything due at the current instant until nothing more happens."""
+        for _ in range(max_rounds):
+            ACTIVITY.wait_idle()
+            ran = self.cloud.advance()
+            fired = self.ticker.fire_due(self.clock.now())
+            if not ran and not fired:
+                ACTIVITY.wait_idle()
+                if (self.ticker.next_deadline() or float("inf")) > self.clock.now() and ACTIVITY.pending == 0:
+                    return
+        raise RuntimeError(f"simulation did not settle at t={self.now - START:.3f}")
+
+    def _next_event(self) -> float | None:
+        ts = [t for t in (self.ticker.next_deadline(), self.cloud.next_event_time()) if t is not None]
+        return min(ts) if ts else None
+
+    def step(self, dt: float) -> None:
+        """Advance simulated time by ``dt``, event by event."""
+        target = self.clock.now() + dt
+        self.settle()
+        while True:
+            nxt = self._next_event()
+            if nxt is None or nxt > target:
+                self.clock.set(max(target, self.clock.now()))
+                self.settle()
+                return
+            if nxt > self.clock.now():
+                self.clock.set(nxt)
+            self.settle()
+
+    def run_until(self, cond: Callable[[], bool], max_seconds: float, step: float = 1.0) -> float:
+        """Step until ``cond()`` holds; returns the simulated seconds it took. Fails past the limit."""
+        t0 = self.now
+        while not cond():
+            if self.now - t0 >= max_seconds:
+                raise AssertionError(f"condition not met after {max_seconds} simulated seconds")
+            self.step(step)
+        return self.now - t0
+
+    # -- conveniences for tests ----------------------------------------------------------------------
+
+    @property
+    def snapshot(self):
+        return self.dispatcher.box.snapshot
+
+    def submit(self, **fields) -> str:
+        base = {"command": ["true"], "priority": 1, "container_image": "arvados/jobs",
+                "runtime_constraints": {"vcpus": 1, "ram": 256 << 20}, "output_path": "/out", "cwd": "/"}
+        base.update(fields)
+        return self.api.create_container(base)["uuid"]
+
+    def containers(self) -> list[dict]:
+        return list(self.api.iter_containers(select=["uuid", "state", "priority", "exit_code",
+                                                     "runtime_status", "lock_count", "locked_by_uuid"]))
+
+    def instances(self):
+        return [vm for vm in self.cloud.vms]
+
+
+def _set_id(cluster) -> str:
+    from actors.main import instance_set_id
+    return instance_set_id(cluster.system_root_token)

@@ -1,0 +1,494 @@
+"""WorkerActor: one cloud VM. Probes it, starts and kills its containers, decides when it goes.
+
+Behaviour follows Arvados ``worker/worker.go`` (states unknown/booting/idle/running/shutdown,
+idle behaviours run/hold/drain, boot probe then run probe, the timeouts), with one deliberate
+difference the seed asks for: an instance found at startup whose boot probe fails but which is
+running containers is *drained* (its containers finish, then it is shut down), never killed by
+the TimeoutBooting age rule.
+
+All SSH happens in this actor's own thread: a slow or dead VM blocks only itself. Time arrives
+with ``tick(now)``; the actor tells the Ticker its next deadline after every handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+
+from actors.base import BaseActor
+from actors.messages import BOOTED, Behavior, InstanceInfo, QueueEntry, State, WorkerView
+from cloud.base import ExecResult, ExecutorError, NoAddress
+from conf.model import Cluster, InstanceType
+
+log = logging.getLogger("dispatch.worker")
+
+SECRET_PATH = "/var/run/arvados-instance-secret"
+
+
+@dataclass
+class _Runner:
+    """One crunch-run process on this worker (mutable, private to the actor)."""
+
+    uuid: str
+    started: float
+    starting: bool = True
+    kill_started: float | None = None
+    kill_reason: str = ""
+    next_signal: float = 0.0
+    given_up: bool = False
+
+
+def parse_list_output(out: str, cluster_id: str) -> tuple[list[str], list[str], bool]:
+    """``crunch-run --list`` output -> (running uuids, stale uuids, reports broken)."""
+    running, stale, broken = [], [], False
+    for line in out.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line == "broken":
+            broken = True
+            continue
+        if not line.startswith(cluster_id):
+            continue  # another cluster's container on a shared host
+        parts = line.split()
+        if len(parts) == 1:
+            running.append(parts[0])
+        elif len(parts) == 2 and parts[1] == "stale":
+            stale.append(parts[0])
+    return running, stale, broken
+
+
+def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
+                          timeout_booting: float, all_given_up: bool) -> bool:
+    """Should this worker be shut down now, by its idle behaviour and state? (pure)"""
+    b, s = view.idle_behavior, view.state
+    if b is Behavior.HOLD or s is State.SHUTDOWN:
+        return False
+    if s is State.BOOTING:
+        return b is Behavior.DRAIN
+    if s is State.IDLE:
+        return b is Behavior.DRAIN or now - view.busy >= timeout_idle
+    if s is State.RUNNING:
+        return b is Behavior.DRAIN and all_given_up
+    # unknown: never while it runs containers (the seed: drain, don't kill)
+    if view.running:
+        return False
+    return b is Behavior.DRAIN or now - view.appeared >= timeout_booting
+
+
+class WorkerActor(BaseActor):
+    def __init__(self, *, instance: InstanceInfo, instance_type: InstanceType, state: State,
+                 behavior: Behavior, now: float, executor_factory, scheduler, instance_set, ticker,
+                 cluster: Cluster, metrics=None, rng: random.Random | None = None):
+        super().__init__()
+        self._cluster = cluster
+        self._cfg = cluster.cloud_vms
+        # the factory gets our SSH-verified hook: it runs in this actor's thread, inside execute()
+        self._exec = executor_factory(self.on_ssh_verified)
+        self._scheduler = scheduler
+        self._iset = instance_set
+        self._ticker = ticker
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._instance = instance
+        self._runners: dict[str, _Runner] = {}
+        self._first_ssh: float = 0.0
+        self._boot_outcome_reported = False
+        self._stale_since: float | None = None
+        self._now = now
+        self._next_probe = now + self._rng.uniform(0, self._cfg.probe_interval / 23)
+        self._view = WorkerView(
+            instance_id=instance.id, instance_type=instance_type, state=state,
+            idle_behavior=behavior, address=instance.address, provider_type=instance.provider_type,
+            busy=now, appeared=now, probed=now)
+        sudo = "" if instance.remote_user == "root" else "sudo "
+        self._runner_cmd = sudo + cluster.containers.crunch_run_command
+        self._log = log
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def view(self) -> WorkerView:
+        return self._view
+
+    def _fields(self, **kw) -> dict:
+        return {"Instance": self._view.instance_id, "InstanceType": self._view.instance_type.name,
+                "Address": self._view.address, **kw}
+
+    def _set(self, **changes) -> None:
+        running = tuple(sorted(self._runners))
+        self._view = replace(self._view, running=running, **changes)
+
+    def _publish(self, before: WorkerView) -> None:
+        if self._view != before:
+            self._scheduler.worker_changed.defer(self._view)
+
+    def _reschedule(self) -> None:
+        v = self._view
+        if v.state is State.SHUTDOWN:
+            # still listed long after destroy? the next sync retries; nothing to time here
+            return
+        when = [self._next_probe]
+        if v.state is State.IDLE and v.idle_behavior is Behavior.RUN:
+            when.append(v.busy + self._cfg.timeout_idle)
+        if v.state is State.UNKNOWN and not v.running:
+            when.append(v.appeared + self._cfg.timeout_booting)
+        for r in self._runners.values():
+            if r.kill_started is not None and not r.given_up:
+                when.append(min(r.next_signal, r.kill_started + self._cfg.timeout_term))
+        self._ticker.schedule(self.actor_urn, min(when))
+
+    def _report_boot_outcome(self, outcome: str) -> None:
+        if self._boot_outcome_reported:
+            return
+        self._boot_outcome_reported = True
+        if self._metrics is not None:
+            self._metrics.boot_outcomes.labels(outcome=outcome).inc()
+
+    def _run(self, command: str, stdin: bytes = b"") -> ExecResult:
+        return self._exec.execute(command, stdin)
+
+    def on_ssh_verified(self) -> None:
+        """Called by the executor (in this thread) when the host proves its identity."""
+        if not self._first_ssh:
+            now = self._now
+            self._first_ssh = now
+            if self._view.state is State.BOOTING and self._metrics is not None:
+                self._metrics.time_to_ssh.observe(now - self._view.appeared)
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._self = self.actor_ref.proxy()
+        self._ticker.register(self.actor_urn, self._deliver_tick)
+        self._reschedule()
+
+    def on_stop(self) -> None:
+        self._ticker.unregister(self.actor_urn)
+        try:
+            self._exec.close()
+        except Exception:
+            pass
+
+    def _deliver_tick(self, now: float) -> None:
+        self._self.tick.defer(now)
+
+    def tick(self, now: float) -> None:
+        self._now = now
+        before = self._view
+        if before.state is not State.SHUTDOWN:
+            self._kill_loop(now)
+            if not self._shutdown_if_idle(now) and now >= self._next_probe:
+                self._next_probe = now + self._cfg.probe_interval * self._rng.uniform(0.97, 1.03)
+                self._probe(now)
+        self._publish(before)
+        self._reschedule()
+
+    def update_instance(self, instance: InstanceInfo, now: float) -> None:
+        """A fresher listing of our instance (every sync): new address, tags; retry a destroy."""
+        before = self._view
+        self._instance = instance
+        self._exec.set_target(instance.handle)
+        if instance.address != before.address:
+            self._set(address=instance.address)
+        if before.state is State.SHUTDOWN:
+            if now - before.destroyed > self._cfg.timeout_shutdown:
+                self._log.info("worker still listed after shutdown; retrying", extra=self._fields())
+                self._set(destroyed=now)
+                self._iset.destroy.defer(instance)
+        else:
+            self._save_tags()
+        self._publish(before)
+
+    def set_idle_behavior(self, behavior: Behavior, now: float) -> None:
+        before = self._view
+        self._log.info("set idle behavior", extra=self._fields(IdleBehavior=str(behavior)))
+        self._set(idle_behavior=behavior)
+        self._save_tags()
+        self._shutdown_if_idle(now)
+        self._publish(before)
+        self._reschedule()
+
+    def start_container(self, entry: QueueEntry, now: float) -> None:
+        self._now = now
+        before = self._view
+        uuid = entry.uuid
+        if (before.state not in BOOTED or before.idle_behavior is not Behavior.RUN
+                or uuid in self._runners):
+            self._scheduler.container_start_failed.defer(uuid, before.instance_id,
+                                                         f"worker is {before.state}/{before.idle_behavior}")
+            return
+        self._runners[uuid] = _Runner(uuid, now)
+        self._set(state=State.RUNNING)
+        self._publish(before)
+        before = self._view
+        from cloud.ssh import crunch_run_config, crunch_run_start_command
+        args = ["--runtime-engine=" + self._cluster.containers.runtime_engine,
+                *self._cluster.containers.crunch_run_arguments_list]
+        cmd = crunch_run_start_command(self._cluster.containers.crunch_run_command, args, uuid,
+                                       sudo=self._instance.remote_user != "root")
+        stdin = crunch_run_config(self._cluster, before.instance_type, self._instance.address, uuid)
+        try:
+            res = self._run(cmd, stdin)
+            if res.ok:
+                self._log.info("crunch-run process started", extra=self._fields(ContainerUUID=uuid))
+            else:
+                self._log.error("error starting crunch-run process", extra=self._fields(
+                    ContainerUUID=uuid, stdout=res.stdout.decode(errors="replace")[-2000:],
+                    stderr=res.stderr.decode(errors="replace")[-2000:]))
+        except ExecutorError as e:
+            self._log.error("error starting crunch-run process",
+                            extra=self._fields(ContainerUUID=uuid, error=str(e)))
+        if self._metrics is not None and entry.created_at:
+            self._metrics.time_from_queue_to_crunch_run.observe(max(0.0, now - entry.created_at))
+        # Whether or not the command worked, the next probe decides (as Arvados does).
+        r = self._runners.get(uuid)
+        if r is not None and r.starting:
+            r.starting = False
+            self._set(busy=now, last_uuid=uuid)
+        self._publish(before)
+        self._reschedule()
+
+    def kill_container(self, uuid: str, reason: str, now: float) -> None:
+        r = self._runners.get(uuid)
+        if r is None or r.kill_started is not None:
+            return
+        self._log.info("killing crunch-run process", extra=self._fields(ContainerUUID=uuid, Reason=reason))
+        r.kill_started, r.kill_reason, r.next_signal = now, reason, now
+        before = self._view
+        self._kill_loop(now)
+        self._publish(before)
+        self._reschedule()
+
+    def shutdown_if_allowed(self, reason: str, now: float) -> None:
+        """The scheduler's Shutdown(): only booting/idle workers, never on hold."""
+        v = self._view
+        self._log.info("shutdown requested", extra=self._fields(Reason=reason))
+        if v.idle_behavior is Behavior.HOLD or v.state not in (State.BOOTING, State.IDLE):
+            return
+        before = v
+        self._report_boot_outcome("aborted")
+        self._shutdown(now, reason)
+        self._publish(before)
+
+    def kill_instance(self, reason: str, now: float) -> None:
+        """The management API's kill: shut down in any state, hold included."""
+        before = self._view
+        if before.state is State.SHUTDOWN:
+            return
+        self._report_boot_outcome("aborted")
+        self._shutdown(now, reason)
+        self._publish(before)
+
+    def abandon(self) -> None:
+        """Our instance vanished from the cloud listing: forget its runners, then stop."""
+        for uuid in sorted(self._runners):
+            self._log.info("crunch-run process abandoned", extra=self._fields(ContainerUUID=uuid))
+        self._runners.clear()
+        self.actor_ref.stop(block=False)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _save_tags(self) -> None:
+        tags = self._instance.tags
+        want = {self._cluster.tag("InstanceType"): self._view.instance_type.name,
+                self._cluster.tag("IdleBehavior"): str(self._view.idle_behavior)}
+        if any(tags.get(k) != v for k, v in want.items()):
+            merged = {**tags, **want}
+            self._instance = replace(self._instance, tags=merged)
+            self._iset.set_tags.defer(self._instance.handle, merged)
+
+    def _shutdown(self, now: float, reason: str) -> None:
+        self._log.info("shutting down", extra=self._fields(Reason=reason, State=str(self._view.state)))
+        self._set(state=State.SHUTDOWN, destroyed=now)
+        self._iset.destroy.defer(self._instance.handle)
+
+    def _shutdown_if_idle(self, now: float) -> bool:
+        v = self._view
+        all_given_up = bool(self._runners) and all(r.given_up for r in self._runners.values())
+        if not eligible_for_shutdown(v, now, self._cfg.timeout_idle, self._cfg.timeout_booting,
+                                     all_given_up):
+            return False
+        self._log.info("shutdown worker", extra=self._fields(
+            State=str(v.state), IdleDuration=round(now - v.busy, 3), IdleBehavior=str(v.idle_behavior)))
+        self._report_boot_outcome("aborted")
+        self._shutdown(now, "idle" if v.idle_behavior is Behavior.RUN else str(v.idle_behavior))
+        return True
+
+    def _close_runner(self, uuid: str, now: float) -> None:
+        if self._runners.pop(uuid, None) is None:
+            return
+        self._log.info("crunch-run process ended", extra=self._fields(ContainerUUID=uuid))
+        self._scheduler.container_ended.defer(uuid, self._view.instance_id, now)
+        self._set(busy=now)
+        if self._view.state is State.RUNNING and not self._runners:
+            self._set(state=State.IDLE)
+
+    def _kill_loop(self, now: float) -> None:
+        for r in list(self._runners.values()):
+            if r.kill_started is None or r.given_up:
+                continue
+            if now > r.kill_started + self._cfg.timeout_term:
+                r.given_up = True
+                if self._view.idle_behavior is Behavior.HOLD:
+                    self._log.warning("unkillable container, but worker has IdleBehavior=Hold",
+                                      extra=self._fields(ContainerUUID=r.uuid))
+                else:
+                    self._log.warning("unkillable container, draining worker",
+                                      extra=self._fields(ContainerUUID=r.uuid))
+                    self._set(idle_behavior=Behavior.DRAIN)
+                    self._save_tags()
+                continue
+            if now < r.next_signal:
+                continue
+            r.next_signal = now + self._cfg.timeout_signal
+            self._log.info("sending signal", extra=self._fields(ContainerUUID=r.uuid, Signal=15,
+                                                               Reason=r.kill_reason))
+            try:
+                res = self._run(f"{self._runner_cmd} --kill 15 {r.uuid}")
+                ok = res.ok
+            except ExecutorError as e:
+                ok, res = False, None
+                self._log.info("kill attempt unsuccessful", extra=self._fields(ContainerUUID=r.uuid, error=str(e)))
+            if ok:
+                self._close_runner(r.uuid, now)
+            elif res is not None:
+                self._log.info("kill attempt unsuccessful", extra=self._fields(
+                    ContainerUUID=r.uuid, stderr=res.stderr.decode(errors="replace")[-500:]))
+
+    def _probe_booted(self) -> tuple[bool, str]:
+        cmd = self._cfg.boot_probe_command or "true"
+        try:
+            res = self._run(cmd)
+        except ExecutorError as e:
+            level = logging.DEBUG if isinstance(e, NoAddress) or "refused" in str(e) or "timed out" in str(e) else logging.WARNING
+            self._log.log(level, "boot probe failed", extra=self._fields(Command=cmd, error=str(e)))
+            return False, str(e)
+        if not res.ok:
+            stderr = res.stderr.decode(errors="replace")
+            self._log.debug("boot probe failed", extra=self._fields(
+                Command=cmd, stdout=res.stdout.decode(errors="replace")[-500:], stderr=stderr[-500:]))
+            return False, stderr
+        self._log.info("boot probe succeeded", extra=self._fields())
+        self.on_ssh_verified()  # executors without SSH never call it; first success is as good
+        return True, ""
+
+    def _probe_running(self, now: float, booted: bool) -> tuple[list[str], bool, bool]:
+        cmd = f"{self._runner_cmd} --list"
+        t0 = time.perf_counter()  # a duration for the metric only; decisions use ``now``
+        try:
+            res = self._run(cmd)
+            err = "" if res.ok else res.stderr.decode(errors="replace")
+        except ExecutorError as e:
+            res, err = None, str(e)
+        if res is None or not res.ok:
+            if self._metrics is not None:
+                self._metrics.run_probe_duration.labels(outcome="fail").observe(time.perf_counter() - t0)
+            if booted:
+                # every failure after boot is logged, with the command's stderr
+                self._log.warning("probe failed", extra=self._fields(
+                    Command=cmd, stdout=(res.stdout.decode(errors="replace")[-500:] if res else ""),
+                    stderr=err[-2000:]))
+            return [], False, False
+        if self._metrics is not None:
+            self._metrics.run_probe_duration.labels(outcome="success").observe(time.perf_counter() - t0)
+        running, stale, broken = parse_list_output(res.stdout.decode(errors="replace"),
+                                                   self._cluster.cluster_id)
+        if stale:
+            self._log.info("probe reported stale run lock", extra=self._fields(ContainerUUID=stale[0]))
+            if self._stale_since is None:
+                self._stale_since = now
+            elif now - self._stale_since > self._cfg.timeout_stale_run_lock:
+                self._log.warning("reporting broken after reporting stale run lock for too long",
+                                  extra=self._fields())
+                broken = True
+        else:
+            self._stale_since = None
+        return running, broken, True
+
+    def _probe(self, now: float) -> None:
+        try:
+            self._probe1(now)
+        finally:
+            if not self._view.probe_done:
+                self._set(probe_done=True)
+
+    def _probe1(self, now: float) -> None:
+        v = self._view
+        initial = v.state
+        booted = initial in BOOTED
+        boot_err = ""
+        if not booted:
+            booted, boot_err = self._probe_booted()
+            if booted:
+                self._log.info("instance booted; will try probeRunning", extra=self._fields())
+        uuids, broken, ok = [], False, False
+        if booted or initial is State.UNKNOWN:
+            uuids, broken, ok = self._probe_running(now, booted)
+        if broken and self._view.idle_behavior is Behavior.RUN:
+            self._log.info("probe reported broken instance", extra=self._fields())
+            self._report_boot_outcome("failure")
+            self._set(idle_behavior=Behavior.DRAIN)
+            self._save_tags()
+        if not ok or (not booted and not uuids and not self._runners):
+            self._probe_failed(now, booted, boot_err)
+            return
+        self._set(probed=now)
+        if uuids or self._runners:
+            self._set(busy=now)
+            if not self._view.last_uuid and uuids:
+                self._set(last_uuid=uuids[0])
+        self._update_running(uuids, now)
+        v = self._view
+        if booted and v.state in (State.UNKNOWN, State.BOOTING):
+            if v.state is State.BOOTING and self._metrics is not None and self._first_ssh:
+                self._metrics.time_to_ready_for_container.observe(max(0.0, now - self._first_ssh))
+            self._set(state=State.RUNNING if self._runners else State.IDLE)
+            self._report_boot_outcome("success")
+            self._log.info("probes succeeded, instance is in service", extra=self._fields())
+        elif v.state is State.UNKNOWN and self._runners:
+            # Found at startup running containers but failing its boot probe: drain it.
+            if v.idle_behavior is Behavior.RUN:
+                self._log.info("crunch-run probe succeeded, but boot probe is still failing; draining",
+                               extra=self._fields(RunningContainers=len(self._runners)))
+                self._set(idle_behavior=Behavior.DRAIN)
+                self._save_tags()
+        elif v.state is State.IDLE and self._runners:
+            self._set(state=State.RUNNING)
+        elif v.state is State.RUNNING and not self._runners:
+            self._set(state=State.IDLE)
+
+    def _update_running(self, uuids: list[str], now: float) -> None:
+        listed = set(uuids)
+        for uuid in uuids:
+            r = self._runners.get(uuid)
+            if r is None:
+                self._log.info("crunch-run process detected", extra=self._fields(ContainerUUID=uuid))
+                self._runners[uuid] = _Runner(uuid, now, starting=False)
+            elif r.starting:
+                r.starting = False
+        for uuid, r in list(self._runners.items()):
+            if uuid not in listed and not r.starting:
+                self._close_runner(uuid, now)
+        self._set()
+
+    def _probe_failed(self, now: float, booted: bool, boot_err: str) -> None:
+        v = self._view
+        if v.state is State.SHUTDOWN or v.idle_behavior is Behavior.HOLD:
+            return
+        dur = now - v.probed
+        new = v.state in (State.UNKNOWN, State.BOOTING)
+        limit = self._cfg.timeout_booting if new else self._cfg.timeout_probe
+        if v.state is State.UNKNOWN and self._runners:
+            return  # adopted containers keep it alive; it is draining
+        if dur < limit:
+            return
+        self._log.warning(("new " if new else "") + "instance unresponsive, shutting down" +
+                          (" -- `dispatch-cloud cloudtest` might help troubleshoot" if new else ""),
+                          extra=self._fields(Duration=round(dur, 3), Since=v.probed, State=str(v.state)))
+        self._shutdown(now, "unresponsive")
+        if not booted:
+            self._report_boot_outcome("failure")
+            self._log.info("boot failed", extra=self._fields(Duration=round(dur, 3), stderr=boot_err[-2000:]))
