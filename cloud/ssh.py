@@ -1,0 +1,598 @@
+"""The SSH executor (paramiko) and the exact crunch-run command lines the dispatcher sends.
+
+Behaviour follows Arvados ``lib/dispatchcloud/sshexecutor`` and ``worker/verify.go``:
+
+* one persistent SSH transport per worker; every command is a fresh session channel on it;
+  if a session cannot be opened the executor reconnects once and retries;
+* any host key is accepted during the handshake, but before anything else runs on a new
+  transport whose key differs from the last *verified* one, the key is verified: the driver's
+  ``verify_host_key`` first, then (if the driver cannot, and the instance has a secret) the
+  instance secret file written by the init command must read back exactly;
+* environment variables are never sent: everything crunch-run needs travels as stdin JSON.
+
+Two things Arvados does not have: every command has a deadline (enforced by one shared watchdog
+thread that hangs up a stuck transport), and idle transports poll their socket every
+``IDLE_POLL`` seconds instead of paramiko's 0.1 s, which is what makes hundreds of open
+transports cheap (see bench/bench_ssh.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import hmac
+import io
+import itertools
+import json
+import logging
+import math
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from hashlib import sha256
+from urllib.parse import urlsplit
+
+import paramiko
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from cloud import base
+from conf.model import Cluster, InstanceType
+
+INSTANCE_SECRET_FILE = "/var/run/arvados-instance-secret"
+
+# How long an idle transport thread sleeps in recv() before checking for close/keepalive.
+# paramiko's default is 0.1 s: 10 wakeups per second per transport.
+IDLE_POLL = 5.0
+# Minimum stdin upload rate assumed when stretching a command's deadline for a big stdin
+# (deploying a crunch-run binary of tens of MB must not hit a probe-sized timeout).
+MIN_UPLOAD_RATE = 1 << 20  # bytes per second
+_CHUNK = 1 << 15
+# The watchdog hangs up a transport this long after a command's own deadline.
+WATCHDOG_GRACE = 2.0
+
+_log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: all are base.ExecutorError, so callers need not know SSH.
+
+
+class ConnectError(base.ExecutorError):
+    """host:port could not be reached, or the SSH handshake failed or the connection dropped."""
+
+
+class AuthError(base.ExecutorError):
+    """The server refused the dispatcher's key for this user."""
+
+
+class CommandTimeout(base.ExecutorError):
+    """The command did not finish before its deadline; the transport was hung up."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+def load_private_key(text: str) -> paramiko.PKey:
+    """The dispatcher's private key from PEM/OpenSSH text (Ed25519, ECDSA or RSA, unencrypted).
+
+    Raises ValueError naming the problem, never echoing the key material.
+    """
+    data = text.strip().encode()
+    if not data:
+        raise ValueError("DispatchPrivateKey is empty")
+    try:
+        if b"OPENSSH PRIVATE KEY" in data:
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ValueError("DispatchPrivateKey is encrypted; a key without a passphrase is required") from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise ValueError(f"DispatchPrivateKey is not a readable private key ({type(e).__name__})") from None
+    classes = ((ed25519.Ed25519PrivateKey, paramiko.Ed25519Key),
+               (ec.EllipticCurvePrivateKey, paramiko.ECDSAKey),
+               (rsa.RSAPrivateKey, paramiko.RSAKey))
+    for ctype, ptype in classes:
+        if isinstance(key, ctype):
+            # paramiko reads every supported type from the OpenSSH container format.
+            openssh = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                        serialization.NoEncryption()).decode()
+            return ptype.from_private_key(io.StringIO(openssh))
+    raise ValueError(f"DispatchPrivateKey has unsupported key type {type(key).__name__}; "
+                     "use Ed25519, ECDSA or RSA")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines (arvados-dispatcher.md §8.3-8.7). SUDO = "sudo " when the remote user is not root.
+
+
+def shell_quote_single(s: str) -> str:
+    """``'s'`` with each ``'`` written as ``'\\''``, as Arvados quotes crunch-run arguments."""
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+def _sudo(cmd: str, sudo: bool) -> str:
+    return "sudo " + cmd if sudo else cmd
+
+
+def needs_sudo(remote_user: str) -> bool:
+    return remote_user != "root"
+
+
+def crunch_run_list_command(runner: str, sudo: bool, stdin_prices: bool = False) -> str:
+    return _sudo(f"{runner} --list" + (" --stdin-prices" if stdin_prices else ""), sudo)
+
+
+def crunch_run_kill_command(runner: str, uuid: str, sudo: bool, signal: int = 15) -> str:
+    """The UUID is not quoted here, exactly as Arvados sends it."""
+    return _sudo(f"{runner} --kill {signal} {uuid}", sudo)
+
+
+def crunch_run_start_command(runner: str, args: list[str], uuid: str, sudo: bool) -> str:
+    """``R --detach --stdin-config 'arg'... 'uuid'``; ``args`` starts with ``--runtime-engine=``."""
+    quoted = "".join(" " + shell_quote_single(a) for a in args)
+    return _sudo(f"{runner} --detach --stdin-config{quoted} '{uuid}'", sudo)
+
+
+def crunch_run_args(cluster: Cluster) -> list[str]:
+    c = cluster.containers
+    return ["--runtime-engine=" + c.runtime_engine, *c.crunch_run_arguments_list]
+
+
+def instance_secret_command(sudo: bool) -> str:
+    return _sudo("cat " + INSTANCE_SECRET_FILE, sudo)
+
+
+def gateway_auth_secret(system_root_token: str, uuid: str) -> str:
+    return hmac.new(system_root_token.encode(), uuid.encode(), sha256).hexdigest()
+
+
+def api_host(controller_url: str) -> str:
+    """``host[:port]`` of Services.Controller.ExternalURL, as Go's ``url.Host``."""
+    return urlsplit(controller_url).netloc.rpartition("@")[2]
+
+
+def split_host_port(address: str) -> tuple[str, str]:
+    """``("host", "port")`` from ``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    if address.count(":") == 1:
+        host, _, port = address.partition(":")
+        return host, port
+    return address, ""
+
+
+def join_host_port(host: str, port: str) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def crunch_run_config(cluster: Cluster, instance_type: InstanceType, instance_address: str,
+                      uuid: str) -> bytes:
+    """crunch-run's stdin ``ConfigData`` JSON for starting ``uuid`` (arvados-dispatcher.md §8.4).
+
+    Keys and values match Go's ``json.Marshal`` (struct order, sorted map keys, Go number format).
+    """
+    c = cluster.containers
+    env = {
+        "ARVADOS_API_HOST": api_host(cluster.controller_url),
+        "ARVADOS_API_TOKEN": cluster.system_root_token,
+        "InstanceType": go_json(instance_type.arvados_json(), indent=4) + "\n",
+        "GatewayAddress": join_host_port(split_host_port(instance_address)[0], "0"),
+        "GatewayAuthSecret": gateway_auth_secret(cluster.system_root_token, uuid),
+    }
+    if cluster.tls_insecure:
+        env["ARVADOS_API_HOST_INSECURE"] = "1"
+    bufs = c.local_keep_blob_buffers_per_vcpu
+    config = {
+        "Env": dict(sorted(env.items())),
+        "KeepBuffers": bufs * instance_type.vcpus if bufs > 0 else 0,
+        "EC2SpotCheck": c.cloud_vms.driver == "ec2" and instance_type.preemptible,
+        "Cluster": _thaw(cluster.raw) if bufs > 0 else None,
+    }
+    return go_json(config).encode()
+
+
+def _thaw(v):
+    from conf.model import thaw
+    return thaw(v)
+
+
+def go_float(x: float) -> str:
+    """A float as Go's encoding/json writes it: ``1`` not ``1.0``, ``1e-7`` not ``1e-07``."""
+    if not math.isfinite(x):
+        raise ValueError(f"{x} has no JSON form")
+    if x == int(x) and abs(x) < 1e21:
+        return str(int(x))
+    if 1e-6 <= abs(x) < 1e21:
+        return format(Decimal(repr(x)), "f")
+    mant, _, exp = repr(x).partition("e")
+    sign = "-" if exp.startswith("-") else "+"
+    return f"{mant}e{sign}{exp.lstrip('+-').lstrip('0') or '0'}"
+
+
+def go_json(value, indent: int | None = None) -> str:
+    """``json.dumps`` with Go's float format, compact separators, and UTF-8 left as is."""
+    floats: list[str] = []
+
+    def mark(v):
+        if isinstance(v, bool) or not isinstance(v, float):
+            if isinstance(v, dict):
+                return {k: mark(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [mark(x) for x in v]
+            return v
+        floats.append(go_float(v))
+        return f"\x00{len(floats) - 1}\x00"
+
+    seps = (",", ": ") if indent is not None else (",", ":")
+    out = json.dumps(mark(value), indent=indent, separators=seps, ensure_ascii=False)
+    for i, f in enumerate(floats):
+        out = out.replace(f'"\\u0000{i}\\u0000"', f, 1)
+    # Go escapes these inside strings (they cannot occur outside one).
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        out = out.replace(ch, esc)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Deadlines: one thread for every executor in the process.
+
+
+class _Watchdog:
+    """Calls ``action`` at ``deadline`` unless cancelled first. One thread, a heap of timers."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._cv = threading.Condition()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, action: Callable[[], None]) -> list:
+        entry = [deadline, next(self._seq), action]
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ssh-watchdog", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cv.notify()
+        return entry
+
+    def cancel(self, entry: list) -> bool:
+        """True if the action had not run (and now never will)."""
+        with self._cv:
+            fired = entry[2] is None
+            entry[2] = None
+            return not fired
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while self._heap and self._heap[0][2] is None:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                delay = self._heap[0][0] - time.monotonic()
+                if delay > 0:
+                    self._cv.wait(delay)
+                    continue
+                entry = heapq.heappop(self._heap)
+                action, entry[2] = entry[2], None
+            try:
+                action()
+            except Exception:  # a failing hang-up must not kill every executor's deadlines
+                _log.exception("ssh watchdog action failed")
+
+
+_watchdog = _Watchdog()
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor
+
+
+def keepalive_interval(requested: float) -> int:
+    """Seconds between keep-alives: 0 (off), else at least 1 — never more than once a second."""
+    return 0 if requested <= 0 else max(1, int(round(requested)))
+
+
+class SSHExecutor:
+    """Runs commands on one instance over one persistent, host-key-verified SSH transport.
+
+    ``execute`` is called from one thread (the worker's); ``set_target`` and ``close`` may come
+    from others and never wait for a running command.
+    """
+
+    def __init__(self, target: base.Instance, *, private_key: paramiko.PKey, port: str = "22",
+                 secret: str | None = None, connect_timeout: float = 10, auth_timeout: float = 10,
+                 command_timeout: float = 60, keepalive: float = 0,
+                 on_verified: Callable[[], None] | None = None, logger=None):
+        self._target = target
+        self._key = private_key
+        self._port = port
+        self._secret = secret or None
+        self._connect_timeout = connect_timeout
+        self._auth_timeout = auth_timeout
+        self._command_timeout = command_timeout
+        self._keepalive = keepalive_interval(keepalive)
+        self._on_verified = on_verified
+        self._log = logger or _log
+        self._lock = threading.Lock()  # guards _transport and _closed
+        self._transport: paramiko.Transport | None = None
+        self._closed = False
+        self._verified_key: bytes | None = None
+        self.connects = 0  # transports successfully set up (for tests and metrics)
+
+    # -- Executor protocol
+
+    def set_target(self, instance: base.Instance) -> None:
+        self._target = instance
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            t, self._transport = self._transport, None
+        if t is not None:
+            _hang_up(t)
+
+    def execute(self, command: str, stdin: bytes = b"") -> base.ExecResult:
+        """Run ``command``; a non-zero exit is a result, anything else an ExecutorError."""
+        t = self._current()
+        chan = None
+        if t is not None:
+            try:
+                chan = t.open_session(timeout=self._auth_timeout)
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                self._log.info("ssh session failed, reconnecting", extra=self._fields(error=str(e)))
+        if chan is None:
+            t = self._reconnect(t)
+            try:
+                chan = t.open_session(timeout=self._auth_timeout)
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                raise ConnectError(f"ssh {self._where()}: cannot open session: {e}") from None
+        return self._run(t, chan, command, stdin)
+
+    # -- connection
+
+    def _current(self) -> paramiko.Transport | None:
+        with self._lock:
+            if self._closed:
+                raise base.ExecutorError("executor is closed")
+            t = self._transport
+        return t if t is not None and t.is_active() else None
+
+    def _reconnect(self, old: paramiko.Transport | None) -> paramiko.Transport:
+        if old is None:
+            with self._lock:
+                old = self._transport
+        if old is not None:
+            _hang_up(old)
+        t = self._connect()
+        with self._lock:
+            if self._closed:
+                _hang_up(t)
+                raise base.ExecutorError("executor is closed")
+            self._transport = t
+        self.connects += 1
+        return t
+
+    def _host_port(self) -> tuple[str, str]:
+        addr = self._target.address
+        if not addr:
+            raise base.NoAddress()
+        host, port = split_host_port(addr)
+        return host, port or self._port or "22"
+
+    def _where(self) -> str:
+        try:
+            return join_host_port(*self._host_port())
+        except base.NoAddress:
+            return "(no address)"
+
+    def _fields(self, **kw) -> dict:
+        return {"Instance": getattr(self._target, "id", ""), "Address": self._where(), **kw}
+
+    def _connect(self) -> paramiko.Transport:
+        host, port = self._host_port()
+        where = join_host_port(host, port)
+        try:
+            portnum = int(port) if port.isdigit() else socket.getservbyname(port, "tcp")
+        except OSError:
+            raise ConnectError(f"ssh {where}: unknown port {port!r}") from None
+        try:
+            sock = socket.create_connection((host, portnum), timeout=self._connect_timeout)
+        except ConnectionRefusedError:
+            raise ConnectError(f"ssh {where}: connection refused") from None
+        except TimeoutError:
+            raise ConnectError(f"ssh {where}: connect timed out after {self._connect_timeout:g}s") from None
+        except OSError as e:
+            raise ConnectError(f"ssh {where}: cannot connect: {e.strerror or e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t = paramiko.Transport(sock)
+        t.banner_timeout = t.handshake_timeout = self._connect_timeout
+        t.auth_timeout = self._auth_timeout
+        try:
+            done = threading.Event()
+            t.start_client(event=done)  # returns at once; the transport thread negotiates
+            if not done.wait(self._connect_timeout):
+                raise ConnectError(f"ssh {where}: handshake timed out after {self._connect_timeout:g}s")
+            if not t.is_active():
+                e = t.get_exception()
+                raise ConnectError(f"ssh {where}: handshake failed: {e or 'connection closed'}")
+            # The handshake is done: from now on the transport thread only needs to wake for
+            # data, close and keep-alive, so poll the socket rarely (idle CPU, see module doc).
+            sock.settimeout(min(IDLE_POLL, self._keepalive) if self._keepalive else IDLE_POLL)
+            if self._keepalive:
+                t.set_keepalive(self._keepalive)
+            user = self._target.remote_user
+            try:
+                t.auth_publickey(user, self._key)
+            except paramiko.AuthenticationException as e:
+                raise AuthError(f"ssh {where}: authentication failed for user {user!r}: {e}") from None
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                raise ConnectError(f"ssh {where}: authentication did not complete: {e}") from None
+            key = t.get_remote_server_key()
+            if key.asbytes() != self._verified_key:
+                self._verify(t, key, where)
+                self._verified_key = key.asbytes()
+        except BaseException:
+            _hang_up(t)
+            raise
+        self._log.debug("ssh connected", extra=self._fields())
+        return t
+
+    def _verify(self, t: paramiko.Transport, key: paramiko.PKey, where: str) -> None:
+        """TagVerifier.VerifyHostKey: driver first, then the instance secret; nothing else runs."""
+        if self._on_verified is not None:
+            try:
+                self._on_verified()
+            except Exception:  # a metrics callback must not decide whether a host is trusted
+                self._log.exception("on_verified callback failed", extra=self._fields())
+        fields = self._fields(HostKey=f"{key.get_name()} {key.fingerprint}")
+        try:
+            self._target.verify_host_key(key, t)
+            return
+        except base.NotSupported as e:
+            if self._secret is None:
+                self._log.warning("cannot verify host key", extra={**fields, "error": str(e)})
+                raise base.HostKeyError(f"ssh {where}: cannot verify host key: driver cannot ({e}) "
+                                        "and the instance has no secret") from None
+        except base.HostKeyError as e:
+            self._log.warning("host key rejected", extra={**fields, "error": str(e)})
+            raise base.HostKeyError(f"ssh {where}: host key rejected: {e}") from None
+        except Exception as e:
+            self._log.warning("host key rejected", extra={**fields, "error": str(e)})
+            raise base.HostKeyError(f"ssh {where}: host key rejected: {type(e).__name__}: {e}") from None
+        cmd = instance_secret_command(needs_sudo(self._target.remote_user))
+        try:
+            chan = t.open_session(timeout=self._auth_timeout)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            raise ConnectError(f"ssh {where}: cannot open session to check instance secret: {e}") from None
+        res = self._run(t, chan, cmd, b"")
+        if res.exit_status != 0 or res.stdout.decode(errors="replace") != self._secret:
+            self._log.warning("bad instance secret", extra={**fields, "ExitStatus": res.exit_status,
+                                                            "stderr": res.stderr[:200].decode(errors="replace")})
+            raise base.HostKeyError(f"ssh {where}: bad instance secret")
+
+    # -- one command
+
+    def _run(self, t: paramiko.Transport, chan: paramiko.Channel, command: str,
+             stdin: bytes) -> base.ExecResult:
+        where = self._where()
+        timeout = self._command_timeout + len(stdin) / MIN_UPLOAD_RATE
+        deadline = time.monotonic() + timeout
+        # The read loop honours the deadline itself and keeps the transport; the watchdog (a
+        # little later) covers the waits paramiko gives no timeout for (the exec reply).
+        timer = _watchdog.arm(deadline + WATCHDOG_GRACE, lambda: _hang_up(t))
+        try:
+            return _exchange(chan, command, stdin, deadline)
+        except _Deadline:
+            raise CommandTimeout(f"ssh {where}: command timed out after {timeout:g}s") from None
+        except (paramiko.SSHException, EOFError, OSError, _Lost) as e:
+            if _watchdog.cancel(timer):
+                raise ConnectError(f"ssh {where}: connection lost during command: "
+                                   f"{e or type(e).__name__}") from None
+            raise CommandTimeout(f"ssh {where}: command timed out after {timeout:g}s "
+                                 "(connection hung up)") from None
+        finally:
+            _watchdog.cancel(timer)
+            chan.close()
+
+
+class _Lost(Exception):
+    """The channel closed without an exit status."""
+
+
+class _Deadline(Exception):
+    """The command's deadline passed while waiting for its output or exit status."""
+
+
+def _exchange(chan: paramiko.Channel, command: str, stdin: bytes, deadline: float) -> base.ExecResult:
+    """Exec, stream stdin while draining stdout and stderr (no window deadlock), collect status."""
+    chan.exec_command(command)
+    chan.settimeout(0.0)
+    rfd = chan.fileno()  # readable while stdout or stderr has data (or the channel closed)
+    out: list[bytes] = []
+    err: list[bytes] = []
+    view = memoryview(stdin)
+    sent = 0
+    eof_sent = False
+    while True:
+        if not eof_sent:
+            while sent < len(view) and chan.send_ready():
+                sent += chan.send(view[sent:sent + _CHUNK])
+            if sent >= len(view):
+                chan.shutdown_write()
+                eof_sent = True
+        while chan.recv_ready():
+            out.append(chan.recv(_CHUNK * 2))
+        while chan.recv_stderr_ready():
+            err.append(chan.recv_stderr(_CHUNK * 2))
+        if chan.eof_received or chan.closed:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Deadline()
+        # Writable-readiness has no fd: poll briefly while stdin is blocked on the window.
+        select.select([rfd], [], [], min(remaining, 0.02) if not eof_sent else remaining)
+    # EOF closed both buffers: drain what is left, then wait for the exit status.
+    while chan.recv_ready():
+        out.append(chan.recv(_CHUNK * 2))
+    while chan.recv_stderr_ready():
+        err.append(chan.recv_stderr(_CHUNK * 2))
+    if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
+        raise _Deadline()
+    status = chan.exit_status
+    if status == -1:
+        raise _Lost()
+    return base.ExecResult(b"".join(out), b"".join(err), status)
+
+
+def _hang_up(t: paramiko.Transport) -> None:
+    """Close a transport now: shutdown() wakes its thread out of the long recv()."""
+    sock = t.sock
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    t.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring
+
+
+def _driver_set(instance_set):
+    """The innermost InstanceSet under the wrapper stack of cloud.base.wrap."""
+    s, seen = instance_set, set()
+    while s is not None and id(s) not in seen:
+        if hasattr(s, "make_executor"):
+            return s
+        seen.add(id(s))
+        s = getattr(s, "_inner", None)
+    return None
+
+
+def executor_for(cluster: Cluster, instance_set, instance: base.Instance, *, secret: str | None = None,
+                 on_verified: Callable[[], None] | None = None, logger=None) -> base.Executor:
+    """The driver's own executor if it has one (stub cloud), else SSH with the dispatcher key.
+
+    Timeouts stay below ProbeInterval so a dead VM costs one probe slot, not several.
+    """
+    driver = _driver_set(instance_set)
+    if driver is not None:
+        return driver.make_executor(instance)
+    vms = cluster.cloud_vms
+    t = max(0.5, min(10.0, vms.probe_interval * 0.8))
+    return SSHExecutor(instance, private_key=load_private_key(cluster.containers.dispatch_private_key),
+                       port=vms.ssh_port, secret=secret, connect_timeout=t, auth_timeout=t,
+                       command_timeout=max(t, min(60.0, vms.probe_interval * 0.8)),
+                       on_verified=on_verified, logger=logger)
