@@ -1,0 +1,615 @@
+"""Load an Arvados cluster config file into the frozen :class:`conf.model.Cluster`.
+
+The file is the one ``arvados-dispatch-cloud`` reads (``/etc/arvados/config.yml`` or
+``$ARVADOS_CONFIG``), layered over ``defaults.yml`` the way Arvados layers its own defaults: maps
+merge key by key, lists are replaced, ``SAMPLE`` keys and null values are dropped. Sections this
+dispatcher does not use (API, Collections, Volumes, Workbench, ...) are accepted and ignored, so a
+full real Arvados config loads.
+
+Every problem is a :class:`ConfigError` whose text is one line naming the file and the key path,
+so an operator sees ``/etc/arvados/config.yml: Clusters.zzzzz.InstanceTypes.m5.RAM: "16 gigs" is
+not a size (unknown unit "gigs")`` instead of a traceback. Secrets (tokens, the private key) are
+never echoed.
+
+The Cluster holds *effective* values: the Go pool's fallbacks for zero durations, and ``true`` for
+an empty BootProbeCommand, are applied here so no consumer has to repeat them.
+
+Deliberate differences from Arvados:
+
+* An instance type must state ``Price`` and ``RAM``. Arvados would fill in its SAMPLE defaults
+  ($0.10/h, 128MiB), so a misspelled key silently makes a tiny, cheap type the scheduler prefers.
+* ``Driver`` must be one this dispatcher implements (azure, local, stub); the Arvados default
+  ``ec2`` is rejected, so a site file has to name its driver.
+* Negative counts, sizes and durations are errors (Go would accept some, then misbehave).
+* ``Services.DispatchCloud.InternalURLs`` defaults to ``http://localhost:9006``; URLs a site lists
+  replace that default instead of being added to it.
+* ``DispatchPrivateKey`` is stored as PEM text: a ``file:///`` URL is read at load time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from urllib.parse import urlsplit
+
+import yaml
+
+from cloud.drivers import DRIVERS, NOT_IMPLEMENTED
+from conf.model import GPU, CloudVMs, Cluster, Containers, InstanceType, freeze
+from conf.units import parse_duration, parse_size
+
+DEFAULT_PATH = "/etc/arvados/config.yml"
+log = logging.getLogger(__name__)
+
+_CLUSTER_ID = re.compile(r"[a-z0-9]{5}")
+_GPU_STACKS = ("", "cuda", "rocm")
+_DEFAULT_INCLUDED_SCRATCH = 16 * 10**9
+# Pool fallbacks (Arvados worker/pool.go): a zero duration means "use this".
+_DURATION_FALLBACKS = {
+    "ProbeInterval": 10.0,
+    "SyncInterval": 60.0,
+    "TimeoutIdle": 60.0,
+    "TimeoutBooting": 600.0,
+    "TimeoutProbe": 600.0,
+    "TimeoutShutdown": 10.0,
+    "TimeoutTERM": 120.0,
+    "TimeoutSignal": 5.0,
+    "TimeoutStaleRunLock": 5.0,
+}
+_DEFAULT_MAX_PROBES_PER_SECOND = 10
+# Keys of an InstanceTypes entry and of its GPU section ("Scratch" is known but ignored).
+_INSTANCE_TYPE_KEYS = ("ProviderType", "VCPUs", "RAM", "Scratch", "IncludedScratch", "AddedScratch",
+                       "Price", "Preemptible", "GPU")
+_GPU_KEYS = ("Stack", "DriverVersion", "HardwareTarget", "DeviceCount", "VRAM")
+# Maps whose site value replaces the default instead of merging into it (when non-empty).
+_REPLACED = {("Services", "DispatchCloud", "InternalURLs")}
+_REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """A config problem, as one line: ``<file>: <key path>: <what is wrong>``."""
+
+    def __init__(self, source: str, key: str, reason: str):
+        self.source, self.key, self.reason = source, key, reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = ": ".join(p for p in (self.source, self.key, self.reason) if p)
+        return re.sub(r"\s*[\r\n]+\s*", " ", text)  # one line, whatever the parts hold
+
+
+def default_path() -> str:
+    """``$ARVADOS_CONFIG`` if set and non-empty, else ``/etc/arvados/config.yml``, as Arvados does."""
+    return os.environ.get("ARVADOS_CONFIG") or DEFAULT_PATH
+
+
+def load(path: str | None = None, cluster_id: str | None = None) -> Cluster:
+    """Read and validate the config file at ``path`` (default: :func:`default_path`)."""
+    path = os.fspath(path) if path is not None else default_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    return load_text(text, source=path, cluster_id=cluster_id)
+
+
+def load_text(text: str, source: str = "<string>", cluster_id: str | None = None) -> Cluster:
+    """Like :func:`load`, for config text already in memory; ``source`` names it in messages."""
+    try:
+        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, where, f"invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, "", f"invalid YAML: {e}") from None
+    cid, site = _pick_cluster(doc, source, cluster_id)
+    merged = merge(_defaults(), clean(site))
+    return _Builder(source, cid).build(merged)
+
+
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """safe_load that rejects a key given twice in one mapping, as Go's YAML decoder does:
+    otherwise a second ``Containers:`` silently discards the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # the base class reports unhashable keys
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {_show(key)} appears twice in one mapping", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+# --- layering ----------------------------------------------------------------------------------
+
+@functools.cache
+def _defaults_text() -> str:
+    return resources.files("conf").joinpath("defaults.yml").read_text(encoding="utf-8")
+
+
+def _defaults() -> dict:
+    """The default cluster section (``xxxxx``), parsed afresh so callers may mutate it."""
+    return yaml.safe_load(_defaults_text())["Clusters"]["xxxxx"]
+
+
+def clean(v):
+    """Drop ``SAMPLE`` keys and null values, recursively, as Arvados does before decoding."""
+    if isinstance(v, Mapping):
+        return {k: clean(x) for k, x in v.items() if k != "SAMPLE" and x is not None}
+    if isinstance(v, list):
+        return [clean(x) for x in v]
+    return v
+
+
+def merge(base: Mapping, over: Mapping, path: tuple = ()) -> dict:
+    """``over`` on top of ``base``: maps merge recursively, anything else (lists too) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        b = base.get(k)
+        here = path + (k,)
+        if isinstance(b, Mapping) and isinstance(v, Mapping) and not (here in _REPLACED and v):
+            out[k] = merge(b, v, here)
+        else:
+            out[k] = v
+    return out
+
+
+def _pick_cluster(doc, source: str, wanted: str | None) -> tuple[str, dict]:
+    if doc is None:
+        raise ConfigError(source, "", "empty file: expected a Clusters section")
+    if not isinstance(doc, Mapping):
+        raise ConfigError(source, "", f"expected a mapping with a Clusters section, got {_kind(doc)}")
+    clusters = doc.get("Clusters")
+    if clusters is None:
+        raise ConfigError(source, "Clusters", "missing (the file must have a Clusters section)")
+    if not isinstance(clusters, Mapping):
+        raise ConfigError(source, "Clusters", f"expected a mapping of cluster ids, got {_kind(clusters)}")
+    for cid in clusters:
+        if not isinstance(cid, str) or not _CLUSTER_ID.fullmatch(cid):
+            raise ConfigError(source, f"Clusters.{cid}",
+                              f"cluster id {_show(cid)} must be 5 lowercase letters or digits")
+    ids = ", ".join(sorted(clusters)) or "none"
+    if wanted is not None:
+        if wanted not in clusters:
+            raise ConfigError(source, "Clusters", f"no cluster {_show(wanted)} (found: {ids})")
+        cid = wanted
+    elif len(clusters) != 1:
+        if not clusters:
+            raise ConfigError(source, "Clusters", "no cluster defined")
+        raise ConfigError(source, "Clusters", f"holds {len(clusters)} clusters ({ids}): choose one "
+                                              "(check-config --cluster ID)")
+    else:
+        (cid,) = clusters
+    site = clusters[cid]
+    if site is None:
+        site = {}
+    if not isinstance(site, Mapping):
+        raise ConfigError(source, f"Clusters.{cid}", f"expected a mapping, got {_kind(site)}")
+    return cid, site
+
+
+# --- values ------------------------------------------------------------------------------------
+
+def _kind(v) -> str:
+    if isinstance(v, Mapping):
+        return "a mapping"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if isinstance(v, bool):
+        return f"{str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return f"the number {_show(v)}"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (datetime.date, datetime.time)):
+        return "a date/time"
+    return type(v).__name__
+
+
+def _not_a_string(v) -> str:
+    hint = " (put it in quotes)" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+    return f"expected a string, got {_kind(v)}{hint}"
+
+
+def _show(v, limit: int = 60) -> str:
+    """A value as it would be written in JSON, on one line and cut short."""
+    text = json.dumps(v, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _jsonable(v):
+    """The merged config as JSON-safe values: YAML can yield dates and non-string keys."""
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (datetime.date, datetime.time)):
+        return v.isoformat()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class _Section:
+    """Typed, key-path-aware access to one mapping of the merged config."""
+
+    def __init__(self, builder: _Builder, path: str, data: Mapping):
+        self.b, self.path, self.data = builder, path, data
+
+    def key(self, k: str) -> str:
+        return f"{self.path}.{k}"
+
+    def fail(self, k: str, reason: str):
+        raise ConfigError(self.b.source, self.key(k), reason)
+
+    def _get(self, k, default):
+        if k in self.data:
+            return self.data[k]
+        if default is _REQUIRED:
+            self.fail(k, "is required")
+        return default
+
+    def warn_unknown(self, known) -> None:
+        known = set(known)
+        lower = {k.lower(): k for k in known}
+        for k in self.data:
+            if k in known:
+                continue
+            hint = lower.get(k.lower()) if isinstance(k, str) else None
+            self.b.warn(self.key(k), "deprecated or unknown config entry"
+                        + (f" (did you mean {hint}?)" if hint else ""))
+
+    def section(self, k: str, default=_REQUIRED) -> _Section:
+        v = self._get(k, default)
+        if not isinstance(v, Mapping):
+            self.fail(k, f"expected a mapping, got {_kind(v)}")
+        return _Section(self.b, self.key(k), v)
+
+    def str(self, k: str, default=_REQUIRED, numbers_ok: bool = False) -> str:
+        v = self._get(k, default)
+        if numbers_ok and isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        if not isinstance(v, str):
+            self.fail(k, _not_a_string(v))
+        return v
+
+    def bool(self, k: str, default=_REQUIRED) -> bool:
+        v = self._get(k, default)
+        if not isinstance(v, bool):
+            self.fail(k, f"expected true or false, got {_kind(v) if not isinstance(v, str) else _show(v)}")
+        return v
+
+    def int(self, k: str, default=_REQUIRED, minimum: int = 0) -> int:
+        v = self._get(k, default)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            got = _show(v) if isinstance(v, (str, float)) else _kind(v)
+            self.fail(k, f"expected a whole number, got {got}")
+        if v < minimum:
+            self.fail(k, f"{v} is too small (minimum {minimum})")
+        return v
+
+    def float(self, k: str, default=_REQUIRED, minimum: float = 0.0, maximum: float | None = None) -> float:
+        v = self._get(k, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            got = _show(v) if isinstance(v, (str, float)) else _kind(v)
+            self.fail(k, f"expected a number, got {got}")
+        if v < minimum or (maximum is not None and v > maximum):
+            bounds = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"at least {minimum:g}"
+            self.fail(k, f"{v:g} is out of range (must be {bounds})")
+        return float(v)
+
+    def duration(self, k: str, default=_REQUIRED) -> float:
+        v = self._get(k, default)
+        if isinstance(v, (Mapping, list)):
+            self.fail(k, f"expected a duration like \"10s\", got {_kind(v)}")
+        try:
+            seconds = parse_duration(v)
+        except ValueError as e:
+            self.fail(k, f"{_show(v)} is not a duration ({e})")
+        if seconds < 0:
+            self.fail(k, f"{_show(v)} is negative")
+        return seconds
+
+    def size(self, k: str, default=_REQUIRED) -> int:
+        v = self._get(k, default)
+        if isinstance(v, (Mapping, list)):
+            self.fail(k, f"expected a size like \"16GiB\", got {_kind(v)}")
+        try:
+            n = parse_size(v)
+        except ValueError as e:
+            self.fail(k, f"{_show(v)} is not a size ({e})")
+        if n < 0:
+            self.fail(k, f"{_show(v)} is negative")
+        return n
+
+    def str_list(self, k: str, default=_REQUIRED) -> tuple[str, ...]:
+        v = self._get(k, default)
+        if not isinstance(v, list):
+            self.fail(k, f"expected a list of strings, got {_kind(v)}")
+        for i, x in enumerate(v):
+            if not isinstance(x, str):
+                raise ConfigError(self.b.source, f"{self.key(k)}[{i}]", _not_a_string(x))
+        return tuple(v)
+
+    def str_map(self, k: str, default=_REQUIRED) -> Mapping:
+        sec = self.section(k, default)
+        for name, x in sec.data.items():
+            if not isinstance(name, str):
+                sec.fail(str(name), "key must be a string")
+            if not isinstance(x, str):
+                sec.fail(name, _not_a_string(x))
+        return freeze(dict(sec.data))
+
+
+class _Builder:
+    """Turns one merged cluster mapping into a Cluster, collecting warnings as log records."""
+
+    def __init__(self, source: str, cluster_id: str):
+        self.source, self.cluster_id = source, cluster_id
+
+    def warn(self, key: str, msg: str) -> None:
+        log.warning("%s: %s", key, msg, extra={"ConfigFile": self.source, "ConfigKey": key})
+
+    def build(self, merged: dict) -> Cluster:
+        top = _Section(self, f"Clusters.{self.cluster_id}", merged)
+        defaults = _defaults()
+        services = top.section("Services")
+        dispatch = services.section("DispatchCloud")
+        dispatch.warn_unknown(defaults["Services"]["DispatchCloud"])
+        controller = services.section("Controller")
+        tls = top.section("TLS")
+        containers = self._containers(top.section("Containers"), defaults["Containers"])
+        cluster = Cluster(
+            cluster_id=self.cluster_id,
+            system_root_token=top.str("SystemRootToken"),
+            management_token=top.str("ManagementToken"),
+            controller_url=self._url(controller, "ExternalURL", empty_ok=True),
+            dispatch_urls=self._internal_urls(dispatch),
+            tls_insecure=tls.bool("Insecure"),
+            containers=containers,
+            instance_types=freeze(self._instance_types(top, containers)),
+            source=self.source,
+            raw=freeze(_jsonable(merged)),
+        )
+        if not cluster.management_token:
+            self.warn(top.key("ManagementToken"),
+                      "is empty: the management API and /metrics will refuse every request")
+        if not cluster.system_root_token:
+            self.warn(top.key("SystemRootToken"), "is empty: the dispatcher cannot authenticate to the API server")
+        return cluster
+
+    # -- Services -------------------------------------------------------------------------------
+
+    def _url(self, sec: _Section, k: str, empty_ok: bool) -> str:
+        url = sec.str(k)
+        if url or not empty_ok:
+            self._check_url(sec, k, url)
+        return url
+
+    @staticmethod
+    def _check_url(sec: _Section, k: str, url: str) -> None:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as e:
+            sec.fail(k, f"{_show(url)} is not a valid URL ({e})")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            sec.fail(k, f"{_show(url)} is not an http:// or https:// URL with a host")
+
+    def _internal_urls(self, dispatch: _Section) -> tuple[str, ...]:
+        urls = dispatch.section("InternalURLs")
+        for url, extra in urls.data.items():
+            if not isinstance(url, str):
+                urls.fail(str(url), "expected a URL string as the key")
+            self._check_url(dispatch, "InternalURLs", url)
+            if not isinstance(extra, Mapping):
+                urls.fail(url, f"expected a mapping (e.g. {{}} or {{ListenURL: ...}}), got {_kind(extra)}")
+            entry = _Section(self, urls.key(url), extra)
+            entry.warn_unknown(("ListenURL",))
+            if "ListenURL" in extra and entry.str("ListenURL"):
+                self._check_url(entry, "ListenURL", extra["ListenURL"])
+        if not urls.data:
+            dispatch.fail("InternalURLs", "is empty: the management API needs a URL to listen on")
+        return tuple(sorted(urls.data))
+
+    # -- Containers -----------------------------------------------------------------------------
+
+    def _containers(self, sec: _Section, defaults: Mapping) -> Containers:
+        sec.warn_unknown(defaults)
+        vms = sec.section("CloudVMs")
+        vms.warn_unknown(defaults["CloudVMs"])
+        return Containers(
+            cloud_vms=self._cloud_vms(vms),
+            default_keep_cache_ram=sec.size("DefaultKeepCacheRAM"),
+            max_dispatch_attempts=sec.int("MaxDispatchAttempts"),
+            always_use_preemptible_instances=sec.bool("AlwaysUsePreemptibleInstances"),
+            preemptible_price_factor=sec.float("PreemptiblePriceFactor"),
+            maximum_price_factor=sec.float("MaximumPriceFactor"),
+            dispatch_private_key=self._private_key(sec, "DispatchPrivateKey"),
+            stale_lock_timeout=sec.duration("StaleLockTimeout"),
+            crunch_run_command=sec.str("CrunchRunCommand"),
+            crunch_run_arguments_list=sec.str_list("CrunchRunArgumentsList"),
+            reserve_extra_ram=sec.size("ReserveExtraRAM"),
+            runtime_engine=sec.str("RuntimeEngine"),
+            local_keep_blob_buffers_per_vcpu=sec.int("LocalKeepBlobBuffersPerVCPU"),
+        )
+
+    def _cloud_vms(self, sec: _Section) -> CloudVMs:
+        durations = {k: sec.duration(k) or fallback for k, fallback in _DURATION_FALLBACKS.items()}
+        return CloudVMs(
+            enable=sec.bool("Enable"),
+            driver=self._driver(sec, "Driver"),
+            driver_parameters=freeze(dict(sec.section("DriverParameters").data)),
+            ssh_port=sec.str("SSHPort", numbers_ok=True),
+            poll_interval=sec.duration("PollInterval"),
+            boot_probe_command=sec.str("BootProbeCommand") or "true",
+            probe_interval=durations["ProbeInterval"],
+            max_probes_per_second=sec.int("MaxProbesPerSecond") or _DEFAULT_MAX_PROBES_PER_SECOND,
+            timeout_signal=durations["TimeoutSignal"],
+            timeout_stale_run_lock=durations["TimeoutStaleRunLock"],
+            timeout_term=durations["TimeoutTERM"],
+            max_cloud_ops_per_second=sec.int("MaxCloudOpsPerSecond"),
+            max_concurrent_instance_create_ops=sec.int("MaxConcurrentInstanceCreateOps"),
+            max_instances=sec.int("MaxInstances"),
+            max_running_containers_per_instance=sec.int("MaxRunningContainersPerInstance"),
+            initial_quota_estimate=sec.int("InitialQuotaEstimate"),
+            supervisor_fraction=sec.float("SupervisorFraction", maximum=1.0),
+            sync_interval=durations["SyncInterval"],
+            timeout_idle=durations["TimeoutIdle"],
+            timeout_booting=durations["TimeoutBooting"],
+            timeout_probe=durations["TimeoutProbe"],
+            timeout_shutdown=durations["TimeoutShutdown"],
+            image_id=sec.str("ImageID"),
+            instance_init_command=sec.str("InstanceInitCommand"),
+            deploy_runner_binary=sec.str("DeployRunnerBinary"),
+            deploy_runner_directory=sec.str("DeployRunnerDirectory"),
+            deploy_public_key=sec.bool("DeployPublicKey"),
+            resource_tags=sec.str_map("ResourceTags"),
+            tag_key_prefix=sec.str("TagKeyPrefix"),
+        )
+
+    @staticmethod
+    def _driver(sec: _Section, k: str) -> str:
+        name = sec.str(k)
+        supported = ", ".join(sorted(DRIVERS))
+        if name in NOT_IMPLEMENTED:
+            sec.fail(k, f"driver {_show(name)} is not supported by this dispatcher (supported: {supported})")
+        if name not in DRIVERS:
+            sec.fail(k, f"unknown driver {_show(name)} (supported: {supported})")
+        return name
+
+    def _private_key(self, sec: _Section, k: str) -> str:
+        value = sec.str(k)
+        if not value:
+            return ""
+        pem = value
+        if value.startswith("file://"):
+            path = value[len("file://"):]
+            if not path.startswith("/"):
+                sec.fail(k, f"{_show(value)} must be file:///absolute/path")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    pem = f.read()
+            except UnicodeDecodeError:
+                sec.fail(k, f"{path} is not a valid SSH private key")
+            except OSError as e:
+                sec.fail(k, f"cannot read {path}: {e.strerror or e}")
+            what = path
+        else:
+            what = "the value"
+        reason = _ssh_key_problem(pem)
+        if reason:
+            sec.fail(k, f"{what} is not a valid SSH private key ({reason})")
+        return pem
+
+    # -- InstanceTypes --------------------------------------------------------------------------
+
+    def _instance_types(self, top: _Section, containers: Containers) -> dict[str, InstanceType]:
+        v = top.data.get("InstanceTypes", {})
+        if isinstance(v, list):
+            top.fail("InstanceTypes", "must be a mapping of type name to type (the list form is not supported)")
+        sec = top.section("InstanceTypes")
+        types = {}
+        for name in sec.data:
+            if not isinstance(name, str) or not name:
+                sec.fail(str(name), "instance type name must be a non-empty string")
+            types[name] = self._instance_type(sec.section(name), name)
+        factor = containers.preemptible_price_factor
+        if factor > 0:
+            for name, it in list(types.items()):
+                if it.preemptible:
+                    continue
+                variant = InstanceType(
+                    name=f"{name}.preemptible", provider_type=it.provider_type, vcpus=it.vcpus, ram=it.ram,
+                    included_scratch=it.included_scratch, added_scratch=it.added_scratch,
+                    price=it.price * factor, preemptible=True, gpu=it.gpu)
+                existing = types.get(variant.name)
+                if existing is None:
+                    types[variant.name] = variant
+                elif existing != variant:
+                    self.warn(sec.key(variant.name), "already exists, so no preemptible variant of "
+                                                     f"{name} is added automatically")
+        return types
+
+    def _instance_type(self, sec: _Section, name: str) -> InstanceType:
+        sec.warn_unknown(_INSTANCE_TYPE_KEYS)
+        if "Scratch" in sec.data:
+            self.warn(sec.key("Scratch"), "is ignored: scratch is IncludedScratch + AddedScratch")
+        return InstanceType(
+            name=name,
+            provider_type=sec.str("ProviderType", "") or name,
+            vcpus=sec.int("VCPUs", 1, minimum=1),
+            ram=self._positive_size(sec, "RAM"),
+            included_scratch=sec.size("IncludedScratch", _DEFAULT_INCLUDED_SCRATCH),
+            added_scratch=sec.size("AddedScratch", 0),
+            price=sec.float("Price"),
+            preemptible=sec.bool("Preemptible", False),
+            gpu=self._gpu(sec.section("GPU", {})),
+        )
+
+    @staticmethod
+    def _positive_size(sec: _Section, k: str) -> int:
+        n = sec.size(k)
+        if n == 0:
+            sec.fail(k, "must be more than 0")
+        return n
+
+    @staticmethod
+    def _gpu(sec: _Section) -> GPU:
+        sec.warn_unknown(_GPU_KEYS)
+        gpu = GPU(
+            stack=sec.str("Stack", ""),
+            driver_version=sec.str("DriverVersion", ""),
+            hardware_target=sec.str("HardwareTarget", ""),
+            device_count=sec.int("DeviceCount", 0),
+            vram=sec.size("VRAM", 0),
+        )
+        if gpu.stack not in _GPU_STACKS:
+            sec.fail("Stack", f"{_show(gpu.stack)} is not one of \"cuda\", \"rocm\" or \"\"")
+        if gpu.device_count > 0:
+            try:
+                float(gpu.driver_version)
+            except ValueError:
+                sec.fail("DriverVersion", f"{_show(gpu.driver_version)} is not a version number like \"12.4\"")
+        return gpu
+
+
+def _ssh_key_problem(pem: str) -> str:
+    """Why ``pem`` is not a usable SSH private key, or "" if it is. Never includes the key."""
+    import paramiko  # here, not at module top: only configs with a key need it
+
+    encrypted = False
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            cls.from_private_key(io.StringIO(pem))
+            return ""
+        except paramiko.PasswordRequiredException:
+            encrypted = True
+        except Exception:  # noqa: BLE001 - any parse failure just means "not this key type"
+            continue
+    return "it is passphrase-protected" if encrypted else "not an Ed25519, ECDSA or RSA key in PEM/OpenSSH form"
