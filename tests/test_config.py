@@ -453,6 +453,20 @@ def test_unreadable_files(tmp_path):
     assert str(e.value) == f"{binary}: not UTF-8 text (byte 12)"
 
 
+UNREADABLE = "/proc/self/mem"  # opens, but read() fails with EIO even for root
+
+
+@pytest.mark.skipif(not os.path.exists(UNREADABLE), reason="needs Linux /proc")
+def test_file_that_cannot_be_read(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load(UNREADABLE)
+    assert str(e.value) == f"{UNREADABLE}: cannot read: Input/output error"
+    path = write(tmp_path, site(Containers={"DispatchPrivateKey": f"file://{UNREADABLE}"}))
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert str(e.value) == f"{path}: {C}.Containers.DispatchPrivateKey: cannot read {UNREADABLE}: Input/output error"
+
+
 # --- the dispatcher's SSH key -------------------------------------------------------------------------
 
 def _pem(kind: str, password: bytes | None = None) -> str:
