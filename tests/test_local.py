@@ -1,0 +1,318 @@
+"""The ``local`` driver: VMs as process trees on 127.0.0.N, used through real SSH.
+
+Each test gets its own StateDir, a random 127.x.y.2 address base and a free port, so tests never
+meet each other's (or another engineer's) servers. Teardown destroys what is left in the state
+dir and then kills, by pid, any process still carrying one of its VMs' markers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import paramiko
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cloud import base, local, localvm
+from cloud.apiserver import serve
+from cloud.containerstore import ContainerStore
+from cloud.crunchrun import pid_alive
+from cloud.ssh import (AuthError, SSHExecutor, crunch_run_kill_command, crunch_run_list_command,
+                       crunch_run_start_command, instance_secret_command)
+from conf.model import CloudVMs, Cluster, Containers, InstanceType
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "local-driver-test-token"
+IT = InstanceType("local", "local", 2, 1 << 30, 1 << 30, 0, 0.01)
+SECRET = "0123456789abcdef0123456789abcdef01234567"
+INIT = f'umask 0177 && echo -n "{SECRET}" >/var/run/arvados-instance-secret\ntouch /var/lock/init-ran'
+
+
+def wait_for(pred, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def new_key() -> tuple[paramiko.PKey, str]:
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+    key = paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
+    return key, f"{key.get_name()} {key.get_base64()} test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Env:
+    def __init__(self, tmp: Path):
+        self.state = tmp / "state"
+        self.port = free_port()
+        self.base = f"127.{random.randint(1, 250)}.{random.randint(1, 250)}.2"
+        self.cluster = Cluster(containers=Containers(cloud_vms=CloudVMs(ssh_port=str(self.port),
+                                                                        max_instances=3)))
+        self.key, self.pub = new_key()
+        self.executors: list[SSHExecutor] = []
+
+    def params(self, **kw) -> dict:
+        return {"StateDir": str(self.state), "BootDelay": "0s", "AddressBase": self.base, **kw}
+
+    def instance_set(self, **kw) -> local.LocalInstanceSet:
+        return local.driver(self.params(**kw), "set-1", cluster=self.cluster, clock=None)
+
+    def executor(self, inst, key=None) -> SSHExecutor:
+        ex = SSHExecutor(inst, private_key=key or self.key, connect_timeout=2, auth_timeout=5,
+                         command_timeout=20)
+        self.executors.append(ex)
+        return ex
+
+    def wait_ssh(self, inst) -> SSHExecutor:
+        """Bounded polling, as the boot probe does, until the VM's SSH server answers."""
+        ex = self.executor(inst)
+
+        def up():
+            try:
+                return ex.execute("true").ok
+            except base.ExecutorError:
+                return False
+        wait_for(up, what=f"ssh on {inst.address}")
+        return ex
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(tmp_path)
+    yield e
+    for ex in e.executors:
+        ex.close()
+    roots = []
+    if e.state.exists():
+        s = local.LocalInstanceSet(local.parse_params(e.params()), "cleanup")
+        for inst in s.instances({}):
+            roots.append(inst.state_dir)
+            inst.destroy()
+    for root in roots:  # belt and braces: nothing of ours may outlive the test
+        for pid in local._marked_pids(root):
+            os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts
+
+
+@pytest.mark.parametrize("params, key", [
+    ({"BootDelay": "soon"}, "BootDelay"),
+    ({"MaxInstances": 0}, "MaxInstances"),
+    ({"SSHServer": "dropbear"}, "SSHServer"),
+    ({"AddressBase": "10.0.0.2"}, "AddressBase"),
+    ({"Flavor": "x"}, "Flavor"),
+])
+def test_bad_driver_parameters_name_the_key(params, key):
+    with pytest.raises(local.LocalParamsError, match=rf"DriverParameters\.{key}: "):
+        local.parse_params(params)
+
+
+def test_parameter_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    p = local.parse_params({}, Cluster())
+    assert p.state_dir == str(tmp_path / "dispatch-cloud" / "local")
+    assert (p.max_instances, p.boot_delay, p.ssh_server, p.address_base, p.ssh_port) == \
+        (64, 1.0, "embedded", "127.0.0.2", 2222)
+    assert local.parse_params({}).max_instances == 8
+
+
+def test_default_instance_type_is_sized_from_this_host(tmp_path):
+    t = local.default_instance_type({"StateDir": str(tmp_path / "not-yet")})
+    assert list(t) == ["local"]
+    assert t["local"]["ProviderType"] == "local" and t["local"]["Price"] == 0.01
+    assert t["local"]["VCPUs"] == os.cpu_count()
+    assert t["local"]["RAM"] > 0 and t["local"]["IncludedScratch"] > 0
+
+
+def test_path_rewrite_and_sudo():
+    assert localvm.shell_command("sudo cat /var/run/arvados-instance-secret", "/s") == \
+        "cat /s/run/arvados-instance-secret"
+    assert localvm.rewrite_paths("rm -f /var/lock/crunch-run-broken; ls /var/lock", "/s") == \
+        "rm -f /s/lock/crunch-run-broken; ls /s/lock"
+    assert localvm.rewrite_paths("/usr/var/run /var/runner x/var/run", "/s") == "/usr/var/run /var/runner x/var/run"
+    assert localvm.strip_sudo("echo sudo ") == "echo sudo "
+
+
+# ---------------------------------------------------------------------------------------------
+# Real VMs
+
+
+def test_vm_boots_runs_commands_over_ssh_and_verifies_its_host_key(env):
+    s = env.instance_set()
+    inst = s.create(IT, "image-1", {"ArvadosInstanceSetID": "set-1"}, INIT, env.pub)
+    assert inst.address == f"{env.base}:{env.port}"
+    assert inst.remote_user == localvm.current_user()
+    ex = env.wait_ssh(inst)
+    r = ex.execute("echo out; echo err >&2; cat; exit 4", stdin=b"from stdin\n")
+    assert (r.stdout, r.stderr, r.exit_status) == (b"out\nfrom stdin\n", b"err\n", 4)
+    # The init command ran at first boot, with /var/run and /var/lock rewritten per instance.
+    assert ex.execute(instance_secret_command(sudo=True)).stdout == SECRET.encode()
+    assert (inst.state_dir / "lock" / "init-ran").exists()
+    assert ex.execute("echo $CRUNCH_RUN_LOCKDIR").stdout.decode().strip() == str(inst.state_dir / "lock")
+    # Host key: the one generated at create passes, any other is refused.
+    inst.verify_host_key(_server_key(inst.address), None)
+    with pytest.raises(base.HostKeyError):
+        inst.verify_host_key(new_key()[0], None)
+    # Only the authorized key gets in.
+    with pytest.raises(AuthError):
+        env.executor(inst, key=new_key()[0]).execute("true")
+    assert s.instance_quota_group(IT) == "" and inst.price_history(IT) == []
+
+
+def test_tags_persist_for_a_restarted_dispatcher_and_quota_is_enforced(env):
+    s = env.instance_set(MaxInstances=2)
+    a = s.create(IT, "img", {"ArvadosInstanceSetID": "set-1", "ArvadosIdleBehavior": "run"}, "", env.pub)
+    b = s.create(IT, "img", {"ArvadosInstanceSetID": "set-1"}, "", None)
+    assert a.address != b.address
+    with pytest.raises(base.QuotaError) as exc:
+        s.create(IT, "img", {}, "", env.pub)
+    assert base.is_quota_error(exc.value)
+    a.set_tags({"ArvadosInstanceSetID": "set-1", "ArvadosIdleBehavior": "hold"})
+    restarted = env.instance_set(MaxInstances=2)  # a new process would build exactly this
+    found = {i.id: i for i in restarted.instances({})}
+    assert set(found) == {a.id, b.id}
+    assert found[a.id].tags == {"ArvadosInstanceSetID": "set-1", "ArvadosIdleBehavior": "hold"}
+    assert found[a.id].address == a.address and found[a.id].provider_type == "local"
+    info = json.loads((a.state_dir / "instance.json").read_text())
+    assert info["pid"] == a.pid and info["created_at"].endswith("Z")
+    found[b.id].destroy()
+    assert [i.id for i in s.instances({})] == [a.id]
+    s.create(IT, "img", {}, "", env.pub)  # room again
+
+
+def test_vm_outlives_its_creator_killed_with_sigkill(env):
+    code = (
+        "import json, sys, time\n"
+        "from cloud import local\n"
+        "from conf.model import InstanceType\n"
+        f"s = local.driver(json.loads(sys.argv[1]), 'set-1', cluster=None, clock=None)\n"
+        "i = s.create(InstanceType('local', 'local', 1, 1, 1, 0, 0.01), 'img', {}, '', sys.argv[2])\n"
+        "print(i.id, flush=True)\n"
+        "time.sleep(600)\n")
+    params = json.dumps(env.params(MaxInstances=3))
+    creator = subprocess.Popen([sys.executable, "-c", code, params, env.pub], cwd=str(ROOT),
+                               stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        iid = creator.stdout.readline().decode().strip()
+    finally:
+        creator.send_signal(signal.SIGKILL)
+        creator.wait()
+        creator.stdout.close()
+    inst = {i.id: i for i in env.instance_set().instances({})}[iid]
+    assert inst.running()
+    ex = env.executor(inst)
+    wait_for(lambda: _ok(ex, "true"), what="ssh after the creator died")
+    assert ex.execute("echo alive").stdout == b"alive\n"
+
+
+def _ok(ex, cmd) -> bool:
+    try:
+        return ex.execute(cmd).ok
+    except base.ExecutorError:
+        return False
+
+
+def test_crunch_run_over_ssh_and_destroy_kills_everything(env):
+    store = ContainerStore(":memory:")
+    store.add_token(TOKEN, admin=True)
+    admin = store.authenticate(TOKEN)
+    server = serve(store)
+    try:
+        s = env.instance_set()
+        inst = s.create(IT, "img", {}, INIT, env.pub)
+        ex = env.wait_ssh(inst)
+        config = json.dumps({"Env": {"ARVADOS_API_HOST": urlsplit(server.url).netloc,
+                                     "ARVADOS_API_TOKEN": TOKEN}}).encode()
+
+        def start(command) -> str:
+            uuid = store.create({"container_image": "i", "command": command}, caller=admin)["uuid"]
+            store.lock(uuid, caller=admin)
+            r = ex.execute(crunch_run_start_command("crunch-run", ["--runtime-engine=docker"], uuid, sudo=True),
+                           stdin=config)
+            assert r.ok, r.stderr
+            assert json.loads(r.stdout)["UUID"] == uuid
+            return uuid
+
+        def state(uuid):
+            return store.get(uuid, caller=admin)["state"]
+
+        quick = start(["sh", "-c", "exit 3"])
+        wait_for(lambda: state(quick) == "Complete", what="the quick container to complete")
+        assert store.get(quick, caller=admin)["exit_code"] == 3
+
+        slow = start(["sleep", "300"])
+        wait_for(lambda: state(slow) == "Running", what="the slow container to run")
+        assert ex.execute(crunch_run_list_command("dispatch-cloud-crunch-run", sudo=True)).stdout == \
+            f"{slow}\n".encode()
+        ours = local._marked_pids(inst.state_dir)
+        cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in ours]
+        assert any(c.startswith(b"sleep\x00300\x00") for c in cmdlines), cmdlines
+        assert (inst.state_dir / "lock" / "init-ran").exists()
+        vm_pid = inst.pid
+
+        ex.close()
+        inst.destroy()
+        assert not pid_alive(vm_pid)
+        assert not any(pid_alive(p) for p in ours)
+        assert not inst.state_dir.exists()
+        assert s.instances({}) == []
+        with pytest.raises(base.ExecutorError):  # nobody listens there any more
+            SSHExecutor(inst, private_key=env.key, connect_timeout=1).execute("true")
+        # The kill command on a destroyed VM is the dispatcher's business; the container's
+        # runner died with the VM, so it stays Running until the dispatcher gives it up.
+        assert state(slow) == "Running"
+        assert crunch_run_kill_command("crunch-run", slow, sudo=False).endswith(slow)
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_openssh_server(env):
+    if not os.access(localvm.SSHD, os.X_OK):
+        pytest.skip("OpenSSH sshd not installed (make sysdeps)")
+    s = env.instance_set(SSHServer="openssh")
+    inst = s.create(IT, "img", {}, INIT, env.pub)
+    ex = env.wait_ssh(inst)
+    assert ex.execute(instance_secret_command(sudo=True)).stdout == SECRET.encode()
+    r = ex.execute("cat; echo $CRUNCH_RUN_LOCKDIR >&2; exit 5", stdin=b"x")
+    assert (r.stdout, r.stderr, r.exit_status) == (b"x", f"{inst.state_dir}/lock\n".encode(), 5)
+    inst.verify_host_key(_server_key(inst.address), None)
+    sessions = localvm.descendants(inst.pid)
+    assert sessions  # sshd (and its session processes) live in the VM's tree
+    ex.close()
+    inst.destroy()
+    assert not any(pid_alive(p) for p in sessions)
+
+
+def _server_key(address: str) -> paramiko.PKey:
+    host, port = address.split(":")
+    t = paramiko.Transport(socket.create_connection((host, int(port))))
+    try:
+        t.start_client(timeout=5)
+        return t.get_remote_server_key()
+    finally:
+        t.close()
