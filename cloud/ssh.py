@@ -253,6 +253,7 @@ class _Watchdog:
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        self._sleeping_until = float("inf")  # the thread's current wake-up time
 
     def arm(self, deadline: float, action: Callable[[], None]) -> list:
         entry = [deadline, next(self._seq), action]
@@ -261,7 +262,9 @@ class _Watchdog:
                 self._thread = threading.Thread(target=self._run, name="ssh-watchdog", daemon=True)
                 self._thread.start()
             heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:
+            # Only wake the thread if it would sleep past this deadline: commands arm and cancel
+            # one timer each, and waking a thread per command costs a context switch.
+            if deadline < self._sleeping_until:
                 self._cv.notify()
         return entry
 
@@ -278,12 +281,15 @@ class _Watchdog:
                 while self._heap and self._heap[0][2] is None:
                     heapq.heappop(self._heap)
                 if not self._heap:
+                    self._sleeping_until = float("inf")
                     self._cv.wait()
                     continue
                 delay = self._heap[0][0] - time.monotonic()
                 if delay > 0:
+                    self._sleeping_until = self._heap[0][0]
                     self._cv.wait(delay)
                     continue
+                self._sleeping_until = float("-inf")  # busy: arm() need not notify
                 entry = heapq.heappop(self._heap)
                 action, entry[2] = entry[2], None
             try:
@@ -384,8 +390,8 @@ class SSHExecutor:
         self.connects += 1
         return t
 
-    def _host_port(self) -> tuple[str, str]:
-        addr = self._target.address
+    def _host_port(self, target: base.Instance | None = None) -> tuple[str, str]:
+        addr = (target or self._target).address
         if not addr:
             raise base.NoAddress()
         host, port = split_host_port(addr)
@@ -401,7 +407,8 @@ class SSHExecutor:
         return {"Instance": getattr(self._target, "id", ""), "Address": self._where(), **kw}
 
     def _connect(self) -> paramiko.Transport:
-        host, port = self._host_port()
+        target = self._target  # one snapshot for the whole connection, whatever set_target does
+        host, port = self._host_port(target)
         where = join_host_port(host, port)
         try:
             portnum = int(port) if port.isdigit() else socket.getservbyname(port, "tcp")
@@ -432,7 +439,7 @@ class SSHExecutor:
             sock.settimeout(min(IDLE_POLL, self._keepalive) if self._keepalive else IDLE_POLL)
             if self._keepalive:
                 t.set_keepalive(self._keepalive)
-            user = self._target.remote_user
+            user = target.remote_user
             try:
                 t.auth_publickey(user, self._key)
             except paramiko.AuthenticationException as e:
@@ -441,7 +448,7 @@ class SSHExecutor:
                 raise ConnectError(f"ssh {where}: authentication did not complete: {e}") from None
             key = t.get_remote_server_key()
             if key.asbytes() != self._verified_key:
-                self._verify(t, key, where)
+                self._verify(t, key, where, target)
                 self._verified_key = key.asbytes()
         except BaseException:
             _hang_up(t)
@@ -449,7 +456,8 @@ class SSHExecutor:
         self._log.debug("ssh connected", extra=self._fields())
         return t
 
-    def _verify(self, t: paramiko.Transport, key: paramiko.PKey, where: str) -> None:
+    def _verify(self, t: paramiko.Transport, key: paramiko.PKey, where: str,
+                target: base.Instance) -> None:
         """TagVerifier.VerifyHostKey: driver first, then the instance secret; nothing else runs."""
         if self._on_verified is not None:
             try:
@@ -458,7 +466,7 @@ class SSHExecutor:
                 self._log.exception("on_verified callback failed", extra=self._fields())
         fields = self._fields(HostKey=f"{key.get_name()} {key.fingerprint}")
         try:
-            self._target.verify_host_key(key, t)
+            target.verify_host_key(key, t)
             return
         except base.NotSupported as e:
             if self._secret is None:
@@ -471,7 +479,7 @@ class SSHExecutor:
         except Exception as e:
             self._log.warning("host key rejected", extra={**fields, "error": str(e)})
             raise base.HostKeyError(f"ssh {where}: host key rejected: {type(e).__name__}: {e}") from None
-        cmd = instance_secret_command(needs_sudo(self._target.remote_user))
+        cmd = instance_secret_command(needs_sudo(target.remote_user))
         try:
             chan = t.open_session(timeout=self._auth_timeout)
         except (paramiko.SSHException, EOFError, OSError) as e:

@@ -478,3 +478,15 @@ def test_set_target_used_at_next_connection(sshd_factory, closing):
     a.stop()
     assert ex.execute("echo b").stdout == b"b\n"
     assert [g.command for g in b.received()] == ["echo b"]
+
+
+@pytest.mark.parametrize("keepalive,poll", [(0, ssh.IDLE_POLL), (2, 2)])
+def test_idle_transport_polls_rarely_and_keepalive_is_set(sshd, closing, keepalive, poll):
+    ex = executor(sshd, keepalive=keepalive)
+    closing(ex)
+    ex.execute("true")
+    t = ex._transport
+    # paramiko's own 0.1 s poll would wake 10 times a second per idle transport (bench_ssh.py).
+    assert t.sock.gettimeout() == poll
+    assert t.packetizer._Packetizer__keepalive_interval == keepalive
+    assert t.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
