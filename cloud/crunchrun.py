@@ -12,6 +12,13 @@ Lock dir: ``$CRUNCH_RUN_LOCKDIR`` or ``/var/lock``. Work dir (per-container logs
 ``stderr.txt`` (the command's) and ``crunch-run.txt`` (this runner's JSON log); their paths are
 recorded in the container's ``runtime_status`` (keys ``stdoutPath``, ``stderrPath``,
 ``crunchRunLogPath``), never in ``log``, which Arvados reserves for a collection.
+
+Differences from crunch-run: ``--runtime-engine`` is accepted and ignored (there is only the
+process engine); SIGUSR2 from ``--list`` is handled but no ``cost`` is computed from
+``crunch-run-prices.json`` (which is still written); a container killed by signal N completes
+with exit_code 128+N; the only "broken node" condition detected is ENOSPC when starting a
+container (it runs ``--broken-node-hook``, or creates ``crunch-run-broken``); unknown arguments
+are ignored rather than rejected, since the dispatcher passes CrunchRunArgumentsList through.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ PROG = "dispatch-cloud-crunch-run"
 BROKEN_FILE = "crunch-run-broken"
 PRICES_FILE = "crunch-run-prices.json"
 ALL_LOCK = "crunch-run-all.lock"
-LOCK_FD_ENV = "DISPATCH_CLOUD_CRUNCH_RUN_LOCK_FD"
+LOCK_FD_ENV = "DISPATCH_CLOUD_CRUNCH_RUN_LOCK_FD"  # the child's inherited lock fd
+READY_FD_ENV = "DISPATCH_CLOUD_CRUNCH_RUN_READY_FD"  # the child writes one byte here when ready
 _LOCKNAME = re.compile(r"^crunch-run-(.+)\.lock$")
 UUID_LEN = 27
 # Environment passed from the runner's own environment into a container (besides its own
@@ -127,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.list and inv.uuid is None:
         print("missing required argument: container-uuid (try -help)", file=sys.stderr)
         return 2
+    if a.no_detach:
+        _child_ready()
     try:
         if a.detach and not a.no_detach:
             return detach(inv.uuid, argv, sys.stdin.buffer if a.stdin_config else None)
@@ -138,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
+
+
+def _child_ready() -> None:
+    """In the detached child: take over SIGUSR2 (--list's liveness ping), then tell the parent."""
+    signal.signal(signal.SIGUSR2, lambda *_: None)  # prices are not used: see the module doc
+    fd = os.environ.pop(READY_FD_ENV, "")
+    if fd:
+        try:
+            os.write(int(fd), b"1")
+            os.close(int(fd))
+        except (OSError, ValueError):
+            pass
 
 
 def _version() -> str:
@@ -185,23 +207,35 @@ def detach(uuid: str, argv: list[str], stdin) -> int:
     os.ftruncate(fd, 0)
     work = os.path.join(work_root(), uuid)
     os.makedirs(work, exist_ok=True)
-    env = dict(os.environ, **{LOCK_FD_ENV: str(fd)})
-    with open(os.path.join(work, "crunch-run.txt"), "ab") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "cloud.crunchrun", "--no-detach", *argv],
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=log, stderr=log, pass_fds=(fd,), start_new_session=True, env=env,
-            cwd=_source_root())
-    if stdin is not None:
-        try:
-            child.stdin.write(stdin.read())
-        finally:
-            child.stdin.close()
+    ready_r, ready_w = os.pipe()
+    env = dict(os.environ, **{LOCK_FD_ENV: str(fd), READY_FD_ENV: str(ready_w)})
+    try:
+        with open(os.path.join(work, "crunch-run.txt"), "ab") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "cloud.crunchrun", "--no-detach", *argv],
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=log, stderr=log, pass_fds=(fd, ready_w), start_new_session=True, env=env,
+                cwd=_source_root())
+        os.close(ready_w)
+        child.returncode = 0  # never waited for: it outlives us on purpose
+        if stdin is not None:
+            try:
+                child.stdin.write(stdin.read())
+            finally:
+                child.stdin.close()
+        # Publish the PID only once the child handles SIGUSR2: --list sends it to every runner it
+        # finds, and the default action would kill a runner that is still starting.
+        ready = os.read(ready_r, 1)
+    finally:
+        os.close(ready_r)
+    if not ready:
+        print(f"{PROG}: runner for {uuid} exited while starting; see {work}/crunch-run.txt",
+              file=sys.stderr)
+        return 1
     line = json.dumps({"UUID": uuid, "PID": child.pid}, separators=(",", ":")) + "\n"
     os.write(fd, line.encode())
     sys.stdout.write(line)
     sys.stdout.flush()
-    child.returncode = 0  # never waited for: it outlives us on purpose
     return 0
 
 
@@ -552,7 +586,6 @@ def run(inv: Invocation) -> int:
     runner = Runner(uuid, client, workdir, lock_fd, log, inv.args.broken_node_hook)
     signal.signal(signal.SIGTERM, runner.on_sigterm)
     signal.signal(signal.SIGINT, runner.on_sigterm)
-    signal.signal(signal.SIGUSR2, lambda *_: None)  # --list's liveness ping; prices are not used
     try:
         return runner.run()
     except Exception as e:  # a bug: still leave a trace where the operator looks

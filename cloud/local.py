@@ -386,6 +386,9 @@ class LocalInstanceSet:
             time.sleep(0.02)
         else:
             raise CloudError(f"local driver: processes of {iid} survive SIGKILL: {left}")
+        proc = self._children.pop(iid, None)
+        if proc is not None:
+            proc.poll()  # reap our child, if it was ours
         shutil.rmtree(files.root, ignore_errors=True)
         if files.root.exists():
             raise CloudError(f"local driver: cannot remove {files.root}")

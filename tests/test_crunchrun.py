@@ -257,3 +257,45 @@ def test_api_error_is_logged_and_the_runner_exits(node):
     log = (node.workdir / uuid / "crunch-run.txt").read_text()
     assert '"container API call failed"' in log
     assert node.listed() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The Runner as a plain object (unit tests with a fake API client)
+
+
+class FakeClient:
+    def __init__(self, on_get=None):
+        self.updates = []
+        self._on_get = on_get
+
+    def get_container(self, uuid):
+        if self._on_get:
+            self._on_get()
+        return {"uuid": uuid, "state": "Locked", "command": ["true"]}
+
+    def update(self, uuid, fields):
+        self.updates.append(fields)
+        return {}
+
+
+def _runner(tmp_path, client, hook=""):
+    import logging
+    return crunchrun.Runner("zzzzz-dz642-000000000000001", client, str(tmp_path), None,
+                            logging.getLogger("test"), hook)
+
+
+def test_sigterm_before_running_leaves_the_container_locked(tmp_path):
+    runner = None
+    client = FakeClient(on_get=lambda: runner.on_sigterm(signal.SIGTERM, None))
+    runner = _runner(tmp_path, client)
+    assert runner.run() == 1
+    assert client.updates == []  # never moved to Running: the dispatcher unlocks it
+
+
+def test_broken_node_runs_the_hook_or_flags_the_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRUNCH_RUN_LOCKDIR", str(tmp_path))
+    _runner(tmp_path, FakeClient())._broken_node("no space left on device")
+    assert (tmp_path / "crunch-run-broken").exists()
+    (tmp_path / "crunch-run-broken").unlink()
+    _runner(tmp_path, FakeClient(), hook=f"touch {tmp_path}/hook-ran")._broken_node("ENOSPC")
+    assert (tmp_path / "hook-ran").exists() and not (tmp_path / "crunch-run-broken").exists()

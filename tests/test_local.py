@@ -291,6 +291,25 @@ def test_crunch_run_over_ssh_and_destroy_kills_everything(env):
         store.close()
 
 
+def test_a_crashed_vm_is_still_listed_and_destroy_cleans_up_after_it(env):
+    s = env.instance_set()
+    inst = s.create(IT, "img", {}, "", env.pub)
+    ex = env.wait_ssh(inst)
+    assert ex.execute("setsid sleep 300 </dev/null >/dev/null 2>&1 &").ok
+    orphan = wait_for(lambda: [p for p in local._marked_pids(inst.state_dir)
+                               if Path(f"/proc/{p}/cmdline").read_bytes() == b"sleep\x00300\x00"],
+                      what="the background process")[0]
+    ex.close()
+    os.kill(inst.pid, signal.SIGKILL)  # the VM "crashes"; its processes are orphaned
+    wait_for(lambda: not inst.running(), what="the VM process to die")
+    listed = {i.id: i for i in s.instances({})}
+    assert inst.id in listed and not listed[inst.id].running()
+    assert pid_alive(orphan)
+    listed[inst.id].destroy()
+    assert not pid_alive(orphan)
+    assert s.instances({}) == []
+
+
 def test_openssh_server(env):
     if not os.access(localvm.SSHD, os.X_OK):
         pytest.skip("OpenSSH sshd not installed (make sysdeps)")
