@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from cloud import base
-from conf.model import Cluster, InstanceType
+from conf.model import Cluster, InstanceType, thaw
 
 INSTANCE_SECRET_FILE = "/var/run/arvados-instance-secret"
 
@@ -193,14 +193,9 @@ def crunch_run_config(cluster: Cluster, instance_type: InstanceType, instance_ad
         "Env": dict(sorted(env.items())),
         "KeepBuffers": bufs * instance_type.vcpus if bufs > 0 else 0,
         "EC2SpotCheck": c.cloud_vms.driver == "ec2" and instance_type.preemptible,
-        "Cluster": _thaw(cluster.raw) if bufs > 0 else None,
+        "Cluster": thaw(cluster.raw) if bufs > 0 else None,
     }
     return go_json(config).encode()
-
-
-def _thaw(v):
-    from conf.model import thaw
-    return thaw(v)
 
 
 def go_float(x: float) -> str:
@@ -422,8 +417,12 @@ class SSHExecutor:
             raise ConnectError(f"ssh {where}: connect timed out after {self._connect_timeout:g}s") from None
         except OSError as e:
             raise ConnectError(f"ssh {where}: cannot connect: {e.strerror or e}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        t = paramiko.Transport(sock)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = paramiko.Transport(sock)
+        except BaseException:
+            sock.close()
+            raise
         t.banner_timeout = t.handshake_timeout = self._connect_timeout
         t.auth_timeout = self._auth_timeout
         try:
