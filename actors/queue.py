@@ -238,17 +238,25 @@ class QueueActor(BaseActor):
         except Exception as e:
             err = f"{type(e).__name__}: {e}"
             level = logging.ERROR if op == "requeue" else logging.WARNING
-            log.log(level, f"error {op}ing container" if op != "lock" else "error locking container",
+            log.log(level, "error locking container" if op == "lock" else f"error {op}ing container",
                     extra={"ContainerUUID": uuid, "error": err, "Reason": reason})
+            resp = self._refresh(uuid)  # our view was stale? learn the real state now
         else:
+            log.debug(f"{op} succeeded", extra={"ContainerUUID": uuid})
+        if resp is not None:
             if self._polling:
                 self._dontupdate.add(uuid)
             old = self._entries.get(uuid)
             if old is not None:
-                entry = old.with_update(resp or {})
+                entry = old.with_update(resp)
                 self._entries[uuid] = entry
-            log.debug(f"{op} succeeded", extra={"ContainerUUID": uuid})
         self._scheduler.container_op_done.defer(uuid, op, entry, err)
+
+    def _refresh(self, uuid: str) -> dict | None:
+        try:
+            return self._client.get_container(uuid, select=["uuid", "state", "priority", "locked_by_uuid"])
+        except Exception:
+            return None
 
     def lock(self, uuid: str) -> None:
         e = self._entries.get(uuid)
@@ -264,8 +272,10 @@ class QueueActor(BaseActor):
         self._apply(uuid, "unlock", self._client.unlock, reason)
 
     def cancel(self, uuid: str, reason: str) -> None:
+        """Cancel, saying why in runtime_status.error (Arvados leaves it empty here)."""
         log.info("cancelling container because %s", reason, extra={"ContainerUUID": uuid, "Reason": reason})
-        self._apply(uuid, "cancel", self._client.cancel, reason)
+        fields = {"state": "Cancelled", "runtime_status": {"error": f"Cancelled by the dispatcher: {reason}"}}
+        self._apply(uuid, "cancel", lambda u: self._client.update(u, fields), reason)
 
     def forget(self, uuid: str) -> None:
         """Drop a finished (or priority-0 Queued) container the scheduler is done with."""

@@ -276,9 +276,11 @@ class SchedulerActor(BaseActor):
 
     def container_op_done(self, uuid: str, op: str, entry: QueueEntry | None, error: str) -> None:
         self._ops.pop(uuid, None)
+        old = self._queue.get(uuid)
         if entry is not None:
             self._queue[uuid] = entry
-        self._touch()
+        if not error or entry != old:
+            self._touch()  # a failure that changed nothing is retried by the next periodic pass
 
     # -- management requests (asked with .get(timeout) by API threads) ------------------------------
 

@@ -197,7 +197,7 @@ class WorkerActor(BaseActor):
             if now - before.destroyed > self._cfg.timeout_shutdown:
                 self._log.info("worker still listed after shutdown; retrying", extra=self._fields())
                 self._set(destroyed=now)
-                self._iset.destroy.defer(instance)
+                self._iset.destroy.defer(instance.handle)
         else:
             self._save_tags()
         self._publish(before)

@@ -1,0 +1,34 @@
+"""Shared test policy: no test may leak actors, and an actor crash fails the test."""
+
+from __future__ import annotations
+
+import logging
+
+import pykka
+import pytest
+
+
+class _ErrorCatcher(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def actor_hygiene():
+    catcher = _ErrorCatcher()
+    watched = [logging.getLogger("pykka"), logging.getLogger("dispatch.actors")]
+    for lg in watched:
+        lg.addHandler(catcher)
+    yield
+    for lg in watched:
+        lg.removeHandler(catcher)
+    leaked = pykka.ActorRegistry.get_all()
+    if leaked:
+        pykka.ActorRegistry.stop_all(block=True, timeout=10)
+        pytest.fail(f"test leaked {len(leaked)} actors: {sorted({r.actor_class.__name__ for r in leaked})}")
+    if catcher.records:
+        pytest.fail("actor error logged: " + "; ".join(r.getMessage() for r in catcher.records[:3]))
