@@ -16,6 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -149,8 +150,20 @@ def instance_category(v: InstanceView) -> str:
     return "idle"
 
 
-def snapshot_gauges(snap: Snapshot, type_names: Iterable[str], now: float) -> list[Metric]:
-    """Every snapshot-derived gauge family, with Go's zero-filled label sets."""
+@dataclass(frozen=True)
+class Aggregates:
+    """What the gauges need from a Snapshot, computed once per snapshot (a scrape then costs ~nothing)."""
+
+    instances: dict  # (category, type) -> count, zero-filled for configured types
+    price: dict  # category -> sum
+    vcpus: dict
+    ram: dict
+    running: int
+    probed: tuple[float, ...]  # ascending
+    queue: dict  # (state, type) -> count
+
+
+def aggregate(snap: Snapshot, type_names: Iterable[str]) -> Aggregates:
     workers = [v for v in snap.instances if v.instance]  # pending creates are not workers yet
     counts = {(c, t): 0 for t in type_names for c in INSTANCE_CATEGORIES}
     price = dict.fromkeys(INSTANCE_CATEGORIES, 0.0)
@@ -164,16 +177,20 @@ def snapshot_gauges(snap: Snapshot, type_names: Iterable[str], now: float) -> li
         vcpus[cat] += v.vcpus
         ram[cat] += v.ram
         running += len(v.running_container_uuids)
-    probed = sorted(v.probed for v in workers if v.probed > 0)
+    probed = tuple(sorted(v.probed for v in workers if v.probed > 0))
+    return Aggregates(counts, price, vcpus, ram, running, probed, queue_entry_counts(snap))
 
+
+def snapshot_gauges(snap: Snapshot, agg: Aggregates, now: float) -> list[Metric]:
+    """Every snapshot-derived gauge family, with Go's zero-filled label sets."""
     out = []
     g = GaugeMetricFamily(NS + "instances_total", "Number of cloud VMs.", labels=["category", "instance_type"])
-    for (cat, typ), n in sorted(counts.items()):
+    for (cat, typ), n in sorted(agg.instances.items()):
         g.add_metric([cat, typ], n)
     out.append(g)
-    for name, doc, values in (("instances_price", "Price of cloud VMs (per hour).", price),
-                              ("vcpus_total", "Total VCPUs on all cloud VMs.", vcpus),
-                              ("memory_bytes_total", "Total memory on all cloud VMs.", ram)):
+    for name, doc, values in (("instances_price", "Price of cloud VMs (per hour).", agg.price),
+                              ("vcpus_total", "Total VCPUs on all cloud VMs.", agg.vcpus),
+                              ("memory_bytes_total", "Total memory on all cloud VMs.", agg.ram)):
         g = GaugeMetricFamily(NS + name, doc, labels=["category"])
         for cat in INSTANCE_CATEGORIES:
             g.add_metric([cat], values[cat])
@@ -181,12 +198,13 @@ def snapshot_gauges(snap: Snapshot, type_names: Iterable[str], now: float) -> li
 
     g = GaugeMetricFamily(NS + "queue_entries", "Number of active container entries in the controller database.",
                           labels=["state", "instance_type"])
-    for (state, typ), n in sorted(queue_entry_counts(snap).items()):
+    for (state, typ), n in sorted(agg.queue.items()):
         g.add_metric([state, typ], n)
     out.append(g)
 
+    probed = agg.probed
     for name, doc, value in (
-        ("containers_running", "Number of containers reported running by cloud VMs.", running),
+        ("containers_running", "Number of containers reported running by cloud VMs.", agg.running),
         ("probe_age_seconds_max", "Maximum number of seconds since an instance's most recent successful probe.",
          now - probed[0] if probed else 0.0),
         ("probe_age_seconds_median", "Median number of seconds since an instance's most recent successful probe.",
@@ -219,15 +237,23 @@ def queue_entry_counts(snap: Snapshot) -> dict[tuple[str, str], int]:
     return dict(counts)
 
 
+_EMPTY = Snapshot()
+
+
 class _SnapshotCollector:
     def __init__(self, metrics: "DispatchMetrics"):
         self._m = metrics
+        self._cached: tuple[Snapshot | None, Aggregates | None] = (None, None)
 
     def collect(self) -> list[Metric]:
         source = self._m._snapshot_source
         try:
-            snap = source() if source is not None else None
-            return snapshot_gauges(snap or Snapshot(), self._m.type_names, self._m.clock())
+            snap = (source() if source is not None else None) or _EMPTY
+            cached_snap, agg = self._cached
+            if cached_snap is not snap or agg is None:
+                agg = aggregate(snap, self._m.type_names)
+                self._cached = (snap, agg)
+            return snapshot_gauges(snap, agg, self._m.clock())
         except Exception:
             # A broken source must not take the event metrics down with it: log and skip.
             log.exception("metrics: cannot read the dispatcher snapshot")

@@ -306,3 +306,26 @@ def test_server_port_in_use_names_the_url():
 ])
 def test_rfc3339(ts, text):
     assert rfc3339(ts) == text
+
+
+def test_items_renderer_caches_per_snapshot_and_per_item():
+    import dataclasses
+    import json
+
+    from api.app import ItemsRenderer, instance_json
+
+    rendered = []
+
+    def item_json(v):
+        rendered.append(v.instance)
+        return instance_json(v)
+
+    r = ItemsRenderer(lambda s: s.instances, item_json)
+    snap = d.snapshot()
+    body = r.body(snap)
+    assert r.body(snap) is body and len(rendered) == len(d.INSTANCES)
+    changed = dataclasses.replace(d.INSTANCES[1], idle_behavior="drain")
+    snap2 = dataclasses.replace(snap, instances=(d.INSTANCES[0], changed) + d.INSTANCES[2:])
+    items = json.loads(r.body(snap2))["items"]
+    assert rendered[len(d.INSTANCES):] == [changed.instance]  # only the new object is re-rendered
+    assert items[1]["idle_behavior"] == "drain" and items[0] == json.loads(body)["items"][0]
