@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from urllib.parse import urlsplit
 
 from waitress import wasyncore
@@ -70,18 +71,27 @@ class WsgiServer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> "WsgiServer":
-        """Bind and start serving; returns once the socket is listening (it is bound here)."""
+        """Bind and start serving; returns once the socket listens and the workers are ready."""
         if self._server is not None:
             raise RuntimeError("WsgiServer already started")
         # create_server binds and listens before returning, so the port is usable at once.
         self._server = create_server(self._app, host=self._host, port=self._want_port,
                                      threads=self._threads, clear_untrusted_proxy_headers=True,
                                      ident=None)
+        self._wait_for_idle_workers(self._server.task_dispatcher)
         self._loop_thread = threading.Thread(target=self._loop, name=f"{self._name}-loop:{self.port}",
                                              daemon=True)
         self._loop_thread.start()
         log.debug("wsgi server listening", extra={"url": self.url})
         return self
+
+    @staticmethod
+    def _wait_for_idle_workers(dispatcher, timeout: float = 2.0) -> None:
+        # Worker threads count as busy until they first wait for work; a request arriving
+        # before that makes Waitress log a spurious "Task queue depth" warning.
+        deadline = time.monotonic() + timeout
+        while dispatcher.active_count > 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the loop thread to close everything, then wait for it (at most ``timeout`` s)."""
@@ -137,12 +147,26 @@ class WsgiServer:
 
     @staticmethod
     def _close_in_loop(server, socket_map) -> None:
-        """Close the listener, trigger and every open connection from the loop's own thread."""
-        server.close()  # listener + trigger
+        """Shut down from the loop's own thread, in an order that never closes a live fd.
+
+        Worker threads pull the trigger when they finish a response, so the trigger must outlive
+        them: stop accepting, let the workers finish (the loop keeps flushing their output
+        meanwhile), then close the connections and, last, the trigger.
+        """
+        wasyncore.dispatcher.close(server)  # the listening socket only
+        def stop_workers():
+            server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+            server.trigger.pull_trigger()  # wake the loop now rather than at its next timeout
+
+        stopper = threading.Thread(target=stop_workers, name="wsgi-shutdown", daemon=True)
+        stopper.start()
+        while stopper.is_alive():
+            wasyncore.loop(timeout=0.05, map=socket_map, count=1)
         for channel in list(socket_map.values()):
-            try:
-                channel.close()
-            except OSError:
-                pass
+            if channel is not server.trigger:
+                try:
+                    channel.close()
+                except OSError:
+                    pass
+        server.trigger.close()
         socket_map.clear()
-        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)

@@ -160,12 +160,13 @@ def base_url(api_host: str) -> str:
     """``"host:port"`` or a URL -> ``scheme://host:port``; https unless loopback or explicit http."""
     if not isinstance(api_host, str) or not api_host.strip():
         raise ValueError("api_host: expected host:port or a URL, got an empty value")
-    api_host = api_host.strip().rstrip("/")
+    api_host = api_host.strip()
     if "://" in api_host:
         parts = urlsplit(api_host)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"api_host {api_host!r}: expected an http(s) URL")
         return f"{parts.scheme}://{parts.netloc}"
+    api_host = api_host.rstrip("/")
     host = urlsplit("//" + api_host).hostname or ""
     loopback = host in _LOOPBACK or host.startswith("127.")
     return f"{'http' if loopback else 'https'}://{api_host}"

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 # ---------------------------------------------------------------------------------------------
 # Errors: each carries the HTTP status the API server answers with.
@@ -149,6 +149,9 @@ def random_uuid(cluster_id: str, infix: str) -> str:
     return f"{cluster_id}-{infix}-" + "".join(secrets.choice(_ALNUM) for _ in range(15))
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def rfc3339(micros: int | None) -> str | None:
     """Integer microseconds since the epoch -> ``2026-01-02T03:04:05.123456Z``."""
     if micros is None:
@@ -168,7 +171,7 @@ def parse_time(value, what: str) -> int:
         raise Unprocessable(f"{what}: invalid timestamp {value!r}") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return round(dt.timestamp() * 1_000_000)
+    return (dt - _EPOCH) // timedelta(microseconds=1)  # exact, unlike float timestamp()
 
 
 def _token_key(secret: str) -> str:

@@ -1,0 +1,244 @@
+"""The API server at the HTTP level (raw ``requests``), and the Waitress helper under it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+import pytest
+import requests
+
+from api.wsgi import WsgiServer, parse_listen_url
+from cloud.apiserver import make_app, serve
+from cloud.containerstore import ContainerStore
+
+ADMIN = "admin-secret-token-1234567890"
+USER = "user-secret-token-0987654321"
+H = {"Authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture
+def srv():
+    store = ContainerStore(":memory:")
+    store.add_token(ADMIN, admin=True)
+    store.add_token(USER)
+    server = serve(store)
+    base = server.url + "/arvados/v1"
+    yield store, base
+    server.stop()
+    store.close()
+
+
+def create(base, **kw):
+    body = {"container": {"container_image": "img", "command": ["true"], **kw}}
+    r = requests.post(f"{base}/containers", json=body, headers=H)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_json_error(r, status, needle):
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
+    body = r.json()
+    assert isinstance(body["errors"], list) and needle in body["errors"][0], body
+
+
+def test_auth_header_forms_and_401(srv):
+    store, base = srv
+    uuid = store.authenticate(ADMIN).uuid
+    for headers, params in (({"Authorization": f"Bearer {ADMIN}"}, None),
+                            ({"Authorization": f"OAuth2 {ADMIN}"}, None),
+                            ({}, {"api_token": ADMIN})):
+        r = requests.get(f"{base}/api_client_authorizations/current", headers=headers, params=params)
+        assert r.json() == {"kind": "arvados#apiClientAuthorization", "uuid": uuid}
+    assert_json_error(requests.get(f"{base}/containers"), 401, "Not logged in")
+    assert_json_error(requests.get(f"{base}/containers", headers={"Authorization": "Bearer nope"}),
+                      401, "Not logged in")
+    assert_json_error(requests.get(f"{base}/containers", headers={"Authorization": f"Basic {ADMIN}"}),
+                      401, "Not logged in")
+
+
+def test_403_for_non_admin_writes(srv):
+    _, base = srv
+    u = create(base)["uuid"]
+    uh = {"Authorization": f"Bearer {USER}"}
+    assert requests.get(f"{base}/containers/{u}", headers=uh).status_code == 200
+    assert_json_error(requests.post(f"{base}/containers/{u}/lock", headers=uh), 403, "admin")
+    assert_json_error(requests.post(f"{base}/containers", headers=uh,
+                                    json={"container": {"container_image": "i", "command": ["x"]}}),
+                      403, "admin")
+
+
+def test_list_response_shape_and_query_encoding(srv):
+    _, base = srv
+    a = create(base, priority=5)["uuid"]
+    create(base, priority=0)
+    params = {"filters": json.dumps([["priority", ">", "0"]]), "order": "priority desc",
+              "select": json.dumps(["uuid", "priority"]), "limit": "10"}
+    body = requests.get(f"{base}/containers", params=params, headers=H).json()
+    assert body == {"kind": "arvados#containerList", "limit": 10, "offset": 0, "items_available": 1,
+                    "items": [{"kind": "arvados#container", "uuid": a, "priority": 5}]}
+    body = requests.get(f"{base}/containers", params={"count": "none"}, headers=H).json()
+    assert "items_available" not in body and len(body["items"]) == 2
+
+
+@pytest.mark.parametrize("how", ["header", "form_method", "json_body"])
+def test_post_as_get(srv, how):
+    _, base = srv
+    uuids = [create(base)["uuid"] for _ in range(2)]
+    filters = [["uuid", "in", uuids + [f"zzzzz-dz642-{i:015d}" for i in range(40)]]]
+    if how == "header":
+        r = requests.post(f"{base}/containers", headers={**H, "X-Http-Method-Override": "GET"},
+                          data={"filters": json.dumps(filters), "order": "uuid"})
+    elif how == "form_method":
+        r = requests.post(f"{base}/containers", headers=H,
+                          data={"_method": "GET", "filters": json.dumps(filters), "order": "uuid"})
+    else:
+        r = requests.post(f"{base}/containers", headers={**H, "X-Http-Method-Override": "GET"},
+                          json={"filters": filters, "order": "uuid"})
+    assert r.status_code == 200, r.text
+    assert [c["uuid"] for c in r.json()["items"]] == sorted(uuids)
+    assert r.json()["kind"] == "arvados#containerList"
+
+
+def test_get_one_with_select_and_override(srv):
+    _, base = srv
+    u = create(base)["uuid"]
+    r = requests.get(f"{base}/containers/{u}", params={"select": '["state","mounts"]'}, headers=H)
+    assert r.json() == {"kind": "arvados#container", "state": "Queued", "mounts": {}}
+    r = requests.post(f"{base}/containers/{u}", headers={**H, "X-Http-Method-Override": "GET"},
+                      data={"select": '["uuid"]'})
+    assert r.json() == {"kind": "arvados#container", "uuid": u}
+    assert_json_error(requests.post(f"{base}/containers/{u}", headers=H), 405, "not allowed")
+    assert_json_error(requests.get(f"{base}/containers/zzzzz-dz642-xxxxxxxxxxxxxxx", headers=H),
+                      404, "not found")
+
+
+def test_update_as_the_go_sdk_sends_it(srv):
+    _, base = srv
+    u = create(base)["uuid"]
+    requests.post(f"{base}/containers/{u}/lock", headers=H).raise_for_status()
+    # Go's cancelUnsatisfiableContainer: PUT with form container=<json> and select=["uuid"].
+    r = requests.put(f"{base}/containers/{u}", headers=H, data={
+        "container": json.dumps({"runtime_status": {"error": "no suitable instance type"}}),
+        "select": '["uuid"]'})
+    assert r.json() == {"kind": "arvados#container", "uuid": u}
+    r = requests.patch(f"{base}/containers/{u}", headers=H, json={"container": {"state": "Cancelled"}})
+    assert r.json()["state"] == "Cancelled"
+    assert r.json()["runtime_status"] == {"error": "no suitable instance type"}
+    assert_json_error(requests.put(f"{base}/containers/{u}", headers=H, json={"nope": 1}),
+                      400, 'missing parameter "container"')
+    assert_json_error(requests.put(f"{base}/containers/{u}", headers={**H, "Content-Type": "application/json"},
+                                   data="{not json"), 400, "invalid JSON")
+    assert_json_error(requests.post(f"{base}/containers/{u}/unlock", headers=H), 422,
+                      "cannot unlock when Cancelled")
+
+
+def test_bad_parameters_are_422_with_messages(srv):
+    _, base = srv
+    for params, needle in (({"filters": '[["command","=","x"]]'}, "cannot filter on attribute 'command'"),
+                           ({"filters": "priority>0"}, "filters: expected a list"),
+                           ({"order": "bogus desc"}, "cannot order by 'bogus'"),
+                           ({"select": '["nope"]'}, "unknown attribute 'nope'"),
+                           ({"limit": "-3"}, "limit"),
+                           ({"count": "maybe"}, "count")):
+        assert_json_error(requests.get(f"{base}/containers", params=params, headers=H), 422, needle)
+
+
+def test_unknown_route_wrong_method_and_crash_are_json(srv, caplog):
+    store, base = srv
+    assert_json_error(requests.get(f"{base}/collections", headers=H), 404, "no such route")
+    r = requests.delete(f"{base}/containers/zzzzz-dz642-000000000000000", headers=H)
+    assert_json_error(r, 405, "method DELETE not allowed")
+    assert "PUT" in r.headers["Allow"]
+
+    def boom(*a, **k):
+        raise RuntimeError("kaboom")
+    store.get = boom
+    caplog.set_level(logging.ERROR, logger="cloud.apiserver")
+    r = requests.get(f"{base}/containers/zzzzz-dz642-000000000000000", headers=H)
+    assert_json_error(r, 500, "internal server error")
+    assert "kaboom" not in r.text
+    rec = [x for x in caplog.records if x.msg == "API request failed"]
+    assert rec and "kaboom" in rec[0].error and rec[0].path.endswith("000000000000000")
+
+
+def test_create_via_post(srv):
+    store, base = srv
+    c = create(base, priority=7, runtime_constraints={"vcpus": 4, "ram": 8 << 30})
+    assert c["state"] == "Queued" and c["priority"] == 7 and c["uuid"].startswith("zzzzz-dz642-")
+    assert store.count() == 1
+    r = requests.post(f"{base}/containers", headers=H, json={"container": {"command": ["x"]}})
+    assert_json_error(r, 422, "container_image is required")
+
+
+# -- WsgiServer ------------------------------------------------------------------------------------
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+def test_start_stop_fifty_times_without_errors(caplog):
+    caplog.set_level(logging.WARNING)
+    session = requests.Session()  # keep-alive connections must not hold a server open
+    ports = []
+    t0 = time.monotonic()
+    for _ in range(50):
+        server = WsgiServer(hello).start()
+        assert session.get(server.url, timeout=5).text == "hello"
+        ports.append(server.port)
+        server.stop()
+        assert not server._loop_thread.is_alive()
+    assert time.monotonic() - t0 < 15
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # port released: nothing listens there any more, and it can be bound again.
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{ports[-1]}/", timeout=2)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", ports[-1]))
+
+
+def test_stop_with_a_request_in_flight_and_idempotent_stop():
+    server = WsgiServer(hello, threads=2).start()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # half a request, left open
+    t0 = time.monotonic()
+    server.stop()
+    server.stop()
+    assert time.monotonic() - t0 < 5
+    s.settimeout(2)
+    try:  # the loop closed our connection: FIN, or RST if our bytes were still unread
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+
+
+def test_listen_url():
+    assert parse_listen_url("http://localhost:9006") == ("127.0.0.1", 9006)
+    assert parse_listen_url("http://127.0.0.2:0/") == ("127.0.0.2", 0)
+    for bad in ("https://localhost:9006", "localhost:9006", "http://h:port", "http://h:1/x"):
+        with pytest.raises(ValueError, match="listen URL"):
+            parse_listen_url(bad)
+    server = WsgiServer(hello, "http://localhost:0").start()
+    try:
+        assert server.url == f"http://127.0.0.1:{server.port}" and server.port > 0
+        assert requests.get(server.url, timeout=5).text == "hello"
+    finally:
+        server.stop()
+
+
+def test_app_can_be_served_by_from_url():
+    store = ContainerStore(":memory:")
+    store.add_token(ADMIN, admin=True)
+    server = WsgiServer.from_url(make_app(store), "http://127.0.0.1:0").start()
+    try:
+        r = requests.get(server.url + "/arvados/v1/containers", headers=H, timeout=5)
+        assert r.json()["items"] == []
+    finally:
+        server.stop()
+        store.close()

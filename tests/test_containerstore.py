@@ -1,0 +1,284 @@
+"""ContainerStore: filter/order compilation tables, server-side rules, persistence, threads."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from actors.clock import FakeClock
+from cloud.containerstore import (MAX_LIMIT, ContainerStore, NotFound, PermissionDenied, StoreError,
+                                  TokenInfo, Unprocessable, check_select, compile_filters,
+                                  compile_order, parse_time, rfc3339)
+
+ADMIN = "admin-token-xxxxxxxxxxxxxxxx"
+
+
+@pytest.fixture
+def store():
+    s = ContainerStore(":memory:", cluster_id="x1234", max_dispatch_attempts=2, clock=FakeClock())
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def admin(store):
+    return store.authenticate(store.add_token(ADMIN, admin=True) and ADMIN)
+
+
+def make(store, who, **kw):
+    return store.create({"container_image": "img", "command": ["true"], **kw}, caller=who)
+
+
+# -- pure compilation -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filters,sql,params", [
+    ([["priority", ">", "0"]], "priority > ?", [0]),
+    ([["priority", ">=", 2.5]], "priority >= ?", [2.5]),
+    ([["lock_count", "<", "10"]], "lock_count < ?", [10]),
+    ([["state", "=", "Queued"], ["priority", ">", 0]], "state = ? AND priority > ?", ["Queued", 0]),
+    ([["locked_by_uuid", "=", None]], "locked_by_uuid IS NULL", []),
+    ([["locked_by_uuid", "!=", None]], "locked_by_uuid IS NOT NULL", []),
+    ([["locked_by_uuid", "!=", "u"]], "(locked_by_uuid != ? OR locked_by_uuid IS NULL)", ["u"]),
+    ([["uuid", "in", ["a", "b"]]], "(uuid IN (?,?))", ["a", "b"]),
+    ([["uuid", "in", []]], "0", []),
+    ([["state", "not in", ["Complete", "Cancelled"]]], "(state NOT IN (?,?) OR state IS NULL)",
+     ["Complete", "Cancelled"]),
+    ([["uuid", "like", "x1234-dz642-%"]], "uuid LIKE ?", ["x1234-dz642-%"]),
+    ([["state", "ILIKE", "queu%"]], "lower(state) LIKE lower(?)", ["queu%"]),
+    ([["uuid", "is_a", "arvados#container"]], "1", []),
+    ([["uuid", "is_a", ["arvados#collection"]]], "0", []),
+    ([["containers.uuid", ">", "m"]], "uuid > ?", ["m"]),
+    ([["created_at", ">=", "2023-11-14T22:13:20Z"]], "created_at >= ?", [1_700_000_000_000_000]),
+    ([], "1", []),
+])
+def test_compile_filters(filters, sql, params):
+    assert compile_filters(filters) == (sql, params)
+
+
+@pytest.mark.parametrize("filters,message", [
+    ("state=Queued", "filters: expected a list"),
+    ([["state", "="]], r'filter \["state", "="\]: expected \[attribute, operator, operand\]'),
+    ([["command", "=", "x"]], "cannot filter on attribute 'command'"),
+    ([["state", "~", "x"]], "unsupported operator '~'"),
+    ([["priority", ">", "high"]], "operand 'high' is not a number"),
+    ([["priority", ">", True]], "operand True is not a number"),
+    ([["state", "=", 3]], "operand 3 is not a string"),
+    ([["state", "in", "Queued"]], "needs a list operand"),
+    ([["priority", "like", "1%"]], "only applies to text"),
+    ([["priority", ">", None]], "needs a non-null operand"),
+    ([["created_at", ">", "yesterday"]], "invalid timestamp 'yesterday'"),
+])
+def test_bad_filters_name_the_problem(filters, message):
+    with pytest.raises(Unprocessable, match=message) as ei:
+        compile_filters(filters)
+    assert ei.value.status == 422
+
+
+@pytest.mark.parametrize("order,sql", [
+    (None, "modified_at DESC, uuid ASC"),
+    ("uuid", "uuid ASC"),
+    ("priority desc", "priority DESC, uuid ASC"),
+    ("priority desc, created_at", "priority DESC, created_at ASC, uuid ASC"),
+    (["containers.priority desc", "uuid desc"], "priority DESC, uuid DESC"),
+])
+def test_compile_order(order, sql):
+    assert compile_order(order) == sql
+
+
+@pytest.mark.parametrize("order,message", [
+    ("command", "cannot order by 'command'"),
+    ("priority sideways", "invalid direction 'sideways'"),
+    ("priority desc now", "invalid term"),
+    ([3], "expected \"attribute"),
+    ("uuid; DROP TABLE containers", "invalid term"),
+    ("uuid;DROP", "cannot order by 'uuid;DROP'"),
+])
+def test_bad_order(order, message):
+    with pytest.raises(Unprocessable, match=message):
+        compile_order(order)
+
+
+def test_select_and_times():
+    assert check_select(["uuid", "state", "uuid"]) == ("uuid", "state")
+    with pytest.raises(Unprocessable, match="select: unknown attribute 'secret'"):
+        check_select(["secret"])
+    with pytest.raises(Unprocessable, match="select: expected a list"):
+        check_select("uuid")
+    assert rfc3339(1_700_000_000_123_456) == "2023-11-14T22:13:20.123456Z"
+    assert parse_time("2023-11-14T22:13:20.123456789Z", "t") == 1_700_000_000_123_456
+    assert rfc3339(None) is None
+
+
+# -- the store --------------------------------------------------------------------------------------
+
+def test_tokens(store):
+    uuid = store.add_token(ADMIN, admin=True)
+    assert uuid.startswith("x1234-gj3su-") and len(uuid) == len("x1234-gj3su-") + 15
+    assert store.authenticate(ADMIN) == TokenInfo(uuid=uuid, admin=True)
+    assert store.authenticate("nope") is None and store.authenticate("") is None
+    v2 = store.add_token("v2/x1234-gj3su-000000000000001/s3cret")
+    assert v2 == "x1234-gj3su-000000000000001"
+    assert store.authenticate("v2/x1234-gj3su-000000000000001/s3cret") == TokenInfo(v2, False)
+    assert store.authenticate("s3cret") == TokenInfo(v2, False)
+    assert store.authenticate("v2/x1234-gj3su-999999999999999/s3cret") is None
+    # only a hash is stored
+    rows = store._conn.execute("SELECT token_key FROM tokens").fetchall()
+    assert all(ADMIN not in r[0] and "s3cret" not in r[0] for r in rows)
+
+
+def test_create_defaults_and_shape(store, admin):
+    c = make(store, admin, runtime_constraints={"vcpus": 2}, scheduling_parameters={"preemptible": True})
+    assert c["uuid"].startswith("x1234-dz642-") and len(c["uuid"]) == 27
+    assert c["state"] == "Queued" and c["priority"] == 1 and c["lock_count"] == 0
+    assert c["created_at"] == c["modified_at"] == "2023-11-14T22:13:20.000000Z"
+    assert c["runtime_status"] == {} and c["mounts"] == {} and c["exit_code"] is None
+    assert c["scheduling_parameters"] == {"preemptible": True}
+    with pytest.raises(Unprocessable, match="cannot create a container in state 'Locked'"):
+        make(store, admin, state="Locked")
+    with pytest.raises(Unprocessable, match="cannot set 'uuid' on create"):
+        make(store, admin, uuid="x")
+    with pytest.raises(Unprocessable, match="command: expected a list of strings"):
+        make(store, admin, command="echo hi")
+    with pytest.raises(Unprocessable, match="environment: values must be strings"):
+        make(store, admin, environment={"A": 1})
+
+
+def test_max_dispatch_attempts_and_zero_means_unlimited(admin, tmp_path):
+    s = ContainerStore(":memory:", max_dispatch_attempts=0)
+    who = s.authenticate(s.add_token("t", admin=True) and "t")
+    u = make(s, who)["uuid"]
+    for _ in range(15):
+        s.lock(u, caller=who)
+        assert s.unlock(u, caller=who)["state"] == "Queued"
+    s.close()
+
+
+def test_lock_unlock_records(store, admin):
+    u = make(store, admin)["uuid"]
+    got = store.lock(u, caller=admin)
+    assert set(got) == {"kind", "uuid", "state", "priority", "auth_uuid", "locked_by_uuid"}
+    store.unlock(u, caller=admin)
+    store.lock(u, caller=admin)
+    gone = store.unlock(u, caller=admin)
+    assert gone["state"] == "Cancelled"
+    full = store.get(u, caller=admin)
+    assert full["lock_count"] == 2 and full["finished_at"] is not None
+    assert full["runtime_status"]["error"].endswith("(lock_count=2)")
+    with pytest.raises(NotFound, match="container x1234-dz642-nope not found"):
+        store.get("x1234-dz642-nope", caller=admin)
+
+
+def test_final_states_are_frozen(store, admin):
+    u = make(store, admin)["uuid"]
+    store.cancel(u, caller=admin)
+    with pytest.raises(Unprocessable, match="cannot update priority when Cancelled"):
+        store.update(u, {"priority": 5}, caller=admin)
+    assert store.update(u, {"state": "Cancelled"}, caller=admin)["state"] == "Cancelled"  # no-op
+
+
+def test_limit_offset_count(store, admin):
+    for _ in range(5):
+        make(store, admin)
+    page = store.list(limit=2, caller=admin)
+    assert len(page["items"]) == 2 and page["items_available"] == 5 and page["limit"] == 2
+    assert "items_available" not in store.list(count="none", caller=admin)
+    assert store.list(limit=5000, caller=admin)["limit"] == MAX_LIMIT
+    assert store.list(caller=admin)["limit"] == 100
+    assert len(store.list(offset=4, caller=admin)["items"]) == 1
+    for bad, msg in (({"limit": -1}, "limit"), ({"offset": "x"}, "offset"),
+                     ({"count": "estimated"}, "count")):
+        with pytest.raises(Unprocessable, match=msg):
+            store.list(caller=admin, **bad)
+    with pytest.raises(StoreError) as ei:
+        store.list(caller=None)
+    assert ei.value.status == 401
+
+
+def test_like_is_case_sensitive_and_ilike_is_not(store, admin):
+    make(store, admin)
+    assert len(store.list([["state", "like", "Queu%"]], caller=admin)["items"]) == 1
+    assert store.list([["state", "like", "queu%"]], caller=admin)["items"] == []
+    assert len(store.list([["state", "ilike", "queu%"]], caller=admin)["items"]) == 1
+
+
+def test_survives_close_and_reopen(tmp_path):
+    db = tmp_path / "queue.sqlite"
+    s = ContainerStore(str(db))
+    who = s.authenticate(s.add_token(ADMIN, admin=True) and ADMIN)
+    a = make(s, who, priority=3)["uuid"]
+    b = make(s, who)["uuid"]
+    s.lock(b, caller=who)
+    s.close()
+    assert sqlite3.connect(str(db)).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    s = ContainerStore(str(db))
+    try:
+        again = s.authenticate(ADMIN)
+        assert again == who
+        assert s.get(a, caller=again)["priority"] == 3
+        assert s.get(b, caller=again)["state"] == "Locked"
+        assert s.unlock(b, caller=again)["state"] == "Queued"
+    finally:
+        s.close()
+
+
+def test_concurrent_locks_each_container_once(tmp_path):
+    """Eight dispatchers race to lock the same 40 containers: each is locked exactly once."""
+    s = ContainerStore(str(tmp_path / "race.sqlite"))
+    root = s.authenticate(s.add_token("root", admin=True) and "root")
+    uuids = [make(s, root)["uuid"] for _ in range(40)]
+    callers = [s.authenticate(s.add_token(f"tok{i}", admin=True) and f"tok{i}") for i in range(8)]
+    wins: dict[str, list[str]] = {}
+    errors = []
+    start = threading.Barrier(len(callers))
+
+    def race(who):
+        start.wait()
+        for u in uuids:
+            try:
+                s.lock(u, caller=who)
+                wins.setdefault(u, []).append(who.uuid)
+                s.list([["locked_by_uuid", "=", who.uuid]], caller=who)
+            except Unprocessable:
+                pass
+            except Exception as e:  # pragma: no cover - what the test is looking for
+                errors.append(e)
+    threads = [threading.Thread(target=race, args=(w,)) for w in callers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    try:
+        assert errors == []
+        assert sorted(wins) == sorted(uuids) and all(len(v) == 1 for v in wins.values())
+        for u in uuids:
+            row = s.get(u, caller=root)
+            assert row["lock_count"] == 1 and row["locked_by_uuid"] == wins[u][0]
+    finally:
+        s.close()
+
+
+def test_non_admin_cannot_write(store, admin):
+    store.add_token("user", admin=False)
+    user = store.authenticate("user")
+    u = make(store, admin)["uuid"]
+    assert store.get(u, caller=user)["uuid"] == u
+    for call in (lambda: store.lock(u, caller=user), lambda: store.update(u, {"priority": 2}, caller=user),
+                 lambda: make(store, user)):
+        with pytest.raises(PermissionDenied):
+            call()
+
+
+def test_closed_store_says_so(tmp_path):
+    s = ContainerStore(str(tmp_path / "c.sqlite"))
+    s.add_token("t", admin=True)
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.authenticate("t")
+
+
+def test_unopenable_path_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match=r"container store .*nodir.*cannot open"):
+        ContainerStore(str(tmp_path / "nodir" / "x.sqlite"))
