@@ -3,9 +3,10 @@
 
 The server (ApiServer on Waitress over a SnapshotBackend holding 1,000 instances and 10,000 queue
 entries) runs in a child process so the load generator does not share its GIL. Two scenarios:
-``static`` (one snapshot: rendered bodies come from the per-snapshot cache) and ``republish``
-(a new Snapshot object every second, as the scheduler publishes after each pass, so bodies are
-re-rendered once per second). The lead adds the variant with a real scheduling pass running.
+``static`` (one snapshot: bodies come from the per-snapshot cache), ``republish`` (a new Snapshot
+every second holding the same entry objects, as when a pass changes nothing: bodies are re-joined
+from per-item fragments) and ``rebuild`` (every entry a new object every second: a full render
+per second, the worst case). The lead adds the variant with a real scheduling pass running.
 
     .venv/bin/python bench/bench_api.py [--requests 100] [--clients 10]
 """
@@ -30,7 +31,7 @@ from tests import api_data as d  # noqa: E402
 PATHS = ("/arvados/v1/dispatch/instances", "/metrics", "/arvados/v1/dispatch/containers")
 
 
-def serve(conn, n_instances: int, n_queue: int, republish: float) -> None:
+def serve(conn, n_instances: int, n_queue: int, scenario: str) -> None:
     from api.app import make_app
     from api.backend import SnapshotBackend
     from api.metrics import DispatchMetrics
@@ -44,8 +45,12 @@ def serve(conn, n_instances: int, n_queue: int, republish: float) -> None:
                        loopback_only=True, threads=10).start()
     conn.send(server.urls[0])
     try:
-        while not conn.poll(republish or None):
-            backend.publish(dataclasses.replace(backend.snapshot(), taken_at=time.time()))
+        while not conn.poll(None if scenario == "static" else 1.0):
+            snap = dataclasses.replace(backend.snapshot(), taken_at=time.time())
+            if scenario == "rebuild":
+                snap = dataclasses.replace(snap, queue=tuple(dataclasses.replace(e) for e in snap.queue),
+                                           instances=tuple(dataclasses.replace(v) for v in snap.instances))
+            backend.publish(snap)
     finally:
         server.stop()
 
@@ -91,9 +96,9 @@ def main() -> int:
     args = ap.parse_args()
     ctx = mp.get_context("fork")
     print(f"{args.clients} clients x {args.requests} requests; {args.instances} instances, {args.queue} queue entries")
-    for scenario, republish in (("static", 0.0), ("republish", 1.0)):
+    for scenario in ("static", "republish", "rebuild"):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=serve, args=(child, args.instances, args.queue, republish), daemon=True)
+        proc = ctx.Process(target=serve, args=(child, args.instances, args.queue, scenario), daemon=True)
         proc.start()
         try:
             url = parent.recv()
