@@ -297,6 +297,7 @@ class LocalInstanceSet:
             now = self._clock.now() if self._clock is not None else time.time()
             info = {"id": iid, "provider_type": it.provider_type or PROVIDER_TYPE,
                     "instance_type": it.name, "image_id": image_id, "host": host,
+                    "address": f"{host}:{self.params.ssh_port}",
                     "ssh_port": self.params.ssh_port, "remote_user": current_user(),
                     "tags": {str(k): str(v) for k, v in tags.items()},
                     "created_at": _rfc3339(now), "boot_delay": self.params.boot_delay,

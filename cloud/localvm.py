@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -34,8 +35,10 @@ import pwd
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -271,6 +274,8 @@ class _Session(paramiko.ServerInterface):
     def __init__(self, vm: "LocalVM"):
         self._vm = vm
         self._env: dict[int, dict] = {}
+        self._pty: dict[int, tuple] = {}
+        self._masters: dict[int, int] = {}  # channel id -> pty master fd of its shell
 
     def get_allowed_auths(self, username):
         return "publickey"
@@ -292,8 +297,31 @@ class _Session(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel, command):
         env = self._env.pop(channel.get_id(), {})
+        self._pty.pop(channel.get_id(), None)  # commands get pipes, as the dispatcher expects
         threading.Thread(target=self._vm.exec_channel, args=(channel, _text(command), env),
                          name="exec", daemon=True).start()
+        return True
+
+    # An operator's interactive login (``ssh -p PORT user@127.0.0.N``).
+
+    def check_channel_pty_request(self, channel, term, width, height, pixelwidth, pixelheight, modes):
+        self._pty[channel.get_id()] = (_text(term), width, height)
+        return True
+
+    def check_channel_window_change_request(self, channel, width, height, pixelwidth, pixelheight):
+        fd = self._masters.get(channel.get_id())
+        if fd is not None:
+            _set_winsize(fd, width, height)
+        return True
+
+    def check_channel_shell_request(self, channel):
+        env = self._env.pop(channel.get_id(), {})
+        pty = self._pty.pop(channel.get_id(), None)
+        if pty is None:
+            target, args = self._vm.exec_channel, (channel, "exec sh -i", env)
+        else:
+            target, args = self._vm.shell_channel, (channel, env, pty, self._masters)
+        threading.Thread(target=target, args=args, name="shell", daemon=True).start()
         return True
 
 
@@ -409,6 +437,33 @@ class LocalVM:
         except (OSError, EOFError, paramiko.SSHException):
             pass  # the client went away
 
+    def shell_channel(self, chan: paramiko.Channel, env: dict, pty: tuple, masters: dict) -> None:
+        """An interactive shell on a pseudo-terminal (no controlling tty: no job control).
+        Typed commands are not path-rewritten; only exec requests are."""
+        term, width, height = pty
+        master, slave = os.openpty()
+        _set_winsize(slave, width, height)
+        try:
+            proc = self.reaper.spawn(["sh", "-i"], stdin=slave, stdout=slave, stderr=slave,
+                                     env=vm_env(self.files, {"TERM": term, **env}),
+                                     cwd=str(self.files.work), start_new_session=True)
+        finally:
+            os.close(slave)
+        masters[chan.get_id()] = master
+        term_io = _PtyMaster(master)
+        out = threading.Thread(target=_copy_out, args=(term_io, chan.sendall), daemon=True)
+        out.start()
+        threading.Thread(target=_copy_in, args=(chan, term_io), daemon=True).start()
+        code = self.reaper.wait(proc)
+        out.join(2)  # EIO on the master once the last holder of the terminal is gone
+        masters.pop(chan.get_id(), None)
+        try:
+            chan.send_exit_status(exit_status(code))
+            chan.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        term_io.release()
+
     # -- servers
 
     def _start_embedded(self, addr) -> None:
@@ -508,6 +563,46 @@ def _copy_in(chan: paramiko.Channel, pipe) -> None:
             pass
 
 
+class _PtyMaster:
+    """A pty master fd shared by the two copy threads; only :meth:`release` closes it, under a
+    lock, so a late write can never hit a recycled fd number."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def read1(self, n: int) -> bytes:
+        try:
+            return os.read(self.fd, n)
+        except OSError:  # EIO: the terminal's other side is closed
+            return b""
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.fd < 0:
+                raise OSError("terminal closed")
+            os.write(self.fd, data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass  # see release()
+
+    def release(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _set_winsize(fd: int, width: int, height: int) -> None:
+    try:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+    except OSError:
+        pass
+
+
 def _set_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -517,9 +612,12 @@ def _set_subreaper() -> None:
 def exec_main(root: str) -> int:
     """sshd's ForceCommand: run ``$SSH_ORIGINAL_COMMAND`` as the embedded server would."""
     files = VMFiles(Path(root))
-    cmd = shell_command(os.environ.get("SSH_ORIGINAL_COMMAND", ""), files.root)
+    env = vm_env(files, {"TERM": os.environ["TERM"]} if "TERM" in os.environ else {})
     os.chdir(files.work)
-    os.execve("/bin/sh", ["sh", "-c", cmd], vm_env(files))
+    if "SSH_ORIGINAL_COMMAND" not in os.environ:  # an interactive login
+        os.execve("/bin/sh", ["sh", "-i"], env)
+    cmd = shell_command(os.environ["SSH_ORIGINAL_COMMAND"], files.root)
+    os.execve("/bin/sh", ["sh", "-c", cmd], env)
     return 127  # not reached
 
 

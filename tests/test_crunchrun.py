@@ -191,6 +191,14 @@ def test_kill_15_cancels_a_running_container(node):
     assert node.crunch_run("-kill", "15", uuid).returncode == 0  # not running any more
 
 
+def test_a_command_that_cannot_start_cancels_the_container(node):
+    uuid = node.new_container(["/nonexistent/program"])
+    node.start(uuid)
+    done = node.wait_state(uuid, "Cancelled")
+    assert "cannot start container" in done["runtime_status"]["error"]
+    assert "/nonexistent/program" in done["runtime_status"]["error"]
+
+
 def test_duplicate_detach_fails(node):
     uuid = node.new_container(["sleep", "300"])
     node.start(uuid)

@@ -181,6 +181,29 @@ def test_vm_boots_runs_commands_over_ssh_and_verifies_its_host_key(env):
     with pytest.raises(AuthError):
         env.executor(inst, key=new_key()[0]).execute("true")
     assert s.instance_quota_group(IT) == "" and inst.price_history(IT) == []
+    # An operator can log in interactively (pty + shell).
+    out, status = _interactive(inst, env.key, b"echo in-$CRUNCH_RUN_LOCKDIR; exit 7\n")
+    assert f"in-{inst.state_dir}/lock".encode() in out and status == 7
+
+
+def _interactive(inst, key, typed: bytes, timeout=10.0) -> tuple[bytes, int]:
+    host, port = inst.address.split(":")
+    t = paramiko.Transport(socket.create_connection((host, int(port))))
+    try:
+        t.start_client(timeout=5)
+        t.auth_publickey(inst.remote_user, key)
+        chan = t.open_session()
+        chan.get_pty("xterm", 80, 24)
+        chan.invoke_shell()
+        chan.sendall(typed)
+        chan.settimeout(timeout)
+        out = b""
+        while data := chan.recv(4096):
+            out += data
+        assert chan.status_event.wait(timeout)
+        return out, chan.exit_status
+    finally:
+        t.close()
 
 
 def test_tags_persist_for_a_restarted_dispatcher_and_quota_is_enforced(env):
@@ -320,6 +343,8 @@ def test_openssh_server(env):
     r = ex.execute("cat; echo $CRUNCH_RUN_LOCKDIR >&2; exit 5", stdin=b"x")
     assert (r.stdout, r.stderr, r.exit_status) == (b"x", f"{inst.state_dir}/lock\n".encode(), 5)
     inst.verify_host_key(_server_key(inst.address), None)
+    out, status = _interactive(inst, env.key, b"echo in-$CRUNCH_RUN_LOCKDIR; exit 7\n")
+    assert f"in-{inst.state_dir}/lock".encode() in out and status == 7
     sessions = localvm.descendants(inst.pid)
     assert sessions  # sshd (and its session processes) live in the VM's tree
     ex.close()
