@@ -435,7 +435,7 @@ class SchedulerActor(BaseActor):
 
     def _reconcile_action(self, action: str, uuid: str, reason: str) -> None:
         if action == "kill":
-            log.debug("kill", extra={"ContainerUUID": uuid, "Reason": reason})
+            log.info("kill container because %s", reason, extra={"ContainerUUID": uuid, "Reason": reason})
             for w in self._workers.values():
                 if uuid in w.view.running:
                     w.proxy.kill_container.defer(uuid, reason, self._now)

@@ -33,10 +33,8 @@ class Simulation:
                                              max_dispatch_attempts=cluster.containers.max_dispatch_attempts,
                                              clock=self.clock)
         self.token = cluster.system_root_token
-        try:
+        if self.store.authenticate(self.token) is None:  # a restart reuses the same store
             self.store.add_token(self.token, admin=True)
-        except Exception:
-            pass  # already there (a restarted simulation over the same store)
         self.api = LocalArvadosClient(self.store, self.token)
         params = stub_params if stub_params is not None else StubParams.from_driver_parameters(
             cluster.cloud_vms.driver_parameters, "DriverParameters")

@@ -72,8 +72,9 @@ def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
         return b is Behavior.DRAIN or now - view.busy >= timeout_idle
     if s is State.RUNNING:
         return b is Behavior.DRAIN and all_given_up
-    # unknown: never while it runs containers (the seed: drain, don't kill)
-    if view.running:
+    # unknown: never while it runs containers (the seed: drain, don't kill), and not drained
+    # before a first probe has had the chance to find its containers
+    if view.running or not view.probe_done:
         return False
     return b is Behavior.DRAIN or now - view.appeared >= timeout_booting
 

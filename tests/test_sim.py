@@ -26,8 +26,8 @@ class Watch:
     def check(self) -> None:
         where: dict[str, list[str]] = {}
         for vm in self.sim.cloud.vms:
-            for uuid, proc in getattr(vm, "processes", {}).items():
-                if not getattr(proc, "exited", False):
+            for uuid, proc in vm.procs.items():
+                if not proc.ended:
                     where.setdefault(uuid, []).append(vm.id)
         for uuid, vms in where.items():
             if len(vms) > 1:
@@ -286,3 +286,75 @@ def test_many_containers_with_errors_crashes_and_quota():
         m = sim.metrics
         assert m.driver_operations.labels(operation="Create", error="1")._value.get() > 0
         assert m.boot_outcomes.labels(outcome="success")._value.get() > 0
+
+
+def detaches(sim, uuid) -> int:
+    return sum(1 for vm in sim.cloud.vms for r in vm.commands
+               if "--detach" in r.command and uuid in r.command)
+
+
+def test_resume_after_restart():
+    """Stop the actors with instances booting, idle, running, draining and on hold; a new
+    dispatcher over the same cloud and API finds each in the right state, adopts running
+    containers without restarting or killing them, reconciles locks, and creates nothing until
+    the first listing and probes are in."""
+    c = with_vms(cluster(types=(1, 2), driver_parameters={
+        "BootTime": "10s", "BootTimeJitter": "0s", "ContainerRunTime": "600s"}),
+        max_running_containers_per_instance=1, timeout_booting=300.0, timeout_idle=600.0)
+    sim = Simulation(c).start()
+    a, b, cc = (sim.submit(runtime_constraints={"vcpus": 1, "ram": 256 << 20}, priority=p) for p in (3, 2, 1))
+    sim.run_until(lambda: all(states(sim)[u]["state"] == "Running" for u in (a, b, cc)), 120)
+    snap = {i.running_container_uuids[0]: i.instance for i in sim.snapshot.instances}
+    va, vb, vc = snap[a], snap[b], snap[cc]
+    backend = sim.dispatcher.backend()
+    backend.kill_container(cc, "make an idle instance")
+    sim.step(10)
+    assert states(sim)[cc]["state"] == "Cancelled"
+    backend.set_idle_behavior(vc, "hold")
+    backend.set_idle_behavior(vb, "drain")
+    # one more container, whose instance will still be booting at the restart
+    sim.cloud.setup_vm = lambda vm: setattr(vm, "boot_at", vm.created_at + 200)
+    d = sim.submit(runtime_constraints={"vcpus": 1, "ram": 256 << 20}, priority=4)
+    sim.step(10)
+    booting = [i.instance for i in sim.snapshot.instances if i.worker_state == "booting"]
+    assert len(booting) == 1 and states(sim)[d]["state"] == "Locked"
+    vd = booting[0]
+    sim.step(5)
+    before = {v.instance: (v.worker_state, v.idle_behavior) for v in sim.snapshot.instances}
+    assert before == {va: ("running", "run"), vb: ("running", "drain"), vc: ("idle", "hold"),
+                      vd: ("booting", "run")}
+    sim.dispatcher.stop()  # the actors stop; the VMs and the containers carry on
+
+    sim2 = Simulation(c, store=sim.store, cloud=sim.cloud, clock=sim.clock)
+    creates = []
+    real_create = sim2.dispatcher.driver_set.create
+    sim2.dispatcher.driver_set.create = lambda *a, **kw: (creates.append(sim2.now), real_create(*a, **kw))[1]
+    sim2.cloud.setup_vm = None
+    t_restart = sim2.now
+    sim2.start()
+    sim2.step(1)
+    views = {v.instance: v for v in sim2.snapshot.instances}
+    assert set(views) == {va, vb, vc, vd}
+    assert creates == []  # nothing created before the listing and probes are in
+    sim2.step(c.cloud_vms.probe_interval * 2)
+    views = {v.instance: v for v in sim2.snapshot.instances}
+    got = {iid: (v.worker_state, v.idle_behavior) for iid, v in views.items()}
+    assert got[va] == ("running", "run") and views[va].running_container_uuids == (a,)
+    assert got[vb] == ("running", "drain") and views[vb].running_container_uuids == (b,)
+    assert got[vc] == ("idle", "hold")
+    assert got[vd] == ("unknown", "run")  # still booting: its boot probe fails
+    # adopted, not restarted or killed
+    assert detaches(sim2, a) == 1 and detaches(sim2, b) == 1
+    assert states(sim2)[a]["state"] == "Running" and states(sim2)[b]["state"] == "Running"
+    # the stale lock on d (Locked, running nowhere) is released and d is dispatched again
+    sim2.run_until(lambda: states(sim2)[d]["state"] == "Running", 900, step=10)
+    assert states(sim2)[d]["lock_count"] >= 2
+    assert all(t >= t_restart for t in creates)
+    sim2.run_until(lambda: all(states(sim2)[u]["state"] == "Complete" for u in (a, b, d)), 1200, step=10)
+    # never re-dispatched: locked once, started once
+    assert states(sim2)[a]["lock_count"] == 1 and states(sim2)[b]["lock_count"] == 1
+    # the drained instance went away after its container; the held one stays
+    sim2.step(60)
+    left = {v.instance for v in sim2.snapshot.instances}
+    assert vb not in left and vc in left
+    sim2.stop()
