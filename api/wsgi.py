@@ -94,11 +94,18 @@ class WsgiServer:
             time.sleep(0.001)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Ask the loop thread to close everything, then wait for it (at most ``timeout`` s)."""
+        """Ask the loop thread to close everything, then wait for it (at most ``timeout`` s).
+
+        In-flight requests get up to 5 s to finish. Don't call this from a request handler of
+        the same server: the loop would wait for that handler while it waits for the loop.
+        """
         server, thread = self._server, self._loop_thread
         if server is None or thread is None or self._stopped.is_set():
             return
-        server.trigger.pull_trigger(self._request_stop)
+        try:
+            server.trigger.pull_trigger(self._request_stop)
+        except OSError:  # the loop already ended (and closed the trigger) on its own
+            pass
         thread.join(timeout)
         if thread.is_alive():
             log.error("wsgi server did not stop in time", extra={"url": self.url, "timeout": timeout})
@@ -154,6 +161,7 @@ class WsgiServer:
         meanwhile), then close the connections and, last, the trigger.
         """
         wasyncore.dispatcher.close(server)  # the listening socket only
+
         def stop_workers():
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
             server.trigger.pull_trigger()  # wake the loop now rather than at its next timeout

@@ -20,6 +20,8 @@ from urllib.parse import quote, urlencode, urlsplit
 import requests
 from urllib3.exceptions import NewConnectionError
 
+from cloud.containerstore import StoreError
+
 log = logging.getLogger(__name__)
 
 GET_QUERY_LIMIT = 1000  # the Go SDK's threshold for switching GET to POST + method override
@@ -138,7 +140,11 @@ class ContainerApi:
         return self.update(uuid, {"state": "Cancelled"})
 
     def create_container(self, fields: Mapping) -> dict:
+        """A new Queued container (dev/test servers only: Arvados creates them from requests)."""
         return self._create(dict(fields))
+
+    def close(self) -> None:
+        """Release connections (a no-op for the in-process client)."""
 
     # primitives
     def _current(self) -> dict: raise NotImplementedError
@@ -334,7 +340,6 @@ class LocalArvadosClient(ContainerApi):
         return f"LocalArvadosClient({self._store.path!r})"
 
     def _call(self, fn: Callable, *args, **kwargs) -> dict:
-        from cloud.containerstore import StoreError
         try:
             who = self._store.authenticate(self._token)
             if who is None:

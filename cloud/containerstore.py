@@ -498,7 +498,7 @@ class ContainerStore:
 
     @contextmanager
     def _write(self):
-        with self._write_lock:
+        with self._write_lock, self._sqlite_errors():
             if self._closed:
                 raise StoreError("container store is closed")
             self._conn.execute("BEGIN IMMEDIATE")
@@ -513,24 +513,35 @@ class ContainerStore:
     def _read(self):
         """A consistent snapshot (one read transaction) for this thread."""
         if self._memory:
-            with self._write_lock:
+            with self._write_lock, self._sqlite_errors():
                 if self._closed:
                     raise StoreError("container store is closed")
                 yield self._conn
             return
-        conn = getattr(self._readers, "conn", None)
-        if conn is None:
-            with self._reader_lock:
-                if self._closed:
-                    raise StoreError("container store is closed")
-                conn = self._connect()
-                self._reader_conns.append(conn)
-            self._readers.conn = conn
-        conn.execute("BEGIN")
+        if self._closed:
+            raise StoreError("container store is closed")
+        with self._sqlite_errors():
+            conn = getattr(self._readers, "conn", None)
+            if conn is None:
+                with self._reader_lock:
+                    if self._closed:
+                        raise StoreError("container store is closed")
+                    conn = self._connect()
+                    self._reader_conns.append(conn)
+                self._readers.conn = conn
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    @contextmanager
+    def _sqlite_errors(self):
+        """SQLite failures (disk full, I/O, a corrupt file) surface as 500s naming the file."""
         try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+            yield
+        except sqlite3.Error as e:
+            raise StoreError(f"container store {self.path}: {type(e).__name__}: {e}") from e
 
     def _micros(self) -> int:
         return round(self._now() * 1_000_000)

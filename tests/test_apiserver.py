@@ -242,3 +242,43 @@ def test_app_can_be_served_by_from_url():
     finally:
         server.stop()
         store.close()
+
+
+def test_manual_entry_point_serves_and_stops_on_sigterm(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    db = tmp_path / "manual.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "cloud.apiserver", "--db", str(db), "--token", ADMIN],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()  # the server prints its URL once listening
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
+        r = requests.post(url + "/arvados/v1/containers", headers=H, timeout=5,
+                          json={"container": {"container_image": "i", "command": ["x"]}})
+        assert r.json()["state"] == "Queued"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()
+        proc.stderr.close()
+    with ContainerStore(str(db)) as s:
+        assert s.count() == 1
+
+
+def test_manual_entry_point_bad_db_is_a_message_not_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cloud.apiserver", "--db", str(tmp_path / "no" / "x.db"),
+                          "--token", "t"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 1
+    assert "cannot open" in out.stderr and "no/x.db" in out.stderr and "Traceback" not in out.stderr

@@ -282,3 +282,16 @@ def test_closed_store_says_so(tmp_path):
 def test_unopenable_path_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match=r"container store .*nodir.*cannot open"):
         ContainerStore(str(tmp_path / "nodir" / "x.sqlite"))
+
+
+def test_closed_store_after_reads_and_corrupt_file(tmp_path):
+    s = ContainerStore(str(tmp_path / "r.sqlite"))
+    s.add_token("t", admin=True)
+    assert s.authenticate("t") is not None  # this thread now has a reader connection
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.authenticate("t")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"junk.sqlite: cannot open \(file is not a database\)"):
+        ContainerStore(str(junk))
