@@ -145,7 +145,7 @@ def test_create_defaults_and_shape(store, admin):
         make(store, admin, environment={"A": 1})
 
 
-def test_max_dispatch_attempts_and_zero_means_unlimited(admin, tmp_path):
+def test_max_dispatch_attempts_zero_means_unlimited():
     s = ContainerStore(":memory:", max_dispatch_attempts=0)
     who = s.authenticate(s.add_token("t", admin=True) and "t")
     u = make(s, who)["uuid"]
