@@ -360,3 +360,78 @@ def _server_key(address: str) -> paramiko.PKey:
         return t.get_remote_server_key()
     finally:
         t.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole chain: the real dispatcher, this driver, SSH, dispatch-cloud-crunch-run, the API
+
+
+E2E_CONFIG = """\
+Clusters:
+  zzzzz:
+    SystemRootToken: {token}
+    ManagementToken: e2e-management-token
+    Services:
+      Controller:
+        ExternalURL: {api}
+      DispatchCloud:
+        InternalURLs:
+          "http://127.0.0.1:{mport}": {{}}
+    Containers:
+      DispatchPrivateKey: {key}
+      CrunchRunCommand: dispatch-cloud-crunch-run
+      CloudVMs:
+        Driver: local
+        BootProbeCommand: "rm -f /var/lock/crunch-run-broken"
+        SSHPort: "{port}"
+        ProbeInterval: 0.5s
+        PollInterval: 0.5s
+        SyncInterval: 1s
+        TimeoutIdle: 1s
+        DriverParameters:
+          StateDir: {state}
+          BootDelay: 0s
+          AddressBase: {base}
+    InstanceTypes:
+      local:
+        ProviderType: local
+        VCPUs: 1
+        RAM: 1GiB
+        IncludedScratch: 1GiB
+        Price: 0.01
+"""
+
+
+def test_dispatcher_runs_a_container_on_a_local_vm(env, tmp_path):
+    store = ContainerStore(":memory:")
+    store.add_token(TOKEN, admin=True)
+    admin = store.authenticate(TOKEN)
+    server = serve(store)
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(E2E_CONFIG.format(token=TOKEN, api=server.url, mport=free_port(), port=env.port,
+                                     key=json.dumps(pem), state=env.state, base=env.base))
+    uuid = store.create({"container_image": "i", "command": ["sh", "-c", "echo hi; exit 6"],
+                         "runtime_constraints": {"vcpus": 1, "ram": 100 << 20}}, caller=admin)["uuid"]
+    log = open(tmp_path / "dispatcher.log", "wb")
+    disp = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=str(ROOT),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
+    try:
+        done = wait_for(lambda: (c := store.get(uuid, caller=admin))["state"] in ("Complete", "Cancelled") and c,
+                        timeout=30, what="the dispatcher to run the container")
+        assert (done["state"], done["exit_code"]) == ("Complete", 6)
+        # TimeoutIdle: the dispatcher destroys the idle VM, and with it the whole process tree.
+        wait_for(lambda: env.state.exists() and not [d for d in env.state.iterdir() if d.is_dir()],
+                 timeout=20, what="the idle VM to be destroyed")
+    finally:
+        disp.terminate()
+        try:
+            disp.wait(10)
+        except subprocess.TimeoutExpired:
+            disp.kill()
+            disp.wait()
+        log.close()
+        server.stop()
+        store.close()
+    assert disp.returncode == 0, (tmp_path / "dispatcher.log").read_text()[-3000:]
