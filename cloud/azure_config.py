@@ -7,10 +7,11 @@ Keys are matched case-insensitively (Go's encoding/json does, and Arvados' own t
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
+
+from conf import units
 
 
 @dataclass(frozen=True)
@@ -108,28 +109,19 @@ KEYS = {
 REQUIRED = ("SubscriptionID", "ResourceGroup", "Network", "Subnet")
 _DEFAULTS = {f.name: f.default for f in fields(AzureConfig)}
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(value, key: str) -> float:
     """Seconds from a Go duration string (``20s``, ``1m30s``) or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise AzureConfigError(f"DriverParameters.{key}: expected a duration like '20s', got {value!r}")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    s = str(value).strip()
-    if s in ("0", ""):
+    if value == "":
         return 0.0
-    pos, total = 0, 0.0
-    for m in _DURATION_PART.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or pos == 0:
-        raise AzureConfigError(f"DriverParameters.{key}: expected a duration like '20s', got {value!r}")
-    return total
+    try:
+        return units.parse_duration(value)
+    except ValueError as e:
+        raise AzureConfigError(f"DriverParameters.{key}: {e}: expected a duration like '20s', "
+                               f"got {value!r}") from None
 
 
 def is_loopback_host(host: str) -> bool:

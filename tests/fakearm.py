@@ -5,6 +5,9 @@ long-running-operation code runs unchanged. It keeps NICs, VMs and managed disks
 PUT/PATCH/DELETE as ARM does (201/200/202 + ``Azure-AsyncOperation``; the operation reports
 ``Succeeded`` after ``polls`` polls), pages lists with ``nextLink``, injects faults with ARM's error
 bodies, and records every request so tests can assert what the SDK sent.
+
+LRO responses carry ``Retry-After: 0``, which azure-mgmt-core's ARMPolling treats as "no hint" and
+falls back to the client's ``polling_interval``: tests build the driver with a tiny one.
 """
 
 from __future__ import annotations

@@ -416,3 +416,49 @@ def test_no_secrets_in_logs(arm, make_set, caplog):
     assert "creating azure instance" in text and "AllocationFailed" in text
     for secret in (SECRET, CLIENT_SECRET, azure.custom_data(INIT), "loopback-fake-arm-token"):
         assert secret not in text
+
+
+def test_https_endpoint_uses_client_secret_credential_with_authority():
+    from azure.identity import ClientSecretCredential
+    cfg = parse({**_req(), "CloudEnvironment": "AzureUSGovernmentCloud"})
+    compute, network, cred = azure.make_clients(cfg)
+    try:
+        assert isinstance(cred, ClientSecretCredential)
+        assert cred._authority.rstrip("/").endswith("login.microsoftonline.us")
+        assert compute._config.base_url == network._config.base_url == "https://management.usgovcloudapi.net"
+        assert compute._config.credential_scopes == ["https://management.usgovcloudapi.net/.default"]
+    finally:
+        compute.close()
+        network.close()
+
+
+def test_driver_from_a_loaded_config_file(arm, clock):
+    from cloud import drivers
+    from conf.loader import load_text
+    cluster = load_text(f"""
+Clusters:
+  zzzzz:
+    SystemRootToken: xyzzy
+    Containers:
+      CloudVMs:
+        Driver: azure
+        ImageID: img
+        DriverParameters:
+          SubscriptionID: sub
+          ResourceGroup: rg
+          Network: vnet
+          Subnet: default
+          ResourceManagerEndpoint: {arm.url}
+          DeleteDanglingResourcesAfter: 1m
+    InstanceTypes:
+      small: {{ProviderType: Standard_D2s_v3, VCPUs: 2, RAM: 8GiB, IncludedScratch: 16GB, Price: 0.1}}
+""", source="test.yml")
+    s = drivers.load(cluster.cloud_vms.driver).driver(cluster.cloud_vms.driver_parameters, SET_ID,
+                                                       cluster=cluster, clock=clock, logger=None,
+                                                       polling_interval=0.01)
+    try:
+        assert s.cfg.delete_dangling_resources_after == 60 and s.cfg.location == "centralus"
+        inst = s.create(cluster.instance_types["small"], cluster.cloud_vms.image_id, tags(), INIT, None)
+        assert [i.id for i in s.instances({})] == [inst.id]
+    finally:
+        s.stop()
