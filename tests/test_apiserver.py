@@ -282,3 +282,50 @@ def test_manual_entry_point_bad_db_is_a_message_not_a_traceback(tmp_path):
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 1
     assert "cannot open" in out.stderr and "no/x.db" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_concurrent_dispatchers_over_http_lock_each_container_once(tmp_path):
+    """Four clients race through Waitress's threads into one file-backed store."""
+    import threading
+
+    from cloud.arvados import ArvadosClient, Unprocessable
+
+    store = ContainerStore(str(tmp_path / "race.sqlite"))
+    store.add_token(ADMIN, admin=True)
+    tokens = [f"dispatcher-{i}" for i in range(4)]
+    for t in tokens:
+        store.add_token(t, admin=True)
+    server = serve(store, threads=4)
+    clients = [ArvadosClient(server.url, t, retries=0) for t in tokens]
+    try:
+        uuids = [create(server.url + "/arvados/v1")["uuid"] for _ in range(20)]
+        wins, errors = [], []
+        gate = threading.Barrier(len(clients))
+
+        def race(c):
+            gate.wait()
+            for u in uuids:
+                try:
+                    wins.append((u, c.lock(u)["locked_by_uuid"]))
+                    c.list_containers([["locked_by_uuid", "=", c.current_token_uuid()]])
+                except Unprocessable as e:
+                    if "cannot lock when Locked" not in str(e):
+                        errors.append(e)
+                except Exception as e:  # pragma: no cover - what the test is looking for
+                    errors.append(e)
+        threads = [threading.Thread(target=race, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert errors == []
+        assert sorted(u for u, _ in wins) == sorted(uuids)
+        owners = dict(wins)
+        for c in clients:
+            mine = {x["uuid"] for x in c.iter_containers([["locked_by_uuid", "=", c.current_token_uuid()]])}
+            assert mine == {u for u, o in owners.items() if o == c.current_token_uuid()}
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()
+        store.close()

@@ -53,6 +53,8 @@ def api(request, tmp_path):
     ns = SimpleNamespace(kind=request.param, store=store, clock=clock, a=mk(TOKEN_A), b=mk(TOKEN_B),
                          user=mk(TOKEN_USER), anon=mk("no-such-token"), uuid_a=uuid_a, uuid_b=uuid_b)
     yield ns
+    for client in (ns.a, ns.b, ns.user, ns.anon):
+        client.close()
     if server is not None:
         server.stop()
     store.close()
@@ -273,7 +275,9 @@ def recorded(tmp_path):
     store.add_token(TOKEN_A, admin=True)
     rec = Recorder(make_app(store))
     server = WsgiServer(rec).start()
-    yield SimpleNamespace(store=store, rec=rec, client=ArvadosClient(server.url, TOKEN_A, retries=0))
+    client = ArvadosClient(server.url, TOKEN_A, retries=0)
+    yield SimpleNamespace(store=store, rec=rec, client=client)
+    client.close()
     server.stop()
     store.close()
 
