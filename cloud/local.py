@@ -281,6 +281,12 @@ class LocalInstanceSet:
 
     def create(self, it: InstanceType, image_id: str, tags: Mapping[str, str], init_command: str,
                public_key: str | None) -> LocalInstance:
+        try:
+            return self._create(it, image_id, tags, init_command, public_key)
+        except OSError as e:  # the state dir: full disk, permissions, ...
+            raise CloudError(f"local driver: create in {self._root}: {e}") from e
+
+    def _create(self, it, image_id, tags, init_command, public_key) -> LocalInstance:
         with self._locked():
             existing = self._read_all()
             if len(existing) >= self.params.max_instances:
@@ -444,4 +450,8 @@ def driver(params: Mapping | None, set_id: str, *, cluster=None, clock=None, log
     where = "Containers.CloudVMs.DriverParameters"
     if cluster is not None and getattr(cluster, "source", ""):
         where = f"{cluster.source}: {where}"
-    return LocalInstanceSet(parse_params(params, cluster, where), set_id, clock=clock, logger=logger)
+    p = parse_params(params, cluster, where)
+    try:
+        return LocalInstanceSet(p, set_id, clock=clock, logger=logger)
+    except OSError as e:
+        raise LocalParamsError(f"{where}.StateDir: cannot use {p.state_dir}: {e.strerror or e}") from None

@@ -335,6 +335,9 @@ class LocalVM:
     def __init__(self, files: VMFiles):
         self.files = files
         self.info = files.read_info()
+        missing = [k for k in ("id", "host", "ssh_port") if k not in self.info]
+        if missing:
+            raise ValueError(f"missing keys: {', '.join(missing)}")
         self.user = current_user()
         self.reaper = Reaper()
         self.stopping = threading.Event()
@@ -355,6 +358,8 @@ class LocalVM:
         if self.stopping.wait(float(self.info.get("boot_delay", 0))):
             return self.power_off()
         self._first_boot()
+        if self.stopping.is_set():
+            return self.power_off()
         try:
             if self.info.get("ssh_server") == "openssh":
                 self._start_sshd(addr)
@@ -382,7 +387,9 @@ class LocalVM:
         with open(self.files.root / "init.log", "ab") as out:
             proc = self.reaper.spawn(["sh", "-c", cmd], stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=out, env=vm_env(self.files), cwd=str(self.files.work))
-            rc = self.reaper.wait(proc)
+            rc = None
+            while rc is None and not self.stopping.is_set():
+                rc = self.reaper.wait(proc, 0.5)
         if rc:
             log.error("init command failed", extra={"returncode": rc})
         done.touch()

@@ -435,3 +435,9 @@ def test_dispatcher_runs_a_container_on_a_local_vm(env, tmp_path):
         server.stop()
         store.close()
     assert disp.returncode == 0, (tmp_path / "dispatcher.log").read_text()[-3000:]
+
+
+def test_an_unusable_state_dir_is_a_config_error_naming_the_key(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(local.LocalParamsError, match=r"DriverParameters\.StateDir: cannot use .*/file/state"):
+        local.driver({"StateDir": str(tmp_path / "file" / "state")}, "x")
