@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 
 from cloud.base import CloudError, OpsLimiter, wrap
@@ -136,7 +137,10 @@ class Tester:
     # -- the run --------------------------------------------------------------------------------
 
     def run(self) -> int:
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Signal handlers can only be set from the main thread; elsewhere (an embedding test) the
+        # caller owns interruption, and try/finally still destroys what was created.
+        main = threading.current_thread() is threading.main_thread()
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
 
         def on_signal(signum, frame):
             raise Interrupted(signum)

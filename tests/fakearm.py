@@ -6,8 +6,10 @@ PUT/PATCH/DELETE as ARM does (201/200/202 + ``Azure-AsyncOperation``; the operat
 ``Succeeded`` after ``polls`` polls), pages lists with ``nextLink``, injects faults with ARM's error
 bodies, and records every request so tests can assert what the SDK sent.
 
-LRO responses carry ``Retry-After: 0``, which azure-mgmt-core's ARMPolling treats as "no hint" and
-falls back to the client's ``polling_interval``: tests build the driver with a tiny one.
+LRO responses carry ``Retry-After: <lro_retry_after>`` (whole seconds, as ARM sends; default 0).
+azure-mgmt-core's ARMPolling treats 0 as "no hint" and falls back to the client's
+``polling_interval``, so in-process tests build the driver with a tiny one; a subprocess using the
+driver's defaults is better served by ``lro_retry_after="1"`` and ``polls=0``.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ class FakeArm:
     """In-memory ARM. ``page_size`` bounds list pages; ``polls`` is how many polls an LRO takes."""
 
     def __init__(self, *, page_size: int = 100, polls: int = 2, now=time.time,
-                 require_auth: bool = True):
+                 require_auth: bool = True, lro_retry_after: str = "0", ip_prefix: str = "10.1"):
         self.page_size = page_size
+        self.lro_retry_after = lro_retry_after
+        self.ip_prefix = ip_prefix
         self.polls = polls
         self.now = now
         self.require_auth = require_auth
@@ -229,7 +233,7 @@ class FakeArm:
                 ipc["id"] = f"{rid}/ipConfigurations/{ipc.get('name', 'ip' + str(i))}"
                 p = ipc.setdefault("properties", {})
                 n = next(self._ips)
-                p.setdefault("privateIPAddress", f"10.1.{n // 250}.{n % 250 + 2}")
+                p.setdefault("privateIPAddress", f"{self.ip_prefix}.{n // 250}.{n % 250 + 2}")
                 p.setdefault("primary", i == 0)
                 p["provisioningState"] = "Succeeded"
         elif ctx.kind == "virtualmachines":
@@ -280,7 +284,7 @@ class FakeArm:
         if resource is not None:
             resource.setdefault("properties", {})["provisioningState"] = state
         url = f"{ctx.base}/fakearm/operations/{op}?api-version={ctx.api_version}"
-        headers = {"Azure-AsyncOperation": url, "Retry-After": "0"}
+        headers = {"Azure-AsyncOperation": url, "Retry-After": self.lro_retry_after}
         if status == 202:
             headers["Location"] = url
         return status, headers, (_public(resource) if resource is not None else None)
@@ -291,7 +295,7 @@ class FakeArm:
             return _error(404, "OperationNotFound", op_id)
         if op["left"] > 0:
             op["left"] -= 1
-            return 200, {"Retry-After": "0"}, {"status": "InProgress"}
+            return 200, {"Retry-After": self.lro_retry_after}, {"status": "InProgress"}
         res = op["resource"]
         if op["error"]:
             if res is not None:

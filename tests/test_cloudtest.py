@@ -30,6 +30,7 @@ Clusters:
         Driver: {driver}
         ImageID: test-image
         BootProbeCommand: "true"
+        SSHPort: "{ssh_port}"
         ProbeInterval: 0.2s
         TimeoutBooting: {timeout_booting}
         TimeoutShutdown: 1s
@@ -54,12 +55,13 @@ Clusters:
 """
 
 
-def write_config(tmp_path, *, driver="stub", params=None, timeout_booting="10s", ptype="s1", key='""'):
+def write_config(tmp_path, *, driver="stub", params=None, timeout_booting="10s", ptype="s1", key='""',
+                 ssh_port="22"):
     params = params if params is not None else {"BootTime": "0.3s", "BootTimeJitter": "0s"}
     lines = "\n".join(f"          {k}: {v}" for k, v in params.items()) or "          {}"
     path = tmp_path / "config.yml"
     path.write_text(CONFIG.format(driver=driver, params=lines, timeout_booting=timeout_booting,
-                                  ptype=ptype, key=key))
+                                  ptype=ptype, key=key, ssh_port=ssh_port))
     return path
 
 
@@ -255,3 +257,29 @@ def test_local_existing_instances_refused_then_destroyed(tmp_path):
     finally:
         for inst in s.instances({}):
             inst.destroy()
+
+
+# --- azure driver through the SDK, against the fake ARM in this process ----------------------
+
+
+def test_azure_create_tags_and_destroy_with_unreachable_vm(tmp_path):
+    """The VM never answers SSH (there is none); cloudtest still reports and destroys it in ARM."""
+    from tests.fakearm import FakeArm
+    with FakeArm(polls=0, lro_retry_after="1", ip_prefix="127.0.0") as arm:
+        cfg = write_config(tmp_path, driver="azure", ptype="Standard_D2s_v3", timeout_booting="1s", ssh_port="1",
+                           params={"SubscriptionID": "sub", "ResourceGroup": "rg", "Network": "vnet",
+                                   "Subnet": "default", "ResourceManagerEndpoint": arm.url})
+        rc, out, err = run_to_end("--config", str(cfg), "--image-id", "other-image")
+        assert rc == 1, out + err
+        assert "[ok] create instance" in out, out + err
+        assert steps(out) == ["[ok] initialize cloud driver", "[ok] check for existing instances",
+                              "[ok] create instance", "[ok] instance listed with its tags", "[FAIL] boot probe",
+                              "[ok] destroy instance"]
+        vm = arm.sent("PUT", "virtualMachines")[0].body
+        assert vm["properties"]["storageProfile"]["imageReference"]["id"].endswith("/images/other-image")
+        assert vm["tags"]["ArvadosInstanceSetID"] == "zzzzz-zzzzz-zzzzzzcloudtest"
+        assert vm["tags"]["team"] == "tests" and vm["tags"]["ArvadosCloudTestPID"].isdigit()
+        assert len(vm["tags"]["ArvadosInstanceSecret"]) == 40 and "created-at" in vm["tags"]
+        assert arm.of_kind("virtualMachines") == []  # destroyed in the "cloud" itself
+        assert len(arm.sent("DELETE", "virtualMachines")) >= 1
+        assert "ClientSecret" not in err and vm["tags"]["ArvadosInstanceSecret"] not in err
