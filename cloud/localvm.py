@@ -20,7 +20,8 @@ every exec'd command the path components ``/var/run`` and ``/var/lock`` are rewr
 /var/lock/crunch-run-broken`` work per instance. Commands also get ``CRUNCH_RUN_LOCKDIR=DIR/lock``,
 ``CRUNCH_RUN_WORKDIR=DIR/work`` and a PATH starting with ``DIR/bin``, which holds ``crunch-run``
 and ``dispatch-cloud-crunch-run`` wrappers for :mod:`cloud.crunchrun` (so they work whether or not
-this package is installed).
+this package is installed) and a ``systemctl`` that only answers ``is-system-running`` with
+``running`` (the default BootProbeCommand).
 """
 
 from __future__ import annotations
@@ -170,13 +171,23 @@ def authorized_blobs(text: str) -> set[bytes]:
     return out
 
 
+_SYSTEMCTL = """#!/bin/sh
+# A local VM has no systemd of its own: answer the dispatcher's default boot probe only.
+if [ "$*" = is-system-running ]; then echo running; exit 0; fi
+echo "systemctl: not available on a local VM" >&2
+exit 1
+"""
+
+
 def write_shims(files: VMFiles) -> None:
-    """``crunch-run`` and ``dispatch-cloud-crunch-run`` in DIR/bin, running :mod:`cloud.crunchrun`
-    with this interpreter."""
+    """The VM's "image": ``crunch-run`` and ``dispatch-cloud-crunch-run`` in DIR/bin, running
+    :mod:`cloud.crunchrun` with this interpreter, and a ``systemctl`` that answers only
+    ``is-system-running`` (the default BootProbeCommand), so a config needs no local overrides."""
     files.bin.mkdir(exist_ok=True)
-    script = (f"#!/bin/sh\nPYTHONPATH='{source_root()}'${{PYTHONPATH:+:$PYTHONPATH}} "
+    runner = (f"#!/bin/sh\nPYTHONPATH='{source_root()}'${{PYTHONPATH:+:$PYTHONPATH}} "
               f"exec '{sys.executable}' -m cloud.crunchrun \"$@\"\n")
-    for name in ("crunch-run", "dispatch-cloud-crunch-run"):
+    for name, script in (("crunch-run", runner), ("dispatch-cloud-crunch-run", runner),
+                         ("systemctl", _SYSTEMCTL)):
         p = files.bin / name
         tmp = p.with_name(name + ".tmp")
         tmp.write_text(script)

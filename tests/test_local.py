@@ -173,6 +173,7 @@ def test_vm_boots_runs_commands_over_ssh_and_verifies_its_host_key(env):
     assert ex.execute(instance_secret_command(sudo=True)).stdout == SECRET.encode()
     assert (inst.state_dir / "lock" / "init-ran").exists()
     assert ex.execute("echo $CRUNCH_RUN_LOCKDIR").stdout.decode().strip() == str(inst.state_dir / "lock")
+    assert ex.execute(CloudVMs().boot_probe_command).stdout == b"running\n"  # the default probe works
     # Host key: the one generated at create passes, any other is refused.
     inst.verify_host_key(_server_key(inst.address), None)
     with pytest.raises(base.HostKeyError):
@@ -382,7 +383,6 @@ Clusters:
       CrunchRunCommand: dispatch-cloud-crunch-run
       CloudVMs:
         Driver: local
-        BootProbeCommand: "rm -f /var/lock/crunch-run-broken"
         SSHPort: "{port}"
         ProbeInterval: 0.5s
         PollInterval: 0.5s
