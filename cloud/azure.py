@@ -1,7 +1,7 @@
 """The Azure driver: VMs and NICs through azure-mgmt-compute / azure-mgmt-network.
 
 Behaviour follows Arvados ``lib/cloud/azure`` (names, tags, custom data, garbage collection), with
-these deliberate differences (see docs in the report / README):
+these deliberate differences:
 
 * a 429 without Retry-After is a RateLimitError for 20 s (Arvados panics);
 * allocation failures (AllocationFailed, SkuNotAvailable, ...) are CapacityErrors for the type

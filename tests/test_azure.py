@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import threading
 import time
 from email.utils import format_datetime
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given, strategies as st
 
 from actors.clock import FakeClock
 from cloud import azure, azure_errors
@@ -462,3 +464,17 @@ Clusters:
         assert [i.id for i in s.instances({})] == [inst.id]
     finally:
         s.stop()
+
+
+
+@given(st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False))
+def test_created_at_round_trips(t):
+    s = azure.rfc3339nano(t)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d*[1-9])?Z", s), s  # Go's RFC3339Nano shape
+    assert abs(azure.parse_rfc3339(s) - t) < 2e-6
+
+
+@given(st.integers(min_value=0, max_value=10**6))
+def test_retry_after_seconds(n):
+    assert azure_errors.retry_after(str(n), 1000.0) == 1000.0 + n
+    assert azure_errors.retry_after("soon", 1000.0) is None
