@@ -62,7 +62,9 @@ class Limits:
 
 @dataclass
 class Plan:
-    order: list[QueueEntry]
+    head: list[QueueEntry]  # entries with a crunch-run on some worker, in base order
+    base: list[QueueEntry]  # every entry, sorted by (not Locked, -priority, first seen)
+    running: Mapping[str, float | None]
     locks: list[str] = field(default_factory=list)
     starts: list[tuple[str, str]] = field(default_factory=list)  # (uuid, instance id)
     creates: list[tuple[InstanceType, str]] = field(default_factory=list)  # (type, for uuid)
@@ -74,6 +76,12 @@ class Plan:
     over_quota: int = 0
     # waiting entries without a status get "position N" in queue order, starting after qpos
     qpos: int = 0
+
+    @property
+    def order(self) -> list[QueueEntry]:
+        """The queue in Arvados' order: running first, then Locked, priority, first seen."""
+        run = self.running
+        return self.head + [e for e in self.base if e.uuid not in run]
 
     def status_list(self) -> list[str]:
         """Every entry's scheduling_status, in queue order (computed on demand)."""
@@ -122,16 +130,27 @@ def sort_key(e: QueueEntry, running: Mapping[str, float | None]):
     return (e.uuid not in running, e.state != "Locked", -e.priority, e.first_seen_at)
 
 
+def base_key(e: QueueEntry):
+    """:func:`sort_key` without the running-first part, so it can be cached between passes."""
+    return (e.state != "Locked", -e.priority, e.first_seen_at)
+
+
 def instance_sort_key(s: Slot):
     it = s.instance_type
     return (it.price, -it.vcpus, -it.ram, -it.scratch, s.id)
 
 
 def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots: Sequence[Slot],
-         limits: Limits) -> Plan:
-    order = sorted(queue, key=lambda e: sort_key(e, running))
-    p = Plan(order=order)
-    by_uuid = {e.uuid: e for e in queue}
+         limits: Limits, *, base: list[QueueEntry] | None = None,
+         by_uuid: Mapping[str, QueueEntry] | None = None) -> Plan:
+    """``base`` (the whole queue already in :func:`base_key` order) and ``by_uuid`` let a caller
+    that keeps them between passes skip re-sorting 100,000 entries."""
+    if by_uuid is None:
+        by_uuid = {e.uuid: e for e in queue}
+    if base is None:
+        base = sorted(by_uuid.values(), key=base_key)
+    head = sorted((by_uuid[u] for u in running if u in by_uuid), key=base_key)
+    p = Plan(head=head, base=base, running=running)
     frees = [_Free(s, instance_sort_key(s)) for s in sorted(slots, key=instance_sort_key)]
     by_type: dict[str, list[_Free]] = {}
     for f in frees:
@@ -168,26 +187,50 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
     overmaxsuper: list[QueueEntry] = []
     maxc, maxs, per_inst = limits.max_containers, limits.max_supervisors, limits.max_per_instance
     statuses = p.statuses
-    for i, ent in enumerate(order):
-        uuid = ent.uuid
+
+    def not_scheduled(ent) -> None:
+        statuses[ent.uuid] = ("This container will not be scheduled to run because its priority is 0 "
+                              f"and state is {ent.state}.")
+
+    def over_max_super(ent) -> None:
+        overmaxsuper.append(ent)
+        statuses[ent.uuid] = (f"Waiting in workflow queue at position {len(overmaxsuper)}.  Cluster is "
+                              "at capacity and cannot start any new workflows right now.")
+
+    for ent in head:
         if ent.supervisor:
             supervisors += 1
+        if ent.state in ("Queued", "Locked"):
+            statuses[ent.uuid] = ALLOCATED
+    rest = base  # running entries were visited above; skip them here
+    for i, ent in enumerate(rest):
+        uuid = ent.uuid
         if uuid in running:
-            if ent.state in ("Queued", "Locked"):
-                statuses[uuid] = ALLOCATED
-            continue
-        if ent.priority < 1:
-            statuses[uuid] = (f"This container will not be scheduled to run because its priority is 0 "
-                              f"and state is {ent.state}.")
-            continue
-        if ent.supervisor and maxs > 0 and supervisors > maxs:
-            overmaxsuper.append(ent)
-            statuses[uuid] = (f"Waiting in workflow queue at position {len(overmaxsuper)}.  Cluster is "
-                              "at capacity and cannot start any new workflows right now.")
-            continue
-        if ent.state not in ("Queued", "Locked"):
             continue
         if maxc > 0 and trying >= maxc:
+            # Nothing further can be locked, started or created in this pass: only priority-0
+            # and over-limit supervisor entries still get a status. Visit just those.
+            for e in rest[i:]:
+                if not (e.supervisor or e.priority < 1) or e.uuid in running:
+                    continue
+                if e.supervisor:
+                    supervisors += 1
+                    if maxs > 0 and supervisors > maxs:
+                        over_max_super(e)
+                    elif e.priority < 1:
+                        not_scheduled(e)
+                elif e.priority < 1:
+                    not_scheduled(e)
+            break
+        if ent.supervisor:
+            supervisors += 1
+        if ent.priority < 1:
+            not_scheduled(ent)
+            continue
+        if ent.supervisor and maxs > 0 and supervisors > maxs:
+            over_max_super(ent)
+            continue
+        if ent.state not in ("Queued", "Locked"):
             continue
         trying += 1
         need = ent.resources
@@ -216,7 +259,7 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
                 break
         if ent.state == "Queued":
             if best is None and at_quota():
-                overquota = order[i:]
+                overquota = [e for e in rest[i:] if e.uuid not in running]
                 break
             if best is None and avail is None:
                 continue
@@ -238,7 +281,7 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
                 statuses[uuid] = ALLOCATED
             continue
         if at_quota():
-            overquota = order[i:]
+            overquota = [e for e in rest[i:] if e.uuid not in running]
             break
         if avail is None:
             p.qpos += 1
@@ -273,18 +316,26 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
     return p
 
 
+def needs_reconcile(e: QueueEntry) -> bool:
+    """Can :func:`reconcile` act on this entry when no crunch-run of it is known? (pure)"""
+    return e.state in ("Running", "Complete", "Cancelled") or e.priority == 0
+
+
 def reconcile(queue: Sequence[QueueEntry], running: Mapping[str, float | None], any_unknown: bool,
-              q_updated: float) -> list[tuple[str, str, str]]:
+              q_updated: float, *, in_queue=None) -> list[tuple[str, str, str]]:
     """Arvados ``sync()``: make the queue and the workers agree. Returns (action, uuid, reason).
 
     Actions: cancel, kill, forget, requeue. ``running`` maps uuid -> exit time (None while its
-    crunch-run is alive); ``q_updated`` is when the last completed queue poll started.
+    crunch-run is alive); ``q_updated`` is when the last completed queue poll started. A caller
+    may pass only the entries that can need an action (:func:`needs_reconcile`, or running)
+    plus ``in_queue``, the set of every queued uuid.
     """
     out = []
-    seen = set()
+    seen = set() if in_queue is None else in_queue
     for e in queue:
         uuid = e.uuid
-        seen.add(uuid)
+        if in_queue is None:
+            seen.add(uuid)
         exited = running.get(uuid)
         is_running = uuid in running
         if e.state == "Running":

@@ -19,8 +19,8 @@ from types import MappingProxyType
 
 from actors.base import BaseActor
 from actors.messages import Behavior, CreateFailure, InstanceInfo, QueueEntry, State, WorkerView
-from actors.planner import Limits, Slot, plan, reconcile
-from actors.snapshot import InstanceView, QueueEntryView, Snapshot
+from actors.planner import Limits, Slot, base_key, needs_reconcile, plan, reconcile
+from actors.snapshot import InstanceView, LiveSnapshot, QueueEntryView, Snapshot
 from cloud.base import capacity_keys
 from conf.model import InstanceType
 
@@ -31,6 +31,7 @@ CAPACITY_ERROR_TTL = 60.0
 CREATE_CONCURRENCY_HOLDOFF = 5.0
 QUIET_AFTER_503 = 60.0
 PASS_INTERVAL = 1.0
+_SHUTDOWN, _UNKNOWN = State.SHUTDOWN, State.UNKNOWN  # enum attribute lookups are slow in a hot loop
 
 
 class NotFound(Exception):
@@ -107,6 +108,12 @@ class SchedulerActor(BaseActor):
         self._within_quota = 0
         self._last_503 = 0.0
         self._types = dict(cluster.instance_types)
+        # caches that keep a pass proportional to what changed, not to the queue's length
+        self._qver = 0
+        self._base_order: tuple[int, list[QueueEntry]] = (-1, [])
+        self._special: set[str] = set()  # entries reconcile may act on (see needs_reconcile)
+        self._iviews: dict[str, tuple[WorkerView, InstanceView]] = {}
+        self._qviews: dict = {}  # uuid -> (entry, status, QueueEntryView), reused across snapshots
 
     def wire(self, queue, instance_set) -> None:
         self._queue_proxy = queue
@@ -264,11 +271,24 @@ class SchedulerActor(BaseActor):
 
     # -- events from the queue ---------------------------------------------------------------------
 
+    def _put_entry(self, e: QueueEntry) -> None:
+        self._queue[e.uuid] = e
+        self._qver += 1
+        if needs_reconcile(e):
+            self._special.add(e.uuid)
+        else:
+            self._special.discard(e.uuid)
+
+    def _drop_entry(self, uuid: str) -> None:
+        if self._queue.pop(uuid, None) is not None:
+            self._qver += 1
+        self._special.discard(uuid)
+
     def queue_update(self, changed: tuple[QueueEntry, ...], removed: tuple[str, ...], updated_at) -> None:
         for e in changed:
-            self._queue[e.uuid] = e
+            self._put_entry(e)
         for u in removed:
-            self._queue.pop(u, None)
+            self._drop_entry(u)
         if updated_at is not None:
             self._q_updated = updated_at
             self._queue_loaded = True
@@ -277,8 +297,8 @@ class SchedulerActor(BaseActor):
     def container_op_done(self, uuid: str, op: str, entry: QueueEntry | None, error: str) -> None:
         self._ops.pop(uuid, None)
         old = self._queue.get(uuid)
-        if entry is not None:
-            self._queue[uuid] = entry
+        if entry is not None and entry != old:
+            self._put_entry(entry)
         if not error or entry != old:
             self._touch()  # a failure that changed nothing is retried by the next periodic pass
 
@@ -322,7 +342,7 @@ class SchedulerActor(BaseActor):
         p = self._pool
         p.capacity_until = {k: t for k, t in p.capacity_until.items() if t > now}
         running = self._running()
-        any_unknown = any(w.view.state is State.UNKNOWN for w in self._workers.values())
+        any_unknown = any(w.view.state is _UNKNOWN for w in self._workers.values())
         if not self._gate(now, running):
             self._publish(now, running, None)
             return
@@ -336,9 +356,8 @@ class SchedulerActor(BaseActor):
         if maxs < 1 and fraction > 0 and maxc > 0:
             maxs = 1
         slots = [Slot(iid, w.view.instance_type, w.view.state, w.view.idle_behavior, w.view.running)
-                 for iid, w in self._workers.items() if w.view.state is not State.SHUTDOWN]
+                 for iid, w in self._workers.items() if w.view.state is not _SHUTDOWN]
         slots += [Slot("", c.it, State.BOOTING, Behavior.RUN, ()) for c in self._creating.values()]
-        entries = [e for e in self._queue.values() if e.uuid not in self._ops]
         limits = Limits(
             max_containers=maxc, max_supervisors=maxs,
             max_per_instance=self._cfg.max_running_containers_per_instance,
@@ -347,12 +366,22 @@ class SchedulerActor(BaseActor):
             n_workers=n_workers, n_creating=len(self._creating),
             at_quota=self._at_quota_flag(now), create_throttled=now < p.create_hold_until,
             blocked=frozenset(p.capacity_until), quota_group=self._quota_group)
-        pl = plan(entries, running, slots, limits)
+        pl = plan((), running, slots, limits, base=self._base(), by_uuid=self._queue)
         self._apply(pl, now)
-        for action, uuid, reason in reconcile(list(self._queue.values()), running, any_unknown,
-                                              self._q_updated):
+        todo = [self._queue[u] for u in self._special]
+        todo += [self._queue[u] for u in running if u in self._queue and u not in self._special]
+        for action, uuid, reason in reconcile(todo, running, any_unknown, self._q_updated,
+                                              in_queue=self._queue):
             self._reconcile_action(action, uuid, reason)
         self._publish(now, running, pl)
+
+    def _base(self) -> list[QueueEntry]:
+        """The queue sorted by planner.base_key, re-sorted only after it changed."""
+        ver, base = self._base_order
+        if ver != self._qver:
+            base = sorted(self._queue.values(), key=base_key)
+            self._base_order = (self._qver, base)
+        return base
 
     def _gate(self, now: float, running) -> bool:
         """No scheduling until the first listing and queue poll are in and startup probes done."""
@@ -396,6 +425,8 @@ class SchedulerActor(BaseActor):
 
     def _apply(self, pl, now: float) -> None:
         for uuid in pl.locks:
+            if uuid in self._ops:
+                continue  # a lock/unlock of it is already in flight (Arvados' uuidLock)
             self._ops[uuid] = "lock"
             self._queue_proxy.lock.defer(uuid)
         for uuid, iid in pl.starts:
@@ -407,6 +438,8 @@ class SchedulerActor(BaseActor):
         for it, uuid in pl.creates:
             self._create(it, now)
         for uuid, reason in pl.unlocks:
+            if uuid in self._ops:
+                continue
             log.info("unlock because pool capacity is used by higher priority containers",
                      extra={"ContainerUUID": uuid})
             self._ops[uuid] = "unlock"
@@ -443,7 +476,7 @@ class SchedulerActor(BaseActor):
             return
         if action == "forget":
             log.info(reason, extra={"ContainerUUID": uuid})
-            self._queue.pop(uuid, None)
+            self._drop_entry(uuid)
             self._queue_proxy.forget.defer(uuid)
             return
         if uuid in self._ops:
@@ -460,14 +493,22 @@ class SchedulerActor(BaseActor):
 
     def _publish(self, now: float, running, pl) -> None:
         views = []
+        memo = {}
         for iid, w in self._workers.items():
             v = w.view
-            views.append(InstanceView(
-                instance=iid, address=v.address, price=v.instance_type.price,
-                arvados_instance_type=v.instance_type.name, provider_instance_type=v.provider_type,
-                last_container_uuid=v.last_uuid, last_busy=v.busy, running_container_uuids=v.running,
-                worker_state=str(v.state), idle_behavior=str(v.idle_behavior),
-                vcpus=v.instance_type.vcpus, ram=v.instance_type.ram, probed=v.probed))
+            hit = self._iviews.get(iid)
+            if hit is not None and hit[0] is v:
+                iv = hit[1]
+            else:
+                iv = InstanceView(
+                    instance=iid, address=v.address, price=v.instance_type.price,
+                    arvados_instance_type=v.instance_type.name, provider_instance_type=v.provider_type,
+                    last_container_uuid=v.last_uuid, last_busy=v.busy, running_container_uuids=v.running,
+                    worker_state=str(v.state), idle_behavior=str(v.idle_behavior),
+                    vcpus=v.instance_type.vcpus, ram=v.instance_type.ram, probed=v.probed)
+            memo[iid] = (v, iv)
+            views.append(iv)
+        self._iviews = memo
         for c in self._creating.values():
             views.append(InstanceView(
                 instance="", address="", price=c.it.price, arvados_instance_type=c.it.name,
@@ -475,23 +516,37 @@ class SchedulerActor(BaseActor):
                 running_container_uuids=(), worker_state="booting", idle_behavior="run",
                 vcpus=c.it.vcpus, ram=c.it.ram))
         views.sort(key=lambda v: (v.instance, v.arvados_instance_type))
-        order = pl.order if pl is not None else sorted(self._queue.values(), key=lambda e: e.first_seen_at)
-        statuses = pl.status_list() if pl is not None else [""] * len(order)
-        queue = tuple(QueueEntryView(e.container, e.instance_types, e.resources, e.first_seen_at, s)
-                      for e, s in zip(order, statuses))
-        counts: dict = {}
-        longest = 0.0
-        for e in self._queue.values():
-            k = (e.state, e.instance_types[0].name if e.instance_types else "")
-            counts[k] = counts.get(k, 0) + 1
-            if e.priority > 0 and e.state in ("Queued", "Locked") and e.uuid not in running and e.created_at:
-                longest = max(longest, now - e.created_at)
+        qsorted = None if pl is not None else sorted(self._queue.values(), key=lambda e: e.first_seen_at)
         at_quota = pl.at_quota if pl is not None else self._at_quota_flag(now)
-        self._box.snapshot = Snapshot(
-            taken_at=now, instances=tuple(views), queue=queue,
+        qviews = self._qviews
+
+        def lazy():
+            """Runs in whichever thread first reads the snapshot's queue (API, /metrics)."""
+            order = pl.order if pl is not None else qsorted
+            statuses = pl.status_list() if pl is not None else [""] * len(order)
+            out, counts, longest = [], {}, 0.0
+            for e, st in zip(order, statuses):
+                hit = qviews.get(e.uuid)
+                if hit is not None and hit[0] is e and hit[1] == st:
+                    qv = hit[2]
+                else:
+                    qv = QueueEntryView(e.container, e.instance_types, e.resources, e.first_seen_at, st)
+                    qviews[e.uuid] = (e, st, qv)
+                out.append(qv)
+                k = (e.state, e.instance_types[0].name if e.instance_types else "")
+                counts[k] = counts.get(k, 0) + 1
+                if e.priority > 0 and e.state in ("Queued", "Locked") and e.uuid not in running and e.created_at:
+                    longest = max(longest, now - e.created_at)
+            if len(qviews) > 2 * len(order) + 1000:
+                live = {e.uuid for e in order}
+                for u in [u for u in qviews if u not in live]:
+                    qviews.pop(u, None)
+            return tuple(out), MappingProxyType(counts), longest
+
+        self._box.snapshot = LiveSnapshot(
+            lazy=lazy, taken_at=now, instances=tuple(views),
             runners=MappingProxyType({u: iid for iid, w in self._workers.items() for u in w.view.running}),
             at_quota=at_quota, max_concurrent_containers=self._max_containers,
             containers_allocated_not_started=pl.allocated_not_started if pl else 0,
             containers_not_allocated_over_quota=pl.over_quota if pl else 0,
-            containers_longest_wait_time_seconds=longest, last_503_time=self._last_503,
-            queue_entries=MappingProxyType(counts), ready=self._gate_open)
+            last_503_time=self._last_503, ready=self._gate_open)

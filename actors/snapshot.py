@@ -81,3 +81,54 @@ class Snapshot:
     # queue entry counts by (state, first eligible type name)
     queue_entries: Mapping = field(default_factory=lambda: MappingProxyType({}))
     ready: bool = False  # the first cloud listing and queue poll are in
+
+
+_LAZY = ("queue", "queue_entries", "containers_longest_wait_time_seconds")
+
+
+class LiveSnapshot(Snapshot):
+    """A Snapshot whose per-container parts are computed on first read, not in the pass.
+
+    Rendering 10,000 queue entries (their views, statuses and counts) would cost the scheduler
+    more than the pass itself; most snapshots are never read before the next one replaces them.
+    ``lazy()`` returns (queue, queue_entries, longest_wait) and runs at most once.
+    """
+
+    def __init__(self, *, lazy, **fields):
+        import dataclasses
+        import threading
+        for f in dataclasses.fields(Snapshot):
+            if f.name in _LAZY:
+                continue
+            if f.name in fields:
+                v = fields[f.name]
+            elif f.default is not dataclasses.MISSING:
+                v = f.default
+            else:
+                v = f.default_factory()
+            object.__setattr__(self, f.name, v)
+        object.__setattr__(self, "_lazy_fn", lazy)
+        object.__setattr__(self, "_lazy_val", None)
+        object.__setattr__(self, "_lazy_lock", threading.Lock())
+
+    def _lazy(self):
+        v = self._lazy_val
+        if v is None:
+            with self._lazy_lock:
+                v = self._lazy_val
+                if v is None:
+                    v = self._lazy_fn()
+                    object.__setattr__(self, "_lazy_val", v)
+        return v
+
+    @property
+    def queue(self):
+        return self._lazy()[0]
+
+    @property
+    def queue_entries(self):
+        return self._lazy()[1]
+
+    @property
+    def containers_longest_wait_time_seconds(self):
+        return self._lazy()[2]
