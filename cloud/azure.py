@@ -11,7 +11,9 @@ these deliberate differences:
   image resource group);
 * errors of long-running operations are never ignored, and a failed VM create deletes the VM (if
   ARM kept one in state Failed) before its NIC, which Azure refuses to delete while attached;
-* unmanaged-VHD blobs are not garbage-collected (deprecated mode; only the create path exists).
+* unmanaged-VHD blobs are not garbage-collected (deprecated mode; only the create path exists);
+* stop() abandons in-flight waits: a create then raises CloudError, and a VM ARM still finishes
+  carries its tags, so the next dispatcher adopts it like any VM it did not create itself.
 
 Against a loopback ``http://`` ResourceManagerEndpoint (tests, rehearsals with a fake ARM) no AAD
 is reachable, so a static bearer token is used instead of ClientSecretCredential.
