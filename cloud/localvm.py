@@ -243,12 +243,14 @@ class Reaper:
         self._cond = threading.Condition()
         self._watched: set[int] = set()
         self._status: dict[int, int] = {}
+        self._spawned = threading.Event()
         threading.Thread(target=self._loop, name="reaper", daemon=True).start()
 
     def spawn(self, *args, **kwargs) -> subprocess.Popen:
         with self._cond:
             proc = subprocess.Popen(*args, **kwargs)
             self._watched.add(proc.pid)
+        self._spawned.set()
         return proc
 
     def wait(self, proc: subprocess.Popen, timeout: float | None = None) -> int | None:
@@ -264,7 +266,9 @@ class Reaper:
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
-                time.sleep(0.05)  # no children right now
+                # No children, hence no descendants to inherit either: sleep until a spawn.
+                self._spawned.wait(1.0)
+                self._spawned.clear()
                 continue
             with self._cond:
                 if pid in self._watched:
