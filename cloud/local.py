@@ -14,6 +14,10 @@ that stopped responding: its SSH probes fail and the dispatcher's boot/probe tim
 Destroy kills the VM process (which kills its whole tree), then, as a fallback for a VM that died
 first, any process still carrying the VM's marker in its environment, then removes the directory.
 
+Like a cloud VM's disk, a VM's work dir (where dispatch-cloud-crunch-run keeps each container's
+stdout.txt/stderr.txt) goes with it at destroy. Addresses are unique within one StateDir; two
+StateDirs in use at once need different AddressBase values (or SSH ports).
+
 DriverParameters: StateDir (default ``$XDG_STATE_HOME/dispatch-cloud/local``, else
 ``~/.local/state/dispatch-cloud/local``), MaxInstances (default CloudVMs.MaxInstances, else 8),
 BootDelay (default ``1s``), SSHServer (``embedded`` | ``openssh``), AddressBase (default
