@@ -183,7 +183,9 @@ def register(sub) -> None:
     p.add_argument("--cluster", help="cluster id, when the file has several")
     p.add_argument("--log-level", default=os.environ.get("DISPATCH_CLOUD_LOG_LEVEL", "info"))
     p.add_argument("--demo", action="store_true", help="dev mode: queue a short demo workload")
-    p.add_argument("--state-dir", help="dev mode: where the dev cluster keeps its state")
+    p.add_argument("--state-dir", help="dev mode: where the dev cluster keeps its state "
+                   "(default $DISPATCH_CLOUD_STATE or ~/.local/state/dispatch-cloud)")
+    p.add_argument("--keep-vms", action="store_true", help="dev mode: leave the dev VMs up on exit")
     p.set_defaults(func=run_command)
 
 
