@@ -119,6 +119,7 @@ class _Free:
         self.ram -= r.ram
         self.scratch -= r.scratch
         self.gpus -= r.gpus
+        self.vram -= r.gpu_vram  # Arvados InstanceResources.Sub uses VRAM up too
         if r.vcpus == 0:
             self.shared = True
 

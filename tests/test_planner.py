@@ -23,7 +23,7 @@ import pytest
 from actors.instancetype import TypeChooser
 from actors.messages import Behavior, QueueEntry, State
 from actors.planner import Limits, Slot, plan, reconcile
-from conf.model import InstanceType
+from conf.model import GPU, InstanceType
 from tests.simcluster import GiB, cluster, instance_type
 
 CAP1 = ("Waiting in queue at position {}.  Cluster is at capacity for all eligible instance types "
@@ -58,10 +58,12 @@ class Queue:
         self.changes: list[tuple[str, str, str]] = []
 
     def add(self, i: int, state: str, priority: int, vcpus: int, ram: int, keep_cache_disk: int = 0,
-            supervisor: bool = False, created_at: float = 0.0) -> QueueEntry:
+            supervisor: bool = False, created_at: float = 0.0, gpu=None) -> QueueEntry:
         uuid = cuuid(i)
-        ctr = {"uuid": uuid, "state": state, "priority": priority,
-               "runtime_constraints": {"vcpus": vcpus, "ram": ram, "keep_cache_disk": keep_cache_disk},
+        rc = {"vcpus": vcpus, "ram": ram, "keep_cache_disk": keep_cache_disk}
+        if gpu:
+            rc["gpu"] = gpu
+        ctr = {"uuid": uuid, "state": state, "priority": priority, "runtime_constraints": rc,
                "scheduling_parameters": {"supervisor": supervisor}}
         e = QueueEntry(uuid=uuid, state=state, priority=priority, container=ctr,
                        instance_types=self.chooser.choose(ctr), resources=self.chooser.needed(ctr),
@@ -523,6 +525,24 @@ def test_skip_supervisors():
     run_queue(pool, q)
     assert len(pool.creates) == 8
     assert pool.starts == [cuuid(4), cuuid(3), cuuid(1)]
+
+
+def test_gpu_vram_is_used_up_like_other_resources():
+    """Arvados' InstanceResources.Sub subtracts GPUVRAM too: two 1-GPU containers that each want
+    the VRAM figure of the whole type do not pack onto one 2-GPU instance."""
+    gpu = GPU(stack="cuda", driver_version="12.0", hardware_target="9.0", device_count=2, vram=16 * GiB)
+    g2 = T(8, gpu=gpu)
+    q = Queue(sched_cluster(types=(g2,)))
+    for i in (1, 2):
+        q.add(i, "Locked", i, 1, GiB, gpu={"stack": "cuda", "device_count": 1, "vram": 16 * GiB,
+                                           "driver_version": "11.0", "hardware_target": ["8.0"]})
+    assert q.entries[cuuid(1)].resources.gpu_vram == 16 * GiB
+    pool = Pool(quota=999, can_create=999)
+    run_queue(pool, q)
+    assert names(pool.creates) == ["type8", "type8"]
+    pool.boot_all()
+    run_queue(pool, q)
+    assert sorted(w.running for w in pool.workers.values()) == [[cuuid(1)], [cuuid(2)]]
 
 
 def test_containers_metrics_counts():
