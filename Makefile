@@ -13,10 +13,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# System packages the tests use: OpenSSH's sshd for the real-SSH tests.
+# System packages the tests use: OpenSSH's sshd (real-SSH tests) and promtool (metrics lint).
 sysdeps:
-	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || { \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; }
+	@{ test -x /usr/sbin/sshd && command -v promtool >/dev/null 2>&1; } || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    openssh-server prometheus; }
 
 run: $(STAMP)
 	$(VENV)/bin/dispatch-cloud run --demo

@@ -539,6 +539,8 @@ class _Builder:
             if not isinstance(name, str) or not name:
                 sec.fail(str(name), "instance type name must be a non-empty string")
             types[name] = self._instance_type(sec.section(name), name)
+        if not types and containers.cloud_vms.driver == "local":
+            types = self._local_default_type(top, containers)
         factor = containers.preemptible_price_factor
         if factor > 0:
             for name, it in list(types.items()):
@@ -555,6 +557,20 @@ class _Builder:
                     self.warn(sec.key(variant.name), "already exists, so no preemptible variant of "
                                                      f"{name} is added automatically")
         return types
+
+    def _local_default_type(self, top: _Section, containers: Containers) -> dict[str, InstanceType]:
+        """Like Arvados' loopback driver: with Driver local and no InstanceTypes, one type sized
+        from this host (cores, memory, free disk under StateDir)."""
+        from cloud.local import default_instance_type
+        from conf.model import thaw
+        try:
+            found = default_instance_type(thaw(containers.cloud_vms.driver_parameters))
+        except ValueError as e:
+            top.fail("Containers.CloudVMs.DriverParameters", str(e))
+        return {name: InstanceType(name=name, provider_type=d["ProviderType"], vcpus=int(d["VCPUs"]),
+                                   ram=int(d["RAM"]), included_scratch=int(d["IncludedScratch"]),
+                                   added_scratch=int(d.get("AddedScratch", 0)), price=float(d["Price"]))
+                for name, d in found.items()}
 
     def _instance_type(self, sec: _Section, name: str) -> InstanceType:
         sec.warn_unknown(_INSTANCE_TYPE_KEYS)

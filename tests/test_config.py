@@ -572,3 +572,20 @@ def test_check_config_missing_file_and_env_default(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Cluster bbbbb: configuration OK\n") and path in r.stdout
     assert r.stderr == ""
+
+
+def test_local_driver_without_types_gets_one_sized_from_this_host(tmp_path):
+    doc = site(Containers={"CloudVMs": {"Driver": "local", "DriverParameters": {"StateDir": str(tmp_path / "vms")}}})
+    doc["Clusters"]["zzzzz"].pop("InstanceTypes", None)
+    c = load_doc(tmp_path, doc)
+    assert list(c.instance_types) == ["local"]
+    it = c.instance_types["local"]
+    assert it.vcpus == (os.cpu_count() or 1) and it.ram > 0 and it.provider_type == "local"
+
+
+def test_local_driver_bad_parameters_name_the_key(tmp_path):
+    doc = site(Containers={"CloudVMs": {"Driver": "local", "DriverParameters": {"BootDelay": "soon"}}})
+    doc["Clusters"]["zzzzz"].pop("InstanceTypes", None)
+    with pytest.raises(ConfigError) as e:
+        load_doc(tmp_path, doc)
+    assert "DriverParameters" in str(e.value) and "BootDelay" in str(e.value)
