@@ -482,8 +482,9 @@ class WorkerActor(BaseActor):
         dur = now - v.probed
         new = v.state in (State.UNKNOWN, State.BOOTING)
         limit = self._cfg.timeout_booting if new else self._cfg.timeout_probe
-        if v.state is State.UNKNOWN and self._runners:
-            return  # adopted containers keep it alive; it is draining
+        # An adopted (unknown, draining) worker with containers also ends up here once its run
+        # probe fails: ``probed`` is its last successful run probe, so it goes only after
+        # TimeoutBooting without any answer, as in Arvados; while the run probe answers it stays.
         if dur < limit:
             return
         self._log.warning(("new " if new else "") + "instance unresponsive, shutting down" +

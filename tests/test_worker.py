@@ -219,6 +219,22 @@ def test_unknown_with_containers_is_drained_not_killed():
     assert w._iset.destroy.defer.call_count == 1
 
 
+def test_unknown_with_containers_that_stops_answering_is_shut_down():
+    """Draining spares an adopted worker while its run probe shows containers; once no probe has
+    worked for TimeoutBooting it is shut down, as Arvados' shutdownIfBroken does (otherwise a dead
+    VM would be kept, and its containers counted as running, forever)."""
+    w, ex = make_worker(State.UNKNOWN, {BOOT: FAIL, LIST: RUNNING})
+    w.tick(T0)
+    assert (w.view.state, w.view.idle_behavior, w.view.probed) == (State.UNKNOWN, Behavior.DRAIN, T0)
+    ex.table[LIST] = ExecutorError("connection timed out")
+    for t in range(5, int(BOOT_TIMEOUT), 5):  # one probe every ProbeInterval, all failing
+        w.tick(T0 + t)
+        assert w.view.state is State.UNKNOWN and w.view.running == (UUID,)
+    w.tick(T0 + BOOT_TIMEOUT)
+    assert w.view.state is State.SHUTDOWN
+    w._iset.destroy.defer.assert_called_once()
+
+
 def test_unknown_without_containers_goes_after_boot_timeout():
     w, ex = make_worker(State.UNKNOWN, {BOOT: FAIL, LIST: FAIL})
     w.tick(T0)
