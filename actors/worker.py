@@ -62,21 +62,26 @@ def parse_list_output(out: str, cluster_id: str) -> tuple[list[str], list[str], 
 
 def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
                           timeout_booting: float, all_given_up: bool) -> bool:
-    """Should this worker be shut down now, by its idle behaviour and state? (pure)"""
+    """Should this worker be shut down now, by its idle behaviour and state? (pure)
+
+    Ages are compared as ``now >= start + timeout``, the very deadline the worker asks the Ticker
+    for: ``now - start`` can round below the timeout at that instant (T0 + 0.3 - T0 < 0.3), and a
+    simulation would then wake the worker at the same time forever.
+    """
     b, s = view.idle_behavior, view.state
     if b is Behavior.HOLD or s is State.SHUTDOWN:
         return False
     if s is State.BOOTING:
         return b is Behavior.DRAIN
     if s is State.IDLE:
-        return b is Behavior.DRAIN or now - view.busy >= timeout_idle
+        return b is Behavior.DRAIN or now >= view.busy + timeout_idle
     if s is State.RUNNING:
         return b is Behavior.DRAIN and all_given_up
     # unknown: never while it runs containers (the seed: drain, don't kill), and not drained
     # before a first probe has had the chance to find its containers
     if view.running or not view.probe_done:
         return False
-    return b is Behavior.DRAIN or now - view.appeared >= timeout_booting
+    return b is Behavior.DRAIN or now >= view.appeared + timeout_booting
 
 
 class WorkerActor(BaseActor):
@@ -138,7 +143,9 @@ class WorkerActor(BaseActor):
             when.append(v.appeared + self._cfg.timeout_booting)
         for r in self._runners.values():
             if r.kill_started is not None and not r.given_up:
-                when.append(min(r.next_signal, r.kill_started + self._cfg.timeout_term))
+                # the next signal, or giving up: that happens at the first signal time after
+                # TimeoutTERM, as with Arvados' signal ticker (never a wake that does nothing)
+                when.append(r.next_signal)
         self._ticker.schedule(self.actor_urn, min(when))
 
     def _report_boot_outcome(self, outcome: str) -> None:

@@ -542,6 +542,56 @@ def test_idle_timeout_shuts_down():
     assert w.view.state is State.SHUTDOWN
 
 
+def next_wake(w) -> float:
+    return w._ticker.schedule.call_args.args[1]
+
+
+@pytest.mark.parametrize("timeout_idle", [0.3, 1.1, 60.0])
+def test_idle_deadline_tick_shuts_down_exactly_then(timeout_idle):
+    """The worker asks to be woken at busy + TimeoutIdle; a tick at exactly that time must shut it
+    down (with ``now - busy >= TimeoutIdle`` rounding made T0 + 0.3 - T0 < 0.3, so a FakeClock
+    simulation re-woke the worker at the same instant forever)."""
+    w, ex = make_worker(State.IDLE, {LIST: OK}, cl=make_cluster(timeout_idle=timeout_idle, probe_interval=3600))
+    w.tick(T0)
+    wake = next_wake(w)
+    assert wake == T0 + timeout_idle
+    w.tick(wake)
+    assert w.view.state is State.SHUTDOWN
+
+
+@pytest.mark.parametrize("timeout_booting", [0.3, 1.1])
+def test_unknown_deadline_tick_shuts_down_exactly_then(timeout_booting):
+    w, ex = make_worker(State.UNKNOWN, {BOOT: FAIL, LIST: FAIL},
+                        cl=make_cluster(timeout_booting=timeout_booting, probe_interval=3600))
+    w.tick(T0)
+    wake = next_wake(w)
+    assert wake == T0 + timeout_booting
+    w.tick(wake)
+    assert w.view.state is State.SHUTDOWN
+
+
+@pytest.mark.parametrize("term,signal", [(60.0, 5.0), (62.0, 5.0), (0.3, 0.1)])
+def test_kill_loop_always_makes_progress(term, signal):
+    """Every wake the kill loop asks for is in the future and does something: the next signal,
+    or giving up at the first signal time after TimeoutTERM (as Arvados' signal ticker does)."""
+    w, ex = make_worker(State.RUNNING, {LIST: RUNNING, f"crunch-run --kill 15 {UUID}": FAIL},
+                        running=[UUID], cl=make_cluster(timeout_term=term, timeout_signal=signal,
+                                                        probe_interval=3600, timeout_probe=7200))
+    w.tick(T0)  # the first probe; the next one is an hour away
+    w.kill_container(UUID, "x", T0)
+    now, wakes = T0, 0
+    while w.view.idle_behavior is Behavior.RUN:
+        wake = next_wake(w)
+        assert wake > now, "woken again at the same instant: no progress"
+        sent = ex.count("crunch-run --kill")
+        now = wake
+        w.tick(now)
+        wakes += 1
+        assert ex.count("crunch-run --kill") == sent + 1 or w.view.idle_behavior is Behavior.DRAIN
+        assert wakes < 10_000
+    assert now > T0 + term and now - signal <= T0 + term + 1e-6
+
+
 def test_shutdown_if_allowed_rules():
     for state, behavior, goes in [(S.BOOTING, R, True), (S.IDLE, R, True), (S.IDLE, H, False),
                                   (S.RUNNING, R, False), (S.UNKNOWN, R, False)]:
