@@ -1,0 +1,118 @@
+"""`dispatch-cloud run --config` as a real process on the stub cloud in real time: it finishes a
+small queue within a minute, serves the management API, dumps thread stacks on SIGUSR1, and stops
+cleanly on SIGTERM. The container API is the SQLite-backed server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from cloud.apiserver import serve
+from cloud.arvados import ArvadosClient
+from cloud.containerstore import ContainerStore
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "systemroot" + "a" * 30
+MGMT = "management" + "b" * 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_run_on_stub_cloud_in_real_time(tmp_path):
+    store = ContainerStore(str(tmp_path / "c.db"), cluster_id="zzzzz")
+    store.add_token(TOKEN, admin=True)
+    api = serve(store)
+    mgmt = f"http://127.0.0.1:{free_port()}"
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump({"Clusters": {"zzzzz": {
+        "SystemRootToken": TOKEN, "ManagementToken": MGMT,
+        "Services": {"Controller": {"ExternalURL": api.url},
+                     "DispatchCloud": {"InternalURLs": {mgmt: {}}}},
+        "Containers": {"ReserveExtraRAM": 0, "LocalKeepBlobBuffersPerVCPU": 0, "CloudVMs": {
+            "Driver": "stub", "BootProbeCommand": "true", "PollInterval": "1s", "ProbeInterval": "1s",
+            "SyncInterval": "2s", "TimeoutIdle": "3s",
+            "DriverParameters": {"BootTime": "1s", "BootTimeJitter": "0s", "ContainerRunTime": "2s"}}},
+        "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1},
+                          "big": {"VCPUs": 4, "RAM": "4GiB", "Price": 0.4}},
+    }}}))
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    try:
+        client = ArvadosClient(api.url, TOKEN)
+        base = {"command": ["true"], "container_image": "img", "cwd": "/", "output_path": "/out"}
+        uuids = [client.create_container({**base, "priority": 1,
+                                          "runtime_constraints": {"vcpus": v, "ram": 256 << 20}})["uuid"]
+                 for v in (1, 1, 3)]
+        t0 = time.time()
+        wait_for(lambda: all(client.get_container(u)["state"] == "Complete" for u in uuids), 60,
+                 "the queue to finish")
+        took = time.time() - t0
+        assert took < 60
+        auth = {"Authorization": f"Bearer {MGMT}"}
+        r = requests.get(mgmt + "/arvados/v1/dispatch/instances", headers=auth, timeout=10)
+        assert r.status_code == 200
+        types = {i["arvados_instance_type"] for i in r.json()["items"]}
+        assert types <= {"small", "big"} and "big" in types or not r.json()["items"]
+        assert requests.get(mgmt + "/arvados/v1/dispatch/instances", timeout=10).status_code == 401
+        # idle instances go after TimeoutIdle
+        wait_for(lambda: requests.get(mgmt + "/arvados/v1/dispatch/instances", headers=auth,
+                                      timeout=10).json()["items"] == [], 30, "idle shutdown")
+        # SIGUSR1: every thread's stack, as one JSON log line
+        proc.send_signal(signal.SIGUSR1)
+
+        def dumped():
+            for line in log.read_text().splitlines():
+                if '"thread dump"' in line:
+                    return json.loads(line)
+            return None
+        rec = wait_for(dumped, 10, "the thread dump")
+        assert "SchedulerActor" in rec["stacks"] and "Ticker" in rec["stacks"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        assert not [x for x in lines if x["level"] in ("error", "fatal") and "create failed" not in x["msg"]]
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        api.stop()
+        store.close()
+
+
+def test_run_with_a_bad_config_is_one_line_and_no_traceback(tmp_path):
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text("Clusters:\n  zzzzz:\n    Containers: {CloudVMs: {Driver: stub}}\n"
+                   "    InstanceTypes:\n      m5: {RAM: 16 gigs, Price: 1}\n")
+    p = subprocess.run([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1
+    err = [x for x in p.stderr.splitlines() if x.startswith("dispatch-cloud:")]
+    assert len(err) == 1 and "InstanceTypes.m5.RAM" in err[0] and str(cfg) in err[0]
+    assert "Traceback" not in p.stderr
