@@ -17,8 +17,12 @@ class _ErrorCatcher(logging.Handler):
         self.records.append(record)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_actor_errors: the test provokes an actor crash on purpose")
+
+
 @pytest.fixture(autouse=True)
-def actor_hygiene():
+def actor_hygiene(request):
     catcher = _ErrorCatcher()
     watched = [logging.getLogger("pykka"), logging.getLogger("dispatch.actors")]
     for lg in watched:
@@ -30,5 +34,5 @@ def actor_hygiene():
     if leaked:
         pykka.ActorRegistry.stop_all(block=True, timeout=10)
         pytest.fail(f"test leaked {len(leaked)} actors: {sorted({r.actor_class.__name__ for r in leaked})}")
-    if catcher.records:
+    if catcher.records and request.node.get_closest_marker("allow_actor_errors") is None:
         pytest.fail("actor error logged: " + "; ".join(r.getMessage() for r in catcher.records[:3]))
