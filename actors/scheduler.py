@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass, field
+
+import pykka
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from actors.base import BaseActor
@@ -52,6 +54,7 @@ class _Worker:
     added: float
     secret: str = ""
     boot_reported: bool = False
+    info: InstanceInfo | None = None  # the latest listing of its instance
 
 
 @dataclass
@@ -134,6 +137,25 @@ class SchedulerActor(BaseActor):
             except Exception:
                 pass
 
+    def _tell(self, w: _Worker, method: str, *args) -> bool:
+        """Tell a worker. A worker actor that died (a bug) must not take the scheduler with it:
+        a fresh actor takes over its instance as ``unknown``, and until that one's first probe
+        its containers still count as running, so nothing is cancelled or started twice."""
+        try:
+            getattr(w.proxy, method).defer(*args)
+            return True
+        except pykka.ActorDeadError:
+            v = w.view
+            if self._workers.get(v.instance_id) is not w or w.info is None:
+                return False
+            log.warning("worker actor is gone; a new one takes over its instance",
+                        extra={"Instance": v.instance_id, "State": str(v.state)})
+            state = State.SHUTDOWN if v.state is State.SHUTDOWN else State.UNKNOWN
+            w.proxy = self._make_worker(w.info, v.instance_type, state, v.idle_behavior, self._now, w.secret)
+            w.view = replace(v, state=state, probe_done=False)
+            self._touch()
+            return False
+
     def _touch(self) -> None:
         if not self._dirty:
             self._dirty = True
@@ -158,7 +180,8 @@ class SchedulerActor(BaseActor):
             seen.add(info.id)
             w = self._workers.get(info.id)
             if w is not None:
-                w.proxy.update_instance.defer(info, now)
+                w.info = info
+                self._tell(w, "update_instance", info, now)
                 continue
             self._add_worker(info, now, booting=info.tags.get(tag("InstanceSecret"), "") in creating_secrets)
         for iid in list(self._workers):
@@ -168,7 +191,7 @@ class SchedulerActor(BaseActor):
             log.info("instance disappeared in cloud", extra={"Instance": iid, "WorkerState": str(w.view.state)})
             self._observe_gone(w, now)
             del self._workers[iid]
-            w.proxy.abandon.defer()
+            self._tell(w, "abandon")
         total = len(self._workers) + len(self._creating)
         if self._pool.at_quota_until_fewer > total:
             self._pool.at_quota_until_fewer = 0
@@ -206,7 +229,7 @@ class SchedulerActor(BaseActor):
         view = WorkerView(instance_id=info.id, instance_type=it, state=state, idle_behavior=behavior,
                           address=info.address, provider_type=info.provider_type, busy=now,
                           appeared=now, probed=now)
-        self._workers[info.id] = _Worker(proxy, view, now, secret)
+        self._workers[info.id] = _Worker(proxy, view, now, secret, info=info)
         log.info("instance appeared in cloud", extra={
             "Instance": info.id, "InstanceType": it.name, "Address": info.address,
             "State": str(state), "IdleBehavior": str(behavior)})
@@ -216,7 +239,6 @@ class SchedulerActor(BaseActor):
         if info.id not in self._workers:
             self._add_worker(info, self._now, booting=True)
         self._creating.pop(req_id, None)
-        self._iset.sync_now.defer(self._now)
         self._touch()
 
     def create_failed(self, req_id: str, it: InstanceType, failure: CreateFailure, now: float) -> None:
@@ -254,9 +276,7 @@ class SchedulerActor(BaseActor):
         if w is None:
             return  # already gone
         if view.state is not State.BOOTING and view.state is not State.UNKNOWN:
-            w.boot_reported = True
-        elif view.state is State.SHUTDOWN:
-            w.boot_reported = True
+            w.boot_reported = True  # the worker reported success, failure or aborted
         w.view = view
         self._touch()
 
@@ -308,19 +328,19 @@ class SchedulerActor(BaseActor):
         w = self._workers.get(instance_id)
         if w is None:
             raise NotFound("requested instance does not exist")
-        w.proxy.set_idle_behavior.defer(Behavior(behavior), self._now)
+        self._tell(w, "set_idle_behavior", Behavior(behavior), self._now)
 
     def kill_instance(self, instance_id: str, reason: str) -> None:
         w = self._workers.get(instance_id)
         if w is None:
             raise NotFound("instance not found")
         log.info("shutting down", extra={"Instance": instance_id, "Reason": reason})
-        w.proxy.kill_instance.defer(reason, self._now)
+        self._tell(w, "kill_instance", reason, self._now)
 
     def kill_container(self, uuid: str, reason: str) -> None:
-        for w in self._workers.values():
+        for w in list(self._workers.values()):
             if uuid in w.view.running:
-                w.proxy.kill_container.defer(uuid, reason, self._now)
+                self._tell(w, "kill_container", uuid, reason, self._now)
                 return
         raise NotFound("container not found")
 
@@ -432,7 +452,7 @@ class SchedulerActor(BaseActor):
         for uuid, iid in pl.starts:
             w = self._workers.get(iid)
             if w is not None:
-                w.proxy.start_container.defer(self._queue[uuid], now)
+                self._tell(w, "start_container", self._queue[uuid], now)
                 # optimistic: count it as running on that worker until the worker reports
                 w.view = WorkerView(**{**w.view.__dict__, "running": tuple(sorted({*w.view.running, uuid}))})
         for it, uuid in pl.creates:
@@ -447,7 +467,7 @@ class SchedulerActor(BaseActor):
         for iid in pl.shutdowns:
             w = self._workers.get(iid)
             if w is not None:
-                w.proxy.shutdown_if_allowed.defer("at quota", now)
+                self._tell(w, "shutdown_if_allowed", "at quota", now)
 
     def _create(self, it: InstanceType, now: float) -> None:
         if (self._cfg.max_concurrent_instance_create_ops > 0
@@ -469,9 +489,9 @@ class SchedulerActor(BaseActor):
     def _reconcile_action(self, action: str, uuid: str, reason: str) -> None:
         if action == "kill":
             log.info("kill container because %s", reason, extra={"ContainerUUID": uuid, "Reason": reason})
-            for w in self._workers.values():
+            for w in list(self._workers.values()):
                 if uuid in w.view.running:
-                    w.proxy.kill_container.defer(uuid, reason, self._now)
+                    self._tell(w, "kill_container", uuid, reason, self._now)
             self._exited.pop(uuid, None)
             return
         if action == "forget":

@@ -358,3 +358,25 @@ def test_resume_after_restart():
     left = {v.instance for v in sim2.snapshot.instances}
     assert vb not in left and vc in left
     sim2.stop()
+
+
+def test_dead_worker_actor_is_replaced_and_its_container_adopted():
+    """A worker actor that dies (a bug, say) must not take the scheduler with it: the instance
+    is re-adopted by a fresh actor at the next listing and its container keeps running."""
+    import pykka
+
+    from actors.worker import WorkerActor
+    c = cluster(driver_parameters={"BootTime": "5s", "BootTimeJitter": "0s", "ContainerRunTime": "120s"})
+    with Simulation(c) as sim:
+        u = sim.submit(runtime_constraints={"vcpus": 1, "ram": 256 << 20})
+        sim.run_until(lambda: states(sim)[u]["state"] == "Running", 120)
+        iid = sim.snapshot.instances[0].instance
+        (ref,) = pykka.ActorRegistry.get_by_class(WorkerActor)
+        ref.stop()
+        sim.dispatcher.backend().set_idle_behavior(iid, "hold")  # a tell to the dead actor
+        sim.step(c.cloud_vms.sync_interval + 2 * c.cloud_vms.probe_interval)
+        views = sim.snapshot.instances
+        assert [(v.instance, v.running_container_uuids) for v in views] == [(iid, (u,))]
+        assert len(pykka.ActorRegistry.get_by_class(WorkerActor)) == 1
+        sim.run_until(lambda: states(sim)[u]["state"] == "Complete", 300)
+        assert states(sim)[u]["lock_count"] == 1
