@@ -57,8 +57,8 @@ class InstanceSetActor(BaseActor):
 
     # -- scheduling of cloud calls ------------------------------------------------------------------
 
-    def _enqueue(self, now: float, op: str, fn, *args) -> None:
-        at = self._limiter.reserve(now)
+    def _enqueue(self, now: float, op: str, fn, *args, not_before: float = 0.0) -> None:
+        at = self._limiter.reserve(max(now, not_before))
         if at <= now:
             self._pool.submit(background(fn, *args))
         else:
@@ -90,11 +90,9 @@ class InstanceSetActor(BaseActor):
 
     def create(self, req_id: str, it, tags: dict, init_command: str, public_key: str | None,
                now: float) -> None:
-        if now < self._hold["create"]:
-            self._scheduler.create_failed.defer(req_id, it, CreateFailure(
-                "create suspended by an earlier rate-limit error", retry_at=self._hold["create"]), now)
-            return
-        self._enqueue(now, "Create", self._create, req_id, it, tags, init_command, public_key, now)
+        # A create sent before the scheduler heard of a rate-limit holdoff waits it out here.
+        self._enqueue(now, "Create", self._create, req_id, it, tags, init_command, public_key, now,
+                      not_before=self._hold["create"])
 
     def destroy(self, handle) -> None:
         self._enqueue(self._ticker.clock.now(), "Destroy", self._destroy, handle)
