@@ -16,6 +16,7 @@ the planner being pure:
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -146,8 +147,10 @@ def max_containers(cl, n_running: int, at_quota: bool, total: int) -> int:
     return m
 
 
-def run_queue(pool: Pool, queue: Queue, maxc: int | None = None):
-    """One runQueue(): plan, then apply the plan as the SchedulerActor does."""
+def run_queue(pool: Pool, queue: Queue, maxc: int | None = None, shuffle: random.Random | None = None):
+    """One runQueue(): plan, then apply the plan as the SchedulerActor does.
+
+    ``shuffle`` hands the queue to the planner in a random order, as Go's map iteration does."""
     cl = queue.cluster
     n = len(pool.workers)
     if maxc is None:
@@ -163,7 +166,10 @@ def run_queue(pool: Pool, queue: Queue, maxc: int | None = None):
                     # MaxInstances 0 means "no limit" to the planner; a quota of 0 is "at quota"
                     n_workers=n, n_creating=0, at_quota=pool.quota <= 0, create_throttled=pool.can_create < 1,
                     blocked=pool.blocked())
-    p = plan(list(queue.entries.values()), dict(pool.running), slots, limits)
+    entries = list(queue.entries.values())
+    if shuffle is not None:
+        shuffle.shuffle(entries)
+    p = plan(entries, dict(pool.running), slots, limits)
     for uuid in p.locks:
         queue.set_state(uuid, "Locked")
     for uuid, wid in p.starts:
@@ -348,6 +354,33 @@ def test_pack_containers_0vcpus():
     assert pool.workers["i-0000002"].running == [cuuid(i) for i in (5, 4, 3, 2, 1)]
 
 
+def test_prefer_the_busier_instance():
+    """Among instances with room, the one already running more containers wins (so that others
+    can go idle and be shut down), whatever the instance order says."""
+    q = Queue(sched_cluster(types=(4,)))
+    q.add(1, "Running", 9, 1, GiB)
+    q.add(2, "Locked", 5, 1, GiB)
+    pool = Pool(quota=999, can_create=0)
+    pool.workers["i-0000001"] = W("i-0000001", T(4), State.IDLE)
+    pool.workers["i-0000002"] = W("i-0000002", T(4), State.RUNNING, running=[cuuid(1)])
+    pool.running[cuuid(1)] = None
+    run_queue(pool, q)
+    assert pool.starts == [cuuid(2)]
+    assert pool.workers["i-0000002"].running == [cuuid(1), cuuid(2)]
+
+
+def test_zero_vcpu_containers_use_up_a_shared_vcpu():
+    """After a 0-VCPU container, an instance has one VCPU fewer for containers asking for VCPUs:
+    a 1-VCPU container does not join a 0-VCPU one on a 1-VCPU type."""
+    q = Queue(sched_cluster(types=(1, 2)))
+    q.add(1, "Locked", 2, 0, 1 << 27)
+    q.add(2, "Locked", 1, 1, 1 << 27)
+    pool = Pool(quota=999, can_create=999)
+    p = run_queue(pool, q)
+    assert names(pool.creates) == ["type1", "type1"]
+    assert [u for _, u in p.creates] == [cuuid(1), cuuid(2)]
+
+
 @pytest.mark.parametrize("quota", [1, 2, 3])
 def test_shutdown_at_quota(quota):
     q = Queue(sched_cluster())
@@ -383,6 +416,20 @@ def test_shutdown_at_quota_with_no_instances_unlocks_head_of_line():
     p = run_queue(pool, q)
     assert sorted(q.changes) == [(cuuid(2), "Locked", "Queued"), (cuuid(3), "Locked", "Queued")]
     assert p.over_quota == 2 and p.at_quota
+
+
+def test_shutdown_at_quota_single_container_is_unlocked():
+    """Arvados keeps the head of line locked only when more than one container is over quota
+    (``totalInstances > 0 && len(overquota) > 1``); a lone one is unlocked. Same here."""
+    q = Queue(sched_cluster())
+    q.add(3, "Locked", 3, 3, 3 * GiB)
+    pool = Pool(quota=2, can_create=3)
+    pool.create(T(2))
+    pool.create(T(2))
+    pool.boot_all()
+    p = run_queue(pool, q)
+    assert q.changes == [(cuuid(3), "Locked", "Queued")]
+    assert pool.shutdowns == 2 and sorted(p.shutdowns) == ["i-0000001", "i-0000002"]
 
 
 def test_instance_capacity():
@@ -476,8 +523,9 @@ def test_equal_priority_containers():
     pool.create(T(3))
     pool.create(T(3))
     pool.boot_all()
+    rng = random.Random(42)
     for _ in range(30):
-        run_queue(pool, q)
+        run_queue(pool, q, shuffle=rng)
         sync(pool, q)
     assert pool.shutdowns == 0
     assert len(pool.starts) == 2
