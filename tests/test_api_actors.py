@@ -294,6 +294,8 @@ def test_kill_instance_running_a_container(live, caplog):
     assert lv.sim.cloud.vm(x["instance"]) is None
     lv.wait(lambda: lv.state(a)["state"] == "Cancelled", 30)
     assert lv.state(a)["lock_count"] == 1
+    assert any(getattr(r, "ContainerUUID", None) == a and getattr(r, "Reason", None) == "not running on any worker"
+               for r in caplog.records)
     lv.sim.step(30)
     assert lv.instances() == [] and lv.sim.cloud.vms == []
     m = lv.metrics()
