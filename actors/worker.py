@@ -453,7 +453,11 @@ class WorkerActor(BaseActor):
         if booted and v.state in (State.UNKNOWN, State.BOOTING):
             if v.state is State.BOOTING and self._metrics is not None and self._first_ssh:
                 self._metrics.time_to_ready_for_container.observe(max(0.0, now - self._first_ssh))
-            self._set(state=State.RUNNING if self._runners else State.IDLE)
+            # The idle clock starts now: with ``busy`` left at the appearance time, a boot slower
+            # than TimeoutIdle made the worker eligible for shutdown the moment it was ready,
+            # before the scheduler could give it work (Arvados is saved by only checking at the
+            # next probe round; here the idle deadline wakes the worker at once).
+            self._set(state=State.RUNNING if self._runners else State.IDLE, busy=now)
             self._report_boot_outcome("success")
             self._log.info("probes succeeded, instance is in service", extra=self._fields())
         elif v.state is State.UNKNOWN and self._runners:

@@ -592,6 +592,35 @@ def test_kill_loop_always_makes_progress(term, signal):
     assert now > T0 + term and now - signal <= T0 + term + 1e-6
 
 
+def test_boot_slower_than_timeout_idle_leaves_time_to_start_a_container():
+    """A VM that takes longer to boot than TimeoutIdle must not be shut down the instant it is
+    ready: the scheduler has not had a chance to give it work yet. (It was: busy was still the
+    appearance time, so the idle deadline was already past and the very next tick destroyed it.)"""
+    w, ex = make_worker(State.BOOTING, {BOOT: OK, LIST: OK, "crunch-run --detach": OK}, age=90,
+                        cl=make_cluster(timeout_idle=60.0, timeout_booting=600.0))
+    w.tick(T0)
+    assert w.view.state is State.IDLE
+    assert next_wake(w) > T0
+    w.tick(T0 + 1)
+    assert w.view.state is State.IDLE
+    w.start_container(entry(), T0 + 1)
+    assert w.view.state is State.RUNNING
+    w._iset.destroy.defer.assert_not_called()
+
+
+def test_boot_slower_than_timeout_idle_simulation():
+    """The same through the real actors: boot takes 90 s, TimeoutIdle is 60 s; one VM runs the
+    container (before the fix the dispatcher created and destroyed VMs forever)."""
+    from actors.sim import Simulation
+
+    c = cluster(timeout_idle=60.0, timeout_booting=600.0,
+                driver_parameters={"BootTime": "90s", "BootTimeJitter": "0s", "ContainerRunTime": "30s"})
+    with Simulation(c) as sim:
+        u = sim.submit(runtime_constraints={"vcpus": 1, "ram": 512 << 20})
+        sim.run_until(lambda: {x["uuid"]: x for x in sim.containers()}[u]["state"] == "Complete", 600)
+        assert sim.metrics.driver_operations.labels(operation="Create", error="0")._value.get() == 1
+
+
 def test_shutdown_if_allowed_rules():
     for state, behavior, goes in [(S.BOOTING, R, True), (S.IDLE, R, True), (S.IDLE, H, False),
                                   (S.RUNNING, R, False), (S.UNKNOWN, R, False)]:
