@@ -326,11 +326,10 @@ def test_kill_booting_instance_keeps_the_lock_and_boots_another(live):
     assert m[("arvados_dispatchcloud_boot_outcomes_total", (("outcome", "success"),))] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="actors/worker.py: a worker that becomes idle more than TimeoutIdle after "
-                   "it appeared is shut down by the tick that races the scheduler's start_container (busy is "
-                   "the appearance time); Arvados checks idleness only at the next probe round, so the "
-                   "scheduler gets a ProbeInterval to use the new instance")
 def test_instance_booting_longer_than_timeout_idle_still_gets_its_container(live):
+    """Found here: with ``busy`` left at the appearance time, a worker ready more than TimeoutIdle after
+    it appeared was shut down the instant it was ready, before the scheduler could start the container,
+    and every replacement went the same way (fixed in actors/worker.py c25f551)."""
     c = cluster(types=(1,), driver_parameters=stub(BootTime="65s", ContainerRunTime="10s"))
     assert c.cloud_vms.timeout_idle == 60
     lv = live(c)
