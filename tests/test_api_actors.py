@@ -64,9 +64,11 @@ class Live:
         self.http.headers["Authorization"] = "Bearer " + c.management_token
 
     def close(self) -> None:
-        self.http.close()
-        self.server.stop()
-        self.sim.stop()
+        try:
+            self.http.close()
+            self.server.stop()
+        finally:
+            self.sim.stop()
 
     # -- HTTP --------------------------------------------------------------------------------------
 
@@ -164,7 +166,7 @@ def test_queue_and_instances_show_what_the_actors_did(live):
     for e in items:
         assert START < at(e["first_seen_at"]) <= t_seen
         assert e["container"]["priority"] == lv.state(e["container"]["uuid"])["priority"]
-    # one entry by uuid is the same object as in the list
+    # one entry by uuid is exactly its list item
     r = lv.get(P + "/container", params={"container_uuid": b})
     assert r.status_code == 200 and r.json() == by[b]
 
