@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import pytest
 import yaml
 
 from cloud.devcluster import CLUSTER_ID, ensure_state
+from tests.util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(env, *args, timeout=60, check=True):
@@ -33,16 +27,6 @@ def cli(env, *args, timeout=60, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{args}: rc={p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Dev:

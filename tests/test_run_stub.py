@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,26 +18,11 @@ import yaml
 from cloud.apiserver import serve
 from cloud.arvados import ArvadosClient
 from cloud.containerstore import ContainerStore
+from tests.util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "systemroot" + "a" * 30
 MGMT = "management" + "b" * 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_run_on_stub_cloud_in_real_time(tmp_path):
