@@ -77,11 +77,12 @@ def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
         return b is Behavior.DRAIN or now >= view.busy + timeout_idle
     if s is State.RUNNING:
         return b is Behavior.DRAIN and all_given_up
-    # unknown: never while it runs containers (the seed: drain, don't kill), and not drained
-    # before a first probe has had the chance to find its containers
+    # unknown: never while it runs containers (the seed: drain, don't kill), nor before a first
+    # probe has had the chance to find its containers; then, as in Arvados, only by age: drain
+    # does not hurry it, since a failed probe has not shown it idle
     if view.running or not view.probe_done:
         return False
-    return b is Behavior.DRAIN or now >= view.appeared + timeout_booting
+    return now >= view.appeared + timeout_booting
 
 
 class WorkerActor(BaseActor):

@@ -235,6 +235,20 @@ def test_unknown_with_containers_that_stops_answering_is_shut_down():
     w._iset.destroy.defer.assert_called_once()
 
 
+def test_restarted_draining_worker_survives_a_failed_first_probe():
+    """After a restart, a worker tagged drain whose first probe fails entirely (SSH hiccup) may
+    still be running containers: it is not shut down until TimeoutBooting, as in Arvados."""
+    w, ex = make_worker(State.UNKNOWN, {BOOT: ExecutorError("timed out"), LIST: ExecutorError("timed out")},
+                        behavior=Behavior.DRAIN)
+    w.tick(T0)
+    w.tick(T0 + 5)
+    assert w.view.state is State.UNKNOWN
+    ex.table[BOOT], ex.table[LIST] = OK, RUNNING  # it answers again: its container is adopted
+    w.tick(T0 + 10)
+    assert (w.view.state, w.view.running) == (State.RUNNING, (UUID,))
+    w._iset.destroy.defer.assert_not_called()
+
+
 def test_unknown_without_containers_goes_after_boot_timeout():
     w, ex = make_worker(State.UNKNOWN, {BOOT: FAIL, LIST: FAIL})
     w.tick(T0)
@@ -303,7 +317,9 @@ ELIGIBLE = [
     # ... and not before its first probe has had the chance to find containers
     (S.UNKNOWN, R, {"appeared_age": 10 * BOOT_T, "probe_done": False}, False, False),
     (S.UNKNOWN, D, {"probe_done": False}, False, False),
-    (S.UNKNOWN, D, {}, False, True),
+    # drain does not hurry an unknown worker: nothing has shown it idle (Arvados: age rule only)
+    (S.UNKNOWN, D, {}, False, False),
+    (S.UNKNOWN, D, {"appeared_age": BOOT_T}, False, True),
     (S.SHUTDOWN, R, {"busy_age": 10 * IDLE_T}, False, False),
     (S.SHUTDOWN, D, {}, True, False),
 ]
