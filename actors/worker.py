@@ -4,7 +4,9 @@ Behaviour follows Arvados ``worker/worker.go`` (states unknown/booting/idle/runn
 idle behaviours run/hold/drain, boot probe then run probe, the timeouts), with one deliberate
 difference the seed asks for: an instance found at startup whose boot probe fails but which is
 running containers is *drained* (its containers finish, then it is shut down), never killed by
-the TimeoutBooting age rule.
+the TimeoutBooting age rule; only if no probe at all answers for TimeoutBooting does it go, as in
+Go. Also different: the idle clock (``busy``) starts when a worker becomes ready, so a boot slower
+than TimeoutIdle does not make a new worker eligible for shutdown before it got any work.
 
 All SSH happens in this actor's own thread: a slow or dead VM blocks only itself. Time arrives
 with ``tick(now)``; the actor tells the Ticker its next deadline after every handler.
