@@ -126,9 +126,6 @@ TRIALS = [
     # rule would kill it before the next one; ours drains it instead (see test_unknown_with_containers_*)
     ("7 Unknown, boot timeout exceeded, boot probe fails but container is running",
      State.UNKNOWN, BOOT_TIMEOUT * 2, 0, 0, FAIL, RUNNING, State.UNKNOWN, 1),
-    # 8, 9, 10, 23, 24 exercise DeployRunnerBinary (md5sum + cat > crunch-run~md5): this
-    # dispatcher does not deploy the runner binary (crunch-run is installed on the image), so
-    # those trials have nothing to test here; 25 ("deploy skipped") is kept.
     ("11 Booting, boot probe fails, run probe fails", State.BOOTING, 0, 0, 0, FAIL, FAIL, State.BOOTING, 0),
     ("12 Booting, boot probe fails, run probe succeeds (but isn't expected to be called)",
      State.BOOTING, 0, 0, 0, FAIL, OK, State.BOOTING, 0),
@@ -152,8 +149,21 @@ TRIALS = [
 ]
 
 
+# 8, 9, 10, 23, 24 exercise DeployRunnerBinary (md5sum, then cat > crunch-run~<md5>): this
+# dispatcher does not deploy the runner binary (crunch-run is installed on the image), so there is
+# nothing for them to check; 25 ("deploy skipped") is kept above.
+NO_DEPLOY = pytest.mark.skip(reason="DeployRunnerBinary is not implemented: crunch-run comes with the image")
+DEPLOY_TRIALS = [
+    pytest.param(f"{n} {c}", *([None] * 8), marks=NO_DEPLOY, id=str(n)) for n, c in [
+        (8, "Unknown, boot probe fails, deployRunner succeeds, container is running"),
+        (9, "Unknown, boot timeout exceeded, boot probe fails but deployRunner succeeds and container is running"),
+        (10, "Unknown, boot timeout exceeded, boot probe fails but deployRunner succeeds and no container is running"),
+        (23, "Booting, boot probe succeeds, deployRunner succeeds, run probe succeeds"),
+        (24, "Booting, boot probe succeeds, deployRunner fails")]]
+
+
 @pytest.mark.parametrize("comment,state,age,n_running,n_starting,boot,run,want_state,want_running",
-                         TRIALS, ids=[t[0].split()[0] for t in TRIALS])
+                         [pytest.param(*t, id=t[0].split()[0]) for t in TRIALS] + DEPLOY_TRIALS)
 def test_probe_and_update(comment, state, age, n_running, n_starting, boot, run, want_state, want_running):
     w, ex = make_worker(state, {BOOT: boot, LIST: run}, age=age,
                         running=[UUID] * n_running, starting=[UUID2] * n_starting)
