@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import signal
 import sys
 import threading
@@ -48,7 +49,7 @@ def public_key_line(private_pem: str) -> str | None:
 
 class Dispatcher:
     def __init__(self, cluster, *, clock, driver_set, api_client, metrics=None, ticker=None,
-                 logger=None):
+                 logger=None, seed: int | None = None):
         from actors.instancetype import TypeChooser
         from cloud.ssh import executor_for
         self.cluster = cluster
@@ -59,6 +60,7 @@ class Dispatcher:
         self.api_client = api_client
         self.driver_set = driver_set
         self.set_id = instance_set_id(cluster.system_root_token)
+        self.seed = seed  # simulations seed each worker's probe jitter, so runs repeat exactly
         self.crashed = threading.Event()
         self.crash_error: BaseException | None = None
         self.instance_set = wrap(driver_set, resource_tags=cluster.cloud_vms.resource_tags,
@@ -89,7 +91,8 @@ class Dispatcher:
         return WorkerActor.start(
             instance=info, instance_type=it, state=state, behavior=behavior, now=now,
             executor_factory=executor_factory, scheduler=self.scheduler, instance_set=self.iset,
-            ticker=self.ticker, cluster=cluster, metrics=metrics).proxy()
+            ticker=self.ticker, cluster=cluster, metrics=metrics,
+            rng=None if self.seed is None else random.Random(f"{self.seed}:{info.id}")).proxy()
 
     def start(self, start_ticker: bool = True) -> None:
         small_thread_stacks()

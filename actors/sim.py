@@ -48,7 +48,7 @@ class Simulation:
         self.ticker = Ticker(self.clock)
         self.dispatcher = Dispatcher(cluster, clock=self.clock, ticker=self.ticker,
                                      driver_set=self.cloud.instance_set(_set_id(cluster)),
-                                     api_client=self.api, metrics=self.metrics)
+                                     api_client=self.api, metrics=self.metrics, seed=seed)
         self._started = False
 
     # -- lifecycle ----------------------------------------------------------------------------------

@@ -230,10 +230,11 @@ def test_priority_zero_while_running_kills_it():
 
 def test_broken_node_is_drained():
     c = cluster(driver_parameters={"BootTime": "5s", "BootTimeJitter": "0s", "ContainerRunTime": "20s",
-                                   "ReportBrokenRate": 1.0, "ReportBrokenAfter": "1s"})
+                                   "ReportBrokenRate": 1.0, "ReportBrokenAfter": "8s"})
     with Simulation(c) as sim:
         u = sim.submit(runtime_constraints={"vcpus": 1, "ram": 256 << 20})
-        sim.step(20)  # poll at 5 s, boot at 10 s, broken from 11 s, probed at 15 s
+        # poll at 5 s, boot at 10 s, container started by 16 s, broken from 18 s, seen by 21 s
+        sim.step(25)
         views = sim.snapshot.instances
         assert [(v.worker_state, v.idle_behavior) for v in views] == [("running", "drain")]
         assert sim.cloud.vms[0].tags[c.tag("IdleBehavior")] == "drain"
