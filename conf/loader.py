@@ -461,6 +461,9 @@ class _Builder:
 
     def _cloud_vms(self, sec: _Section) -> CloudVMs:
         durations = {k: sec.duration(k) or fallback for k, fallback in _DURATION_FALLBACKS.items()}
+        if sec.str("DeployRunnerBinary"):
+            self.warn(sec.key("DeployRunnerBinary"), "is not used by this dispatcher: the runner is "
+                      "not deployed over SSH, so CrunchRunCommand must be installed on the image")
         return CloudVMs(
             enable=sec.bool("Enable"),
             driver=self._driver(sec, "Driver"),

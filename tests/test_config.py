@@ -308,7 +308,9 @@ def test_full_arvados_default_file_as_site_config(tmp_path, caplog):
     assert c.cloud_vms.driver_parameters["SecurityGroupIDs"] == {}         # SAMPLE dropped
     assert c.dispatch_urls == ("http://localhost:9006",)                  # Arvados' SAMPLE dropped, ours kept
     assert "Volumes" in c.raw and "Workbench" in c.raw and "SAMPLE" not in c.raw["InstanceTypes"]
-    assert config_warnings(caplog) == []  # every key the Arvados defaults hold is known here
+    # every key the Arvados defaults hold is known here; the one warning says the runner is not
+    # deployed (Arvados' default DeployRunnerBinary is /proc/self/exe)
+    assert [w.split(":")[0] for w in config_warnings(caplog)] == ["Clusters.zzzzz.Containers.CloudVMs.DeployRunnerBinary"]
     with pytest.raises(ConfigError, match=r'Driver: driver "ec2" is not supported'):
         cluster["Containers"]["CloudVMs"]["Driver"] = "ec2"
         load_doc(tmp_path, doc)
@@ -589,3 +591,9 @@ def test_local_driver_bad_parameters_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_doc(tmp_path, doc)
     assert "DriverParameters" in str(e.value) and "BootDelay" in str(e.value)
+
+
+def test_deploy_runner_binary_is_accepted_with_a_warning(tmp_path, caplog):
+    c = load_doc(tmp_path, site(Containers={"CloudVMs": {"DeployRunnerBinary": "/proc/self/exe"}}))
+    assert c.cloud_vms.deploy_runner_binary == "/proc/self/exe"
+    assert any("DeployRunnerBinary: is not used" in w for w in config_warnings(caplog))
