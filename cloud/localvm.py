@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
+from paramiko.common import MSG_CHANNEL_REQUEST
 
 log = logging.getLogger("cloud.localvm")
 
@@ -286,11 +287,21 @@ def exit_status(code: int) -> int:
 
 
 class _Session(paramiko.ServerInterface):
+    """One SSH connection's policy. Exec and shell requests are only *accepted* here; what they
+    run starts from :class:`_ServerTransport` once paramiko has replied to the request."""
+
     def __init__(self, vm: "LocalVM"):
         self._vm = vm
         self._env: dict[int, dict] = {}
         self._pty: dict[int, tuple] = {}
         self._masters: dict[int, int] = {}  # channel id -> pty master fd of its shell
+        self._accepted: dict[int, tuple] = {}  # channel id -> (target, args, name), not started
+
+    def start_accepted(self, chan: paramiko.Channel) -> None:
+        """Start what the channel's last request accepted; called after the reply was sent."""
+        job = self._accepted.pop(chan.get_id(), None)
+        if job is not None:
+            threading.Thread(target=job[0], args=job[1], name=job[2], daemon=True).start()
 
     def get_allowed_auths(self, username):
         return "publickey"
@@ -313,8 +324,7 @@ class _Session(paramiko.ServerInterface):
     def check_channel_exec_request(self, channel, command):
         env = self._env.pop(channel.get_id(), {})
         self._pty.pop(channel.get_id(), None)  # commands get pipes, as the dispatcher expects
-        threading.Thread(target=self._vm.exec_channel, args=(channel, _text(command), env),
-                         name="exec", daemon=True).start()
+        self._accepted[channel.get_id()] = (self._vm.exec_channel, (channel, _text(command), env), "exec")
         return True
 
     # An operator's interactive login (``ssh -p PORT user@127.0.0.N``).
@@ -336,8 +346,32 @@ class _Session(paramiko.ServerInterface):
             target, args = self._vm.exec_channel, (channel, "exec sh -i", env)
         else:
             target, args = self._vm.shell_channel, (channel, env, pty, self._masters)
-        threading.Thread(target=target, args=args, name="shell", daemon=True).start()
+        self._accepted[channel.get_id()] = (target, args, "shell")
         return True
+
+
+def _request_then_start(chan: paramiko.Channel, m) -> None:
+    paramiko.Channel._handle_request(chan, m)  # asks _Session, then sends the reply
+    server = chan.get_transport().server_object
+    if isinstance(server, _Session):
+        server.start_accepted(chan)
+
+
+class _ServerTransport(paramiko.Transport):
+    """A server transport that starts a command only after replying to its exec request.
+
+    paramiko sends CHANNEL_SUCCESS from the transport thread *after* ``check_channel_exec_request``
+    returns. A command started inside that call can finish, send its exit status and CLOSE first
+    (it takes ~2 ms); the reply then follows a CLOSE, which RFC 4254 forbids, and a paramiko client
+    waiting in ``exec_command`` sees the channel closed before its request was answered and raises
+    ``SSHException("Channel closed.")``: the command ran, the caller got an error. paramiko has no
+    public hook after the reply, so this wraps its channel-request handler. That table is private
+    to paramiko: should a release rename it, this class fails at import; should it stop using it,
+    no command would start at all (tests/test_local.py covers both, and the ordering itself).
+    """
+
+    _channel_handler_table = {**paramiko.Transport._channel_handler_table,
+                              MSG_CHANNEL_REQUEST: _request_then_start}
 
 
 def _text(b) -> str:
@@ -509,7 +543,7 @@ class LocalVM:
                              name="ssh-conn", daemon=True).start()
 
     def _serve_connection(self, conn: socket.socket, host_key) -> None:
-        t = paramiko.Transport(conn)
+        t = _ServerTransport(conn)
         t.add_server_key(host_key)
         try:
             t.start_server(server=_Session(self))
@@ -517,8 +551,8 @@ class LocalVM:
             log.info("ssh handshake failed", extra={"error": str(e)})
             t.close()
             return
-        # paramiko keeps channels by weak reference: hold every open one until it closes (exec
-        # requests are served by _Session, which also holds its channel while the command runs).
+        # paramiko keeps channels by weak reference: hold every open one until it closes (the
+        # thread serving an exec or shell request also holds its channel while it runs).
         held: list[paramiko.Channel] = []
         while t.is_active():
             chan = t.accept(5)

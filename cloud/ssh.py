@@ -308,8 +308,10 @@ def keepalive_interval(requested: float) -> int:
 class SSHExecutor:
     """Runs commands on one instance over one persistent, host-key-verified SSH transport.
 
-    ``execute`` is called from one thread (the worker's); ``set_target`` and ``close`` may come
-    from others and never wait for a running command.
+    ``execute`` is normally called from one thread (the worker's) but is safe from several: they
+    share the transport, and reconnects are serialized so that threads which all saw it fail make
+    one new transport instead of hanging up each other's. ``set_target`` and ``close`` may come
+    from other threads and never wait for a running command.
     """
 
     def __init__(self, target: base.Instance, *, private_key: paramiko.PKey, port: str = "22",
@@ -327,6 +329,7 @@ class SSHExecutor:
         self._on_verified = on_verified
         self._log = logger or _log
         self._lock = threading.Lock()  # guards _transport and _closed
+        self._connecting = threading.Lock()  # one reconnect at a time (never taken by close)
         self._transport: paramiko.Transport | None = None
         self._closed = False
         self._verified_key: bytes | None = None
@@ -370,20 +373,26 @@ class SSHExecutor:
             t = self._transport
         return t if t is not None and t.is_active() else None
 
-    def _reconnect(self, old: paramiko.Transport | None) -> paramiko.Transport:
-        if old is None:
+    def _reconnect(self, failed: paramiko.Transport | None) -> paramiko.Transport:
+        """A new transport in place of ``failed`` (None: the current one was not active), unless
+        another thread has already replaced it with a working one while this one waited."""
+        with self._connecting:
             with self._lock:
+                if self._closed:
+                    raise base.ExecutorError("executor is closed")
                 old = self._transport
-        if old is not None:
-            _hang_up(old)
-        t = self._connect()
-        with self._lock:
-            if self._closed:
-                _hang_up(t)
-                raise base.ExecutorError("executor is closed")
-            self._transport = t
-        self.connects += 1
-        return t
+            if old is not None and old is not failed and old.is_active():
+                return old
+            if old is not None:
+                _hang_up(old)
+            t = self._connect()
+            with self._lock:
+                if self._closed:
+                    _hang_up(t)
+                    raise base.ExecutorError("executor is closed")
+                self._transport = t
+            self.connects += 1
+            return t
 
     def _host_port(self, target: base.Instance | None = None) -> tuple[str, str]:
         addr = (target or self._target).address
@@ -511,7 +520,7 @@ class SSHExecutor:
                                  "(connection hung up)") from None
         finally:
             _watchdog.cancel(timer)
-            chan.close()
+            _close_quietly(chan)
 
 
 class _Lost(Exception):
@@ -561,6 +570,17 @@ def _exchange(chan: paramiko.Channel, command: str, stdin: bytes, deadline: floa
     if status == -1:
         raise _Lost()
     return base.ExecResult(b"".join(out), b"".join(err), status)
+
+
+def _close_quietly(chan: paramiko.Channel) -> None:
+    """Close a channel whose outcome is already decided. On a transport that is being hung up
+    (watchdog, another thread's reconnect, the host going away) paramiko's close() can raise
+    EOFError or OSError while sending CLOSE; that must neither replace the command's error nor
+    escape as something other than an ExecutorError (the next execute() reconnects)."""
+    try:
+        chan.close()
+    except (paramiko.SSHException, EOFError, OSError):
+        pass
 
 
 def _hang_up(t: paramiko.Transport) -> None:

@@ -225,16 +225,18 @@ def _vm_dirs(state: Path) -> list[Path]:
     return [d for d in state.iterdir() if d.is_dir()] if state.exists() else []
 
 
-@pytest.mark.skipif(not (ROOT / "cloud" / "local.py").exists(), reason="cloud/local.py not in the tree yet")
 def test_local_driver_end_to_end_over_ssh(tmp_path):
     cfg, state = _local_setup(tmp_path, BootDelay="0s")
-    rc, out, err = run_to_end("--config", str(cfg))
+    rc, out, err = run_to_end("--config", str(cfg), "--command", "echo on-$(hostname) $CRUNCH_RUN_LOCKDIR")
     assert rc == 0, out + err
     assert "[ok] boot probe" in out and "  login: ssh -p2222 " in out
+    assert "[ok] run command 'echo on-$(hostname) $CRUNCH_RUN_LOCKDIR'" in out
+    # The command ran on the VM: its lock dir is the instance's own, under the state dir.
+    ran = [line for line in out.splitlines() if line.startswith("on-")]
+    assert len(ran) == 1 and ran[0].endswith("/lock") and str(state) in ran[0], out
     assert _vm_dirs(state) == []
 
 
-@pytest.mark.skipif(not (ROOT / "cloud" / "local.py").exists(), reason="cloud/local.py not in the tree yet")
 def test_local_existing_instances_refused_then_destroyed(tmp_path):
     from actors.clock import SystemClock
     from cloud import local

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import random
 
 import pytest
@@ -133,7 +132,6 @@ def test_azure_passes():
 # --- local (real processes and SSH servers on 127.0.0.0/8) ----------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cloud.local") is None, reason="cloud/local.py not in the tree yet")
 def test_local_passes(tmp_path):
     from cloud import local
     base = f"127.{random.randint(100, 250)}.{random.randint(0, 250)}.2"  # away from other tests' VMs

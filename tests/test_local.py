@@ -440,3 +440,66 @@ def test_an_unusable_state_dir_is_a_config_error_naming_the_key(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(local.LocalParamsError, match=r"DriverParameters\.StateDir: cannot use .*/file/state"):
         local.driver({"StateDir": str(tmp_path / "file" / "state")}, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression: a command that finishes before paramiko has answered its exec request
+
+# The VM process with the transport thread held up for 0.3 s right after it accepts an exec
+# request, before paramiko sends CHANNEL_SUCCESS (what a busy host or the GIL does by chance).
+_SLOW_REPLY_VM = """
+import sys, time
+from cloud import localvm
+accept = localvm._Session.check_channel_exec_request
+def slow(self, channel, command):
+    ok = accept(self, channel, command)
+    time.sleep(0.3)
+    return ok
+localvm._Session.check_channel_exec_request = slow
+sys.exit(localvm.main(["--state-dir", sys.argv[2]]))
+"""
+
+
+def test_a_command_never_closes_its_channel_before_the_exec_reply(env, monkeypatch):
+    """A command that ended (exit status + CLOSE sent) before the server's reply to the exec
+    request made the client raise 'Channel closed.' for a command that had run. The server must
+    start the command only after that reply."""
+    def start_vm(self, files):
+        pythonpath = os.pathsep.join(filter(None, [localvm.source_root(), os.environ.get("PYTHONPATH")]))
+        with open(files.log, "ab") as out:
+            # "cloud.localvm" and the state dir in argv: how the driver recognizes its VM process
+            return subprocess.Popen([sys.executable, "-c", _SLOW_REPLY_VM, "cloud.localvm", str(files.root)],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=str(files.root),
+                                    env={**os.environ, "PYTHONPATH": pythonpath}, start_new_session=True)
+    monkeypatch.setattr(local.LocalInstanceSet, "_start_vm", start_vm)
+    inst = env.instance_set().create(IT, "image-1", {}, INIT, env.pub)
+    ex = env.wait_ssh(inst)  # polls until a "true" succeeds: without the fix, none ever does
+    results = [ex.execute(f"echo {i}; exit {i}") for i in range(3)]
+    assert [(r.stdout, r.exit_status) for r in results] == [(f"{i}\n".encode(), i) for i in range(3)]
+    assert ex.connects == 1
+    inst.destroy()
+    assert not pid_alive(inst.pid)
+
+
+def test_many_sequential_and_concurrent_commands_on_one_transport(env):
+    """The reported flake as a bounded stress: one VM, one executor, sequential then 8 threads."""
+    import threading
+    inst = env.instance_set().create(IT, "image-1", {}, INIT, env.pub)
+    ex = env.wait_ssh(inst)
+    for i in range(100):
+        assert ex.execute(f"echo {i}").stdout == f"{i}\n".encode()
+    failures: list[str] = []
+
+    def worker(k):
+        for i in range(25):
+            try:
+                if ex.execute(f"echo {k}-{i}").stdout != f"{k}-{i}\n".encode():
+                    failures.append(f"{k}-{i}: wrong output")
+            except base.ExecutorError as e:
+                failures.append(f"{k}-{i}: {e}")
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failures == [] and ex.connects == 1

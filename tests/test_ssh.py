@@ -490,3 +490,46 @@ def test_idle_transport_polls_rarely_and_keepalive_is_set(sshd, closing, keepali
     assert t.sock.gettimeout() == poll
     assert t.packetizer._Packetizer__keepalive_interval == keepalive
     assert t.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_threads_that_all_lose_the_transport_make_one_new_one(sshd, closing):
+    """Several threads whose shared transport died reconnect once, and nobody hangs up the new
+    transport under another thread's command (which showed as 'Unable to open channel.' and
+    'Channel closed.' in a stress loop)."""
+    ex = executor(sshd, Target(sshd.address, verify=accept))
+    closing(ex)
+    assert ex.execute("true").ok
+    dead = ex._transport
+    ssh._hang_up(dead)
+    dead.join(2)
+    start = threading.Barrier(6)
+    results: dict[int, object] = {}
+
+    def run(k):
+        start.wait(5)
+        try:
+            results[k] = ex.execute(f"sleep 0.2; echo {k}").stdout
+        except base.ExecutorError as e:
+            results[k] = e
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {k: f"{k}\n".encode() for k in range(6)}
+    assert ex.connects == 2
+
+
+def test_a_failing_channel_close_never_escapes_as_a_non_executor_error(sshd, closing, monkeypatch):
+    """On a transport being hung up, paramiko's Channel.close() raises EOFError while sending
+    CLOSE; the command's own outcome (result, timeout) must still be what execute() reports."""
+    ex = executor(sshd, Target(sshd.address, verify=accept), command_timeout=0.5)
+    closing(ex)
+    assert ex.execute("true").ok
+
+    def close_on_dead_transport(self):
+        raise EOFError()
+    monkeypatch.setattr(paramiko.Channel, "close", close_on_dead_transport)
+    assert ex.execute("echo done").stdout == b"done\n"
+    with pytest.raises(ssh.CommandTimeout):
+        ex.execute("sleep 5")
