@@ -13,7 +13,7 @@ TimeoutIdle is raised to an hour so idle workers are not shut down inside the wi
 timings are the Arvados defaults (ProbeInterval 10s, PollInterval 10s, SyncInterval 1m).
 Figures only, no assertions: the machine is shared.
 
-    .venv/bin/python bench/bench_workers.py [--workers 1000] [--window 25]
+    .venv/bin/python bench/bench_workers.py [--workers 1000] [--window 30]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Counted:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=1000)
-    ap.add_argument("--window", type=float, default=25.0, help="idle window, real seconds")
+    ap.add_argument("--window", type=float, default=30.0, help="idle window, real seconds")
     ap.add_argument("--warmup-timeout", type=float, default=90.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -159,7 +159,14 @@ def main() -> int:
 
         groups = thread_groups()
         cpu0, tc0, w0, t0 = time.process_time(), thread_cpu(), time.time(), time.perf_counter()
-        time.sleep(args.window)
+        # the window in slices of one ProbeInterval each: every slice holds one probe per worker
+        slices, last_cpu, last_t = [], cpu0, t0
+        end = t0 + args.window
+        while (now := time.perf_counter()) < end - 0.01:
+            time.sleep(min(c.cloud_vms.probe_interval, end - now))
+            cpu, t = time.process_time(), time.perf_counter()
+            slices.append(100 * (cpu - last_cpu) / (t - last_t))
+            last_cpu, last_t = cpu, t
         cpu1, tc1, w1, t1 = time.process_time(), thread_cpu(), time.time(), time.perf_counter()
         groups.update(thread_groups())
         wall = t1 - t0
@@ -189,6 +196,8 @@ def main() -> int:
     print(f"idle window {wall:.1f}s: process CPU {cpu1 - cpu0:.3f}s = {cpu_pct:.2f}% of one core "
           f"(target < 5%); probes {probes} = {probes / wall:.1f}/s "
           f"(expected {n / c.cloud_vms.probe_interval:.0f}/s); still idle at end: {idle_end}/{n}")
+    print(f"CPU per {c.cloud_vms.probe_interval:g}s slice (% of one core): "
+          + " ".join(f"{x:.2f}" for x in slices) + f"; median {statistics.median(slices):.2f}%")
     print(f"probe spread: probes fell in {len(per_sec)} of {int(wall)} one-second buckets, "
           f"busiest second {max(per_sec.values(), default=0)} probes")
     if win_passes:
