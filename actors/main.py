@@ -24,7 +24,7 @@ from actors.scheduler import NotFound as SchedNotFound
 from actors.scheduler import SchedulerActor, SnapshotBox
 from actors.ticker import Ticker
 from actors.worker import WorkerActor
-from cloud.base import wrap
+from cloud.base import OpsLimiter, wrap
 
 log = logging.getLogger("dispatch.main")
 
@@ -61,6 +61,7 @@ class Dispatcher:
         self.driver_set = driver_set
         self.set_id = instance_set_id(cluster.system_root_token)
         self.seed = seed  # simulations seed each worker's probe jitter, so runs repeat exactly
+        self.probe_limiter = OpsLimiter(cluster.cloud_vms.max_probes_per_second)
         self.crashed = threading.Event()
         self.crash_error: BaseException | None = None
         self.instance_set = wrap(driver_set, resource_tags=cluster.cloud_vms.resource_tags,
@@ -92,7 +93,8 @@ class Dispatcher:
             instance=info, instance_type=it, state=state, behavior=behavior, now=now,
             executor_factory=executor_factory, scheduler=self.scheduler, instance_set=self.iset,
             ticker=self.ticker, cluster=cluster, metrics=metrics,
-            rng=None if self.seed is None else random.Random(f"{self.seed}:{info.id}")).proxy()
+            rng=None if self.seed is None else random.Random(f"{self.seed}:{info.id}"),
+            probe_limiter=self.probe_limiter).proxy()
 
     def start(self, start_ticker: bool = True) -> None:
         small_thread_stacks()

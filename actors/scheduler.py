@@ -277,8 +277,12 @@ class SchedulerActor(BaseActor):
             return  # already gone
         if view.state is not State.BOOTING and view.state is not State.UNKNOWN:
             w.boot_reported = True  # the worker reported success, failure or aborted
-        w.view = view
-        self._touch()
+        old, w.view = w.view, view
+        # Every probe moves ``probed``/``busy``; only what the planner reads is worth a pass now
+        # (the periodic pass publishes the rest). At 1,000 workers this is 1 pass/s, not 37.
+        if (old.state, old.idle_behavior, old.running, old.probe_done, old.instance_type) != (
+                view.state, view.idle_behavior, view.running, view.probe_done, view.instance_type):
+            self._touch()
 
     def container_ended(self, uuid: str, instance_id: str, at: float) -> None:
         self._exited[uuid] = at

@@ -90,7 +90,8 @@ def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
 class WorkerActor(BaseActor):
     def __init__(self, *, instance: InstanceInfo, instance_type: InstanceType, state: State,
                  behavior: Behavior, now: float, executor_factory, scheduler, instance_set, ticker,
-                 cluster: Cluster, metrics=None, rng: random.Random | None = None):
+                 cluster: Cluster, metrics=None, rng: random.Random | None = None,
+                 probe_limiter=None):
         super().__init__()
         self._cluster = cluster
         self._cfg = cluster.cloud_vms
@@ -101,6 +102,8 @@ class WorkerActor(BaseActor):
         self._ticker = ticker
         self._metrics = metrics
         self._rng = rng or random.Random()
+        self._probe_limiter = probe_limiter  # shared cloud.base.OpsLimiter(MaxProbesPerSecond)
+        self._probe_slot: float | None = None
         self._instance = instance
         self._runners: dict[str, _Runner] = {}
         self._first_ssh: float = 0.0
@@ -191,11 +194,24 @@ class WorkerActor(BaseActor):
         before = self._view
         if before.state is not State.SHUTDOWN:
             self._kill_loop(now)
-            if not self._shutdown_if_idle(now) and now >= self._next_probe:
+            if not self._shutdown_if_idle(now) and now >= self._next_probe and self._probe_slot_due(now):
                 self._next_probe = now + self._cfg.probe_interval * self._rng.uniform(0.97, 1.03)
                 self._probe(now)
         self._publish(before)
         self._reschedule()
+
+    def _probe_slot_due(self, now: float) -> bool:
+        """MaxProbesPerSecond across all workers: take a slot from the shared limiter; if it is
+        later than now, wait for it (as a deadline) instead of probing now."""
+        if self._probe_limiter is None:
+            return True
+        if self._probe_slot is None:
+            self._probe_slot = self._probe_limiter.reserve(now)
+        if now >= self._probe_slot:
+            self._probe_slot = None
+            return True
+        self._next_probe = self._probe_slot
+        return False
 
     def update_instance(self, instance: InstanceInfo, now: float) -> None:
         """A fresher listing of our instance (every sync): new address, tags; retry a destroy."""
