@@ -32,7 +32,8 @@ QUOTA_ERROR_TTL = 60.0
 CAPACITY_ERROR_TTL = 60.0
 CREATE_CONCURRENCY_HOLDOFF = 5.0
 QUIET_AFTER_503 = 60.0
-PASS_INTERVAL = 1.0
+PASS_INTERVAL = 10.0  # a full pass at least this often, as a safety net; changes trigger one at once
+PUBLISH_INTERVAL = 2.0  # fresh probe/busy times for /instances and /metrics between passes
 _SHUTDOWN, _UNKNOWN = State.SHUTDOWN, State.UNKNOWN  # enum attribute lookups are slow in a hot loop
 
 
@@ -107,6 +108,8 @@ class SchedulerActor(BaseActor):
         self._pool = _State()
         self._dirty = True
         self._next_pass = first_now
+        self._next_publish = first_now
+        self._last_plan = None
         self._max_containers = self._cfg.initial_quota_estimate or self._cfg.max_instances
         self._within_quota = 0
         self._last_503 = 0.0
@@ -161,13 +164,27 @@ class SchedulerActor(BaseActor):
             self._dirty = True
             self._ticker.schedule(self.actor_urn, self._now)
 
+    def _pass_at(self, when: float) -> None:
+        """Run a full pass at ``when`` (a TTL or holdoff ends then), even if nothing else changes."""
+        self._next_pass = min(self._next_pass, when)
+        self._ticker.schedule(self.actor_urn, when)
+
     def tick(self, now: float) -> None:
+        """Pass when something changed or a deadline came; in between, only republish.
+
+        Go wakes its scheduler every second; here every change already triggers a pass and
+        every timed condition (quota/capacity TTL, rate-limit holdoff, stale-lock wait) books
+        its own, so an idle cluster costs a cheap republish every PUBLISH_INTERVAL."""
         self._now = max(self._now, now)
         if self._dirty or now >= self._next_pass:
             self._dirty = False
             self._next_pass = now + PASS_INTERVAL
+            self._next_publish = now + PUBLISH_INTERVAL
             self._pass(now)
-        self._ticker.schedule(self.actor_urn, self._next_pass)
+        elif now >= self._next_publish:
+            self._next_publish = now + PUBLISH_INTERVAL
+            self._publish(now, self._running(), self._last_plan)
+        self._ticker.schedule(self.actor_urn, min(self._next_pass, self._next_publish))
 
     # -- events from the instance set ---------------------------------------------------------------
 
@@ -257,16 +274,16 @@ class SchedulerActor(BaseActor):
                 self._pool.at_quota_until_fewer = n
                 self._pool.at_quota_until = 0.0
                 log.info("quota error -- waiting for next instance shutdown", extra={"N": n})
-            self._ticker.schedule(self.actor_urn, now + QUOTA_ERROR_TTL)
+            self._pass_at(now + QUOTA_ERROR_TTL)
         if failure.capacity_scope is not None:
             until = now + CAPACITY_ERROR_TTL
             self._pool.capacity_until[failure.capacity_scope] = until
             log.info("capacity error -- pausing instance create calls",
                      extra={"capKey": repr(failure.capacity_scope), "atCapacityUntil": until})
-            self._ticker.schedule(self.actor_urn, until)
+            self._pass_at(until)
         if failure.retry_at:
             self._pool.create_hold_until = max(self._pool.create_hold_until, failure.retry_at)
-            self._ticker.schedule(self.actor_urn, failure.retry_at)
+            self._pass_at(failure.retry_at)
         self._touch()
 
     # -- events from workers -------------------------------------------------------------------------
@@ -390,7 +407,7 @@ class SchedulerActor(BaseActor):
             n_workers=n_workers, n_creating=len(self._creating),
             at_quota=self._at_quota_flag(now), create_throttled=now < p.create_hold_until,
             blocked=frozenset(p.capacity_until), quota_group=self._quota_group)
-        pl = plan((), running, slots, limits, base=self._base(), by_uuid=self._queue)
+        pl = self._last_plan = plan((), running, slots, limits, base=self._base(), by_uuid=self._queue)
         self._apply(pl, now)
         todo = [self._queue[u] for u in self._special]
         todo += [self._queue[u] for u in running if u in self._queue and u not in self._special]
@@ -420,7 +437,7 @@ class SchedulerActor(BaseActor):
             if self._had_unknown_at_start:
                 log.info("FixStaleLocks starting.")
         if unprobed and now < self._started + self._cluster.containers.stale_lock_timeout:
-            self._ticker.schedule(self.actor_urn, self._started + self._cluster.containers.stale_lock_timeout)
+            self._pass_at(self._started + self._cluster.containers.stale_lock_timeout)
             return False
         self._gate_open = True
         if self._had_unknown_at_start:
