@@ -217,18 +217,24 @@ class _Handlers:
             return error_response(404, "container not found")
         return self._json(encode(queue_entry_json(ent)))
 
+    def _act(self, param: str, not_found: str, log_what: str, log_key: str, call,
+             with_reason: bool = False, **log_extra):
+        """An action endpoint: a required id parameter (400), then the backend call (404)."""
+        ident = _param(param)
+        if not ident:
+            return error_response(400, f"{param} parameter not provided")
+        args = (REASON_PREFIX + _param("reason"),) if with_reason else ()
+        _log_action(log_what, **{log_key: ident, **log_extra, **({"reason": args[0]} if args else {})})
+        try:
+            call(ident, *args)
+        except NotFound:
+            return error_response(404, not_found)
+        return ""
+
     # POST /containers/kill
     def kill_container(self):
-        uuid = _param("container_uuid")
-        if not uuid:
-            return error_response(400, "container_uuid parameter not provided")
-        reason = REASON_PREFIX + _param("reason")
-        _log_action("kill container", ContainerUUID=uuid, reason=reason)
-        try:
-            self.backend.kill_container(uuid, reason)
-        except NotFound:
-            return error_response(404, "container not found")
-        return ""
+        return self._act("container_uuid", "container not found", "kill container", "ContainerUUID",
+                         self.backend.kill_container, with_reason=True)
 
     # GET /instances
     def instances(self):
@@ -236,28 +242,14 @@ class _Handlers:
 
     # POST /instances/{hold,drain,run}
     def set_idle_behavior(self, behavior: str):
-        iid = _param("instance_id")
-        if not iid:
-            return error_response(400, "instance_id parameter not provided")
-        _log_action("set idle behavior", Instance=iid, IdleBehavior=behavior)
-        try:
-            self.backend.set_idle_behavior(iid, behavior)
-        except NotFound:
-            return error_response(404, "requested instance does not exist")
-        return ""
+        return self._act("instance_id", "requested instance does not exist", "set idle behavior",
+                         "Instance", lambda iid: self.backend.set_idle_behavior(iid, behavior),
+                         IdleBehavior=behavior)
 
     # POST /instances/kill
     def kill_instance(self):
-        iid = _param("instance_id")
-        if not iid:
-            return error_response(400, "instance_id parameter not provided")
-        reason = REASON_PREFIX + _param("reason")
-        _log_action("kill instance", Instance=iid, reason=reason)
-        try:
-            self.backend.kill_instance(iid, reason)
-        except NotFound:
-            return error_response(404, "instance not found")
-        return ""
+        return self._act("instance_id", "instance not found", "kill instance", "Instance",
+                         self.backend.kill_instance, with_reason=True)
 
     # GET /metrics, /metrics.json
     def metrics_text(self):
