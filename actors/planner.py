@@ -152,7 +152,7 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
         base = sorted(by_uuid.values(), key=base_key)
     head = sorted((by_uuid[u] for u in running if u in by_uuid), key=base_key)
     p = Plan(head=head, base=base, running=running)
-    frees = [_Free(s, instance_sort_key(s)) for s in sorted(slots, key=instance_sort_key)]
+    frees = sorted((_Free(s, instance_sort_key(s)) for s in slots), key=lambda f: f.order)
     by_type: dict[str, list[_Free]] = {}
     for f in frees:
         by_type.setdefault(f.slot.instance_type.name, []).append(f)
