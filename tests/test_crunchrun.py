@@ -24,19 +24,17 @@ from cloud.containerstore import ContainerStore
 from cloud.local import _marked_pids
 from cloud.localvm import MARKER_ENV
 
+from tests.util import wait_for as _wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "crunch-run-test-token"
 
 
 def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    """tests.util.wait_for with this file's default timeout."""
+    return _wait_for(pred, timeout, what)
+
+
+TOKEN = "crunch-run-test-token"
 
 
 class Node:

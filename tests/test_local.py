@@ -32,22 +32,18 @@ from cloud.ssh import (AuthError, SSHExecutor, crunch_run_list_command, crunch_r
                        instance_secret_command)
 from conf.model import CloudVMs, Cluster, Containers, InstanceType
 
+from tests.util import wait_for as _wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
+def wait_for(pred, timeout=15.0, what="condition"):
+    """tests.util.wait_for with this file's default timeout."""
+    return _wait_for(pred, timeout, what)
+
+
 TOKEN = "local-driver-test-token"
 IT = InstanceType("local", "local", 2, 1 << 30, 1 << 30, 0, 0.01)
 SECRET = "0123456789abcdef0123456789abcdef01234567"
 INIT = f'umask 0177 && echo -n "{SECRET}" >/var/run/arvados-instance-secret\ntouch /var/lock/init-ran'
-
-
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def new_key() -> tuple[paramiko.PKey, str]:

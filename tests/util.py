@@ -13,7 +13,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(cond, timeout: float, what: str, interval: float = 0.2):
+def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
     """Poll ``cond`` until it returns something truthy, at most ``timeout`` seconds."""
     deadline = time.time() + timeout
     while time.time() < deadline:
