@@ -108,7 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=1000)
     ap.add_argument("--window", type=float, default=30.0, help="idle window, real seconds")
-    ap.add_argument("--warmup-timeout", type=float, default=90.0)
+    ap.add_argument("--warmup-timeout", type=float, default=240.0,
+                    help="first probes of 1,000 workers take 100 s at the default MaxProbesPerSecond 10")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     n = args.workers
