@@ -83,22 +83,17 @@ class InstanceSetActor(BaseActor):
 
     # -- requests from the scheduler and workers -------------------------------------------------------
 
-    def sync_now(self, now: float) -> None:
-        """List again as soon as allowed (after a create or destroy, to see it sooner)."""
-        self._next_sync = min(self._next_sync, now)
-        self._ticker.schedule(self.actor_urn, now)
-
     def create(self, req_id: str, it, tags: dict, init_command: str, public_key: str | None,
                now: float) -> None:
         # A create sent before the scheduler heard of a rate-limit holdoff waits it out here.
         self._enqueue(now, "Create", self._create, req_id, it, tags, init_command, public_key, now,
                       not_before=self._hold["create"])
 
-    def destroy(self, handle) -> None:
-        self._enqueue(self._ticker.clock.now(), "Destroy", self._destroy, handle)
+    def destroy(self, handle, now: float) -> None:
+        self._enqueue(now, "Destroy", self._destroy, handle)
 
-    def set_tags(self, handle, tags: dict) -> None:
-        self._enqueue(self._ticker.clock.now(), "SetTags", self._set_tags, handle, tags)
+    def set_tags(self, handle, tags: dict, now: float) -> None:
+        self._enqueue(now, "SetTags", self._set_tags, handle, tags)
 
     # -- cloud calls (pool threads; only tell results back) ---------------------------------------------
 

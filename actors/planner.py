@@ -72,6 +72,7 @@ class Plan:
     shutdowns: list[str] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
     at_quota: bool = False
+    create_limited: bool = False  # a create was wanted but MaxConcurrentInstanceCreateOps is reached
     allocated_not_started: int = 0
     over_quota: int = 0
     # waiting entries without a status get "position N" in queue order, starting after qpos
@@ -290,7 +291,10 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
             statuses[uuid] = (f"Waiting in queue at position {p.qpos}.  Cluster is at capacity for all "
                               f"eligible instance types ({names}) and cannot start a new instance right now.")
             continue
-        if limits.create_throttled or creates_left <= 0:
+        if limits.create_throttled:
+            continue
+        if creates_left <= 0:
+            p.create_limited = True
             continue
         creates_left -= 1
         p.creates.append((avail, uuid))

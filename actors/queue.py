@@ -75,7 +75,6 @@ class QueueActor(BaseActor):
         self._dontupdate: set[str] = set()
         self._next_poll = first_now
         self._loaded = False
-        self._pool = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 

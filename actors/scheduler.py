@@ -23,14 +23,12 @@ from actors.base import BaseActor
 from actors.messages import Behavior, CreateFailure, InstanceInfo, QueueEntry, State, WorkerView
 from actors.planner import Limits, Slot, base_key, needs_reconcile, plan, reconcile
 from actors.snapshot import InstanceView, LiveSnapshot, QueueEntryView, Snapshot
-from cloud.base import capacity_keys
 from conf.model import InstanceType
 
 log = logging.getLogger("dispatch.scheduler")
 
 QUOTA_ERROR_TTL = 60.0
 CAPACITY_ERROR_TTL = 60.0
-CREATE_CONCURRENCY_HOLDOFF = 5.0
 QUIET_AFTER_503 = 60.0
 PASS_INTERVAL = 10.0  # a full pass at least this often, as a safety net; changes trigger one at once
 PUBLISH_INTERVAL = 2.0  # fresh probe/busy times for /instances and /metrics between passes
@@ -110,6 +108,7 @@ class SchedulerActor(BaseActor):
         self._next_pass = first_now
         self._next_publish = first_now
         self._last_plan = None
+        self._create_limited = False  # to log reaching MaxConcurrentInstanceCreateOps once
         self._max_containers = self._cfg.initial_quota_estimate or self._cfg.max_instances
         self._within_quota = 0
         self._last_503 = 0.0
@@ -475,9 +474,13 @@ class SchedulerActor(BaseActor):
             if w is not None:
                 self._tell(w, "start_container", self._queue[uuid], now)
                 # optimistic: count it as running on that worker until the worker reports
-                w.view = WorkerView(**{**w.view.__dict__, "running": tuple(sorted({*w.view.running, uuid}))})
+                w.view = replace(w.view, running=tuple(sorted({*w.view.running, uuid})))
         for it, uuid in pl.creates:
             self._create(it, now)
+        if pl.create_limited and not self._create_limited:
+            log.info("reached MaxConcurrentInstanceCreateOps",
+                     extra={"N": self._cfg.max_concurrent_instance_create_ops})
+        self._create_limited = pl.create_limited
         for uuid, reason in pl.unlocks:
             if uuid in self._ops:
                 continue
@@ -491,11 +494,6 @@ class SchedulerActor(BaseActor):
                 self._tell(w, "shutdown_if_allowed", "at quota", now)
 
     def _create(self, it: InstanceType, now: float) -> None:
-        if (self._cfg.max_concurrent_instance_create_ops > 0
-                and len(self._creating) >= self._cfg.max_concurrent_instance_create_ops):
-            log.info("reached MaxConcurrentInstanceCreateOps")
-            self._pool.create_hold_until = max(self._pool.create_hold_until, now + CREATE_CONCURRENCY_HOLDOFF)
-            return
         secret = secrets.token_hex(20)
         self._creating[secret] = _Pending(it, now)
         tag = self._cluster.tag

@@ -215,6 +215,7 @@ class WorkerActor(BaseActor):
 
     def update_instance(self, instance: InstanceInfo, now: float) -> None:
         """A fresher listing of our instance (every sync): new address, tags; retry a destroy."""
+        self._now = now
         before = self._view
         self._instance = instance
         self._exec.set_target(instance.handle)
@@ -224,12 +225,13 @@ class WorkerActor(BaseActor):
             if now - before.destroyed > self._cfg.timeout_shutdown:
                 self._log.info("worker still listed after shutdown; retrying", extra=self._fields())
                 self._set(destroyed=now)
-                self._iset.destroy.defer(instance.handle)
+                self._iset.destroy.defer(instance.handle, now)
         else:
             self._save_tags()
         self._publish(before)
 
     def set_idle_behavior(self, behavior: Behavior, now: float) -> None:
+        self._now = now
         before = self._view
         self._log.info("set idle behavior", extra=self._fields(IdleBehavior=str(behavior)))
         self._set(idle_behavior=behavior)
@@ -279,6 +281,7 @@ class WorkerActor(BaseActor):
         self._reschedule()
 
     def kill_container(self, uuid: str, reason: str, now: float) -> None:
+        self._now = now
         r = self._runners.get(uuid)
         if r is None or r.kill_started is not None:
             return
@@ -291,6 +294,7 @@ class WorkerActor(BaseActor):
 
     def shutdown_if_allowed(self, reason: str, now: float) -> None:
         """The scheduler's Shutdown(): only booting/idle workers, never on hold."""
+        self._now = now
         v = self._view
         self._log.info("shutdown requested", extra=self._fields(Reason=reason))
         if v.idle_behavior is Behavior.HOLD or v.state not in (State.BOOTING, State.IDLE):
@@ -302,6 +306,7 @@ class WorkerActor(BaseActor):
 
     def kill_instance(self, reason: str, now: float) -> None:
         """The management API's kill: shut down in any state, hold included."""
+        self._now = now
         before = self._view
         if before.state is State.SHUTDOWN:
             return
@@ -325,12 +330,12 @@ class WorkerActor(BaseActor):
         if any(tags.get(k) != v for k, v in want.items()):
             merged = {**tags, **want}
             self._instance = replace(self._instance, tags=merged)
-            self._iset.set_tags.defer(self._instance.handle, merged)
+            self._iset.set_tags.defer(self._instance.handle, merged, self._now)
 
     def _shutdown(self, now: float, reason: str) -> None:
         self._log.info("shutting down", extra=self._fields(Reason=reason, State=str(self._view.state)))
         self._set(state=State.SHUTDOWN, destroyed=now)
-        self._iset.destroy.defer(self._instance.handle)
+        self._iset.destroy.defer(self._instance.handle, now)
 
     def _shutdown_if_idle(self, now: float) -> bool:
         v = self._view

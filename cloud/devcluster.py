@@ -17,7 +17,6 @@ running; SIGKILL leaves the VMs up (as a cloud would) and the next ``run`` adopt
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -229,7 +228,7 @@ def test_vm_outlives_its_creator_killed_with_sigkill(env):
         "import json, sys, time\n"
         "from cloud import local\n"
         "from conf.model import InstanceType\n"
-        f"s = local.driver(json.loads(sys.argv[1]), 'set-1', cluster=None, clock=None)\n"
+        "s = local.driver(json.loads(sys.argv[1]), 'set-1', cluster=None, clock=None)\n"
         "i = s.create(InstanceType('local', 'local', 1, 1, 1, 0, 0.01), 'img', {}, '', sys.argv[2])\n"
         "print(i.id, flush=True)\n"
         "time.sleep(600)\n")

@@ -24,6 +24,7 @@ import pytest
 from actors.instancetype import TypeChooser
 from actors.messages import Behavior, QueueEntry, State
 from actors.planner import Limits, Slot, plan, reconcile
+from actors.snapshot import Resources
 from conf.model import GPU, InstanceType
 from tests.simcluster import GiB, cluster, instance_type
 
@@ -754,3 +755,20 @@ def test_sync_kills_every_runner_not_in_queue():
     running = {e.uuid: None, cuuid(7): None, cuuid(8): EXITED}
     acts = reconcile([e], running, True, LATER)
     assert sorted(acts) == [("kill", cuuid(7), "not in queue"), ("kill", cuuid(8), "not in queue")]
+
+
+def test_create_limit_is_reported_and_no_extra_create_is_planned():
+    """MaxConcurrentInstanceCreateOps: the plan stops creating at the limit and says so (the
+    scheduler logs "reached MaxConcurrentInstanceCreateOps" once)."""
+    cl = sched_cluster(per_instance=1)
+    types = {t.name: t for t in cl.instance_types.values()}
+    entries = [QueueEntry(cuuid(i), "Locked", 10 - i, {"uuid": cuuid(i)}, (types["type1"],),
+                          Resources(vcpus=1, ram=1 << 20), first_seen_at=float(i)) for i in range(1, 5)]
+    base = dict(max_containers=0, max_supervisors=0, max_per_instance=1, max_instances=10,
+                n_workers=0, at_quota=False, create_throttled=False)
+    p = plan(entries, {}, [], Limits(max_concurrent_creates=2, n_creating=0, **base))
+    assert [u for _, u in p.creates] == [cuuid(1), cuuid(2)] and p.create_limited
+    p = plan(entries, {}, [], Limits(max_concurrent_creates=0, n_creating=0, **base))
+    assert len(p.creates) == 4 and not p.create_limited
+    p = plan(entries, {}, [], Limits(max_concurrent_creates=2, n_creating=2, **base))
+    assert p.creates == [] and p.create_limited

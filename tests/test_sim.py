@@ -9,7 +9,6 @@ import random
 import pytest
 
 from actors.sim import START, Simulation
-from cloud.base import CapacityError
 from tests.simcluster import GiB, cluster, with_vms
 
 FINAL = ("Complete", "Cancelled")
@@ -152,9 +151,7 @@ def test_rate_limit_holdoff_is_obeyed_to_the_second():
                                              "ContainerRunTime": "30s", "MinTimeBetweenCreateCalls": "20s"}),
                  max_running_containers_per_instance=1, max_concurrent_instance_create_ops=1)
     with Simulation(c) as sim:
-        create_times = []
-        orig = sim.cloud.instance_set  # record every create call the driver sees
-        calls = []
+        calls = []  # every create call the driver sees
         real_create = sim.dispatcher.driver_set.create
 
         def spy(*a, **kw):
@@ -175,9 +172,6 @@ def test_rate_limit_holdoff_is_obeyed_to_the_second():
 
 
 def test_capacity_error_falls_back_to_next_type():
-    c = with_vms(cluster(types=(1, 2, 4), driver_parameters={
-        "BootTime": "5s", "BootTimeJitter": "0s", "ContainerRunTime": "10s",
-        "CapacityErrorTypes": ["providertype1"]}), max_running_containers_per_instance=1)
     c = cluster(types=(1, 2, 4), driver_parameters={
         "BootTime": "5s", "BootTimeJitter": "0s", "ContainerRunTime": "10s",
         "CapacityErrorTypes": ["providertype1"]}, containers={"maximum_price_factor": 2.5})

@@ -517,7 +517,7 @@ def test_tags_saved_on_behavior_change():
     w, _ = make_worker(State.IDLE, {}, tags={"ArvadosInstanceType": "type1", "ArvadosIdleBehavior": "run",
                                              "ArvadosInstanceSetID": "set1", "other": "x"})
     w.set_idle_behavior(Behavior.HOLD, T0)
-    handle, merged = w._iset.set_tags.defer.call_args.args
+    handle, merged, _now = w._iset.set_tags.defer.call_args.args
     assert handle is w._instance.handle
     assert merged == {"ArvadosInstanceType": "type1", "ArvadosIdleBehavior": "hold",
                       "ArvadosInstanceSetID": "set1", "other": "x"}
@@ -546,7 +546,7 @@ def test_drain_shuts_down_booting_or_idle_at_once(state):
     w, _ = make_worker(state, {})
     w.set_idle_behavior(Behavior.DRAIN, T0)
     assert w.view.state is State.SHUTDOWN
-    w._iset.destroy.defer.assert_called_once_with(w._instance.handle)
+    w._iset.destroy.defer.assert_called_once_with(w._instance.handle, T0)
 
 
 def test_drain_running_worker_waits_for_its_container():
