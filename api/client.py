@@ -212,36 +212,40 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request timeout")
 
 
+def _list_parser(sub, help_text: str, path: str, columns, row) -> None:
+    p = sub.add_parser("list", help=help_text)
+    _common(p)
+    p.add_argument("--header", action="store_true", help="print column headings first")
+    p.set_defaults(func=_run(lambda a: _list(a, PREFIX + path, columns, row)))
+
+
+def _action_parser(sub, action: str, help_text: str, path: str, param: str, metavar: str,
+                   reason: bool) -> None:
+    p = sub.add_parser(action, help=help_text)
+    _common(p)
+    if reason:
+        p.add_argument("--reason", default="", help="logged by the dispatcher")
+    p.add_argument("ids", nargs="+", metavar=metavar)
+    p.set_defaults(func=_run(lambda a: _act(a, PREFIX + path, param, reason)))
+
+
 def register(subparsers) -> None:
     inst = subparsers.add_parser("instance", help="list the dispatcher's cloud instances, or hold/drain/run/kill them")
     isub = inst.add_subparsers(dest="action", metavar="ACTION")
     isub.required = True
-    p = isub.add_parser("list", help="print one tab-separated line per instance")
-    _common(p)
-    p.add_argument("--header", action="store_true", help="print column headings first")
-    p.set_defaults(func=_run(lambda a: _list(a, PREFIX + "/instances", INSTANCE_COLUMNS, instance_row)))
+    _list_parser(isub, "print one tab-separated line per instance", "/instances", INSTANCE_COLUMNS,
+                 instance_row)
     for action, text in (("hold", "stop scheduling on the instances and keep them up"),
                          ("drain", "shut the instances down once idle"),
                          ("run", "resume normal scheduling on the instances")):
-        p = isub.add_parser(action, help=text)
-        _common(p)
-        p.add_argument("ids", nargs="+", metavar="INSTANCE_ID")
-        p.set_defaults(func=_run(lambda a, act=action: _act(a, f"{PREFIX}/instances/{act}", "instance_id", False)))
-    p = isub.add_parser("kill", help="shut the instances down now (their containers are killed)")
-    _common(p)
-    p.add_argument("--reason", default="", help="logged by the dispatcher")
-    p.add_argument("ids", nargs="+", metavar="INSTANCE_ID")
-    p.set_defaults(func=_run(lambda a: _act(a, PREFIX + "/instances/kill", "instance_id", True)))
+        _action_parser(isub, action, text, f"/instances/{action}", "instance_id", "INSTANCE_ID", False)
+    _action_parser(isub, "kill", "shut the instances down now (their containers are killed)",
+                   "/instances/kill", "instance_id", "INSTANCE_ID", True)
 
     ctr = subparsers.add_parser("container", help="list the dispatcher's container queue, or kill containers")
     csub = ctr.add_subparsers(dest="action", metavar="ACTION")
     csub.required = True
-    p = csub.add_parser("list", help="print one tab-separated line per queued or running container")
-    _common(p)
-    p.add_argument("--header", action="store_true", help="print column headings first")
-    p.set_defaults(func=_run(lambda a: _list(a, PREFIX + "/containers", CONTAINER_COLUMNS, container_row)))
-    p = csub.add_parser("kill", help="kill the containers' crunch-run processes")
-    _common(p)
-    p.add_argument("--reason", default="", help="logged by the dispatcher")
-    p.add_argument("ids", nargs="+", metavar="UUID")
-    p.set_defaults(func=_run(lambda a: _act(a, PREFIX + "/containers/kill", "container_uuid", True)))
+    _list_parser(csub, "print one tab-separated line per queued or running container", "/containers",
+                 CONTAINER_COLUMNS, container_row)
+    _action_parser(csub, "kill", "kill the containers' crunch-run processes", "/containers/kill",
+                   "container_uuid", "UUID", True)

@@ -324,28 +324,23 @@ class _Section:
         return float(v)
 
     def duration(self, k: str, default=_REQUIRED) -> float:
-        v = self._get(k, default)
-        if isinstance(v, (Mapping, list)):
-            self.fail(k, f"expected a duration like \"10s\", got {_kind(v)}")
-        try:
-            seconds = parse_duration(v)
-        except ValueError as e:
-            self.fail(k, f"{_show(v)} is not a duration ({e})")
-        if seconds < 0:
-            self.fail(k, f"{_show(v)} is negative")
-        return seconds
+        return self._quantity(k, default, parse_duration, "duration", '"10s"')
 
     def size(self, k: str, default=_REQUIRED) -> int:
+        return self._quantity(k, default, parse_size, "size", '"16GiB"')
+
+    def _quantity(self, k: str, default, parse, what: str, example: str):
+        """A Go-syntax duration or size: parsed, never negative, errors naming the key."""
         v = self._get(k, default)
         if isinstance(v, (Mapping, list)):
-            self.fail(k, f"expected a size like \"16GiB\", got {_kind(v)}")
+            self.fail(k, f"expected a {what} like {example}, got {_kind(v)}")
         try:
-            n = parse_size(v)
+            q = parse(v)
         except ValueError as e:
-            self.fail(k, f"{_show(v)} is not a size ({e})")
-        if n < 0:
+            self.fail(k, f"{_show(v)} is not a {what} ({e})")
+        if q < 0:
             self.fail(k, f"{_show(v)} is negative")
-        return n
+        return q
 
     def str_list(self, k: str, default=_REQUIRED) -> tuple[str, ...]:
         v = self._get(k, default)
