@@ -285,10 +285,10 @@ def _guard(callback):
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
-        except BackendTimeout:
+        except BackendTimeout as e:
             log.warning("management API: dispatcher did not answer in time",
-                        extra={"path": bottle.request.path, "method": bottle.request.method})
-            return error_response(503, "dispatcher is busy, try again")
+                        extra={"path": bottle.request.path, "method": bottle.request.method, "error": str(e)})
+            return error_response(503, str(e) or "dispatcher is busy, try again")
         except Exception:
             log.exception("management API: request failed",
                           extra={"path": bottle.request.path, "method": bottle.request.method})

@@ -87,7 +87,7 @@ class SnapshotBackend:
 
     def _check_busy(self) -> None:
         if self.busy:
-            raise BackendTimeout("SnapshotBackend is marked busy")
+            raise BackendTimeout("dispatcher is busy, try again")
 
     def _update_instance(self, method: str, instance_id: str, arg: str, missing: str, **changes) -> None:
         self._check_busy()

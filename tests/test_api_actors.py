@@ -575,6 +575,6 @@ def test_stopped_dispatcher_is_a_json_503(live):
     for action, params in (("instances/hold", {"instance_id": iid}), ("instances/kill", {"instance_id": iid}),
                            ("containers/kill", {"container_uuid": a})):
         r = lv.act(action, **params)
-        assert_error(r, 503, "dispatcher is busy, try again")
+        assert_error(r, 503, "dispatcher is stopping")
     assert lv.instances()[0]["instance"] == iid  # the last snapshot is still served
     assert lv.sim.cloud.vm(iid) is not None  # stopping never destroys a VM
