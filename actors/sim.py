@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from actors.base import ACTIVITY
 from actors.clock import FakeClock
-from actors.main import Dispatcher
+from actors.main import Dispatcher, instance_set_id
 from actors.ticker import Ticker
 
 log = logging.getLogger("dispatch.sim")
@@ -47,7 +47,7 @@ class Simulation:
             self.metrics = DispatchMetrics(cluster, clock=self.clock.now, window_clock=self.clock.now)
         self.ticker = Ticker(self.clock)
         self.dispatcher = Dispatcher(cluster, clock=self.clock, ticker=self.ticker,
-                                     driver_set=self.cloud.instance_set(_set_id(cluster)),
+                                     driver_set=self.cloud.instance_set(instance_set_id(cluster.system_root_token)),
                                      api_client=self.api, metrics=self.metrics, seed=seed)
         self._started = False
 
@@ -132,10 +132,3 @@ class Simulation:
         return list(self.api.iter_containers(select=["uuid", "state", "priority", "exit_code",
                                                      "runtime_status", "lock_count", "locked_by_uuid"]))
 
-    def instances(self):
-        return [vm for vm in self.cloud.vms]
-
-
-def _set_id(cluster) -> str:
-    from actors.main import instance_set_id
-    return instance_set_id(cluster.system_root_token)
