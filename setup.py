@@ -1,6 +1,6 @@
 """dispatch-cloud: a cloud dispatcher for Arvados-style container queues."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="dispatch-cloud",
@@ -9,7 +9,7 @@ setup(
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
-    packages=["actors", "api", "cloud", "conf"],
+    packages=find_packages(include=["actors", "actors.*", "api", "api.*", "cloud", "cloud.*", "conf", "conf.*"]),
     package_data={"conf": ["*.yml"]},
     install_requires=[
         "pykka>=4.4,<5",
@@ -34,7 +34,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dispatch-cloud=actors.cli:main",
-            "dispatch-cloud-crunch-run=cloud.crunchrun:main",
+            "dispatch-cloud-crunch-run=cloud.local.runner:main",
         ],
     },
 )

@@ -12,11 +12,11 @@ import sys
 
 # (module, what it adds)
 SUBCOMMANDS = (
-    "conf.check",        # check-config
-    "actors.main",       # run
-    "api.client",        # instance ..., container ...
-    "cloud.devcluster",  # submit
-    "cloud.cloudtest",   # cloudtest
+    "actors.checkconfig",  # check-config
+    "actors.run",       # run
+    "api.admin",        # instance ..., container ...
+    "actors.devmode",   # submit
+    "cloud.cloudtest",  # cloudtest
 )
 
 

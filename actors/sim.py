@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable
 
 from actors.base import ACTIVITY
-from actors.clock import FakeClock
-from actors.main import Dispatcher, instance_set_id
+from cloud.clock import FakeClock
+from actors.service import Dispatcher, instance_set_id
 from actors.ticker import Ticker
 
 log = logging.getLogger("dispatch.sim")
@@ -24,9 +24,9 @@ START = 1_700_000_000.0
 class Simulation:
     def __init__(self, cluster, *, stub_params=None, seed: int = 0, store=None, cloud=None,
                  clock: FakeClock | None = None, metrics: bool = True):
-        from cloud.arvados import LocalArvadosClient
-        from cloud.containerstore import ContainerStore
-        from cloud.stub import StubCloud, StubParams
+        from api.arvados.inprocess import LocalArvadosClient
+        from api.arvados.store import ContainerStore
+        from cloud.stub.driver import StubCloud, StubParams
         self.cluster = cluster
         self.clock = clock or FakeClock(START)
         self.store = store or ContainerStore(":memory:", cluster_id=cluster.cluster_id,

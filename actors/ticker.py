@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable
 
-from actors.clock import Clock
+from cloud.clock import Clock
 
 log = logging.getLogger("dispatch.ticker")
 

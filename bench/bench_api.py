@@ -15,7 +15,7 @@ sees a changed queue, as after a poll every PollInterval; ``--resort-every 1`` m
 re-sort, the heavier case): ``pass-alone`` (one pass, then no
 more: the API alone over the same data), ``pass`` (a pass every second, default
 sys.setswitchinterval, 5 ms) and ``pass-1ms`` (the same with sys.setswitchinterval(0.001), as
-actors.main.serve sets it). ``heavy`` and ``heavy-1ms`` add --heavy-ms (250) of pure-Python work to
+actors.service.serve sets it). ``heavy`` and ``heavy-1ms`` add --heavy-ms (250) of pure-Python work to
 each pass: a stand-in for an unsliced pass ~50x slower than today's, to show what the switch
 interval does when a pass holds the GIL. Pass times are reported with and without client load.
 

@@ -125,7 +125,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=getattr(logging, os.environ.get("BENCH_LOG", "WARNING")), stream=sys.stderr,
                         format="%(name)s %(message)s")
-    logging.getLogger("cloud.stub").setLevel(logging.ERROR)
+    logging.getLogger("cloud.stub.driver").setLevel(logging.ERROR)
 
     n_ctr = int(10_000 * args.scale)
     max_inst = max(1, int(1000 * args.scale))

@@ -31,13 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors.clock import SystemClock  # noqa: E402
-from actors.main import Dispatcher, instance_set_id  # noqa: E402
+from cloud.clock import SystemClock  # noqa: E402
+from actors.service import Dispatcher, instance_set_id  # noqa: E402
 from actors.scheduler import SchedulerActor  # noqa: E402
 from api.metrics import DispatchMetrics  # noqa: E402
-from cloud.arvados import LocalArvadosClient  # noqa: E402
-from cloud.containerstore import ContainerStore  # noqa: E402
-from cloud.stub import StubCloud, StubParams  # noqa: E402
+from api.arvados.inprocess import LocalArvadosClient  # noqa: E402
+from api.arvados.store import ContainerStore  # noqa: E402
+from cloud.stub.driver import StubCloud, StubParams  # noqa: E402
 from tests.simcluster import cluster as test_cluster  # noqa: E402
 
 DEFAULTS = dict(poll_interval=10.0, probe_interval=10.0, sync_interval=60.0, timeout_idle=3600.0,

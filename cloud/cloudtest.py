@@ -61,11 +61,12 @@ class Interrupted(BaseException):
 
 
 def run(args: argparse.Namespace) -> int:
-    from conf.loader import ConfigError, default_path, load
+    from cloud.drivers import load_config
+    from conf.loader import ConfigError, default_path
     from conf.logsetup import setup
     setup("info", sys.stderr)  # JSON logs on stderr; stdout carries the step report only
     try:
-        cluster = load(args.config or default_path(), cluster_id=args.cluster)
+        cluster = load_config(args.config or default_path(), cluster_id=args.cluster)
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
@@ -89,7 +90,7 @@ class Tester:
 
     def __init__(self, cluster, it, *, image_id: str, set_id: str, command: str = "",
                  destroy_existing: bool = False, pause: bool = False, out=None, clock=None):
-        from actors.clock import SystemClock
+        from cloud.clock import SystemClock
         self.cluster = cluster
         self.vms = cluster.cloud_vms
         self.it = it
@@ -236,7 +237,7 @@ class Tester:
             found = self._ours()
 
     def _create(self) -> str:
-        from actors.main import public_key_line
+        from cloud.ssh import public_key_line
         tags = {self._tag("InstanceSetID"): self.set_id, self._tag("InstanceSecret"): self.secret}
         self.tags = {**self.vms.resource_tags, self._tag("CloudTestPID"): str(os.getpid()), **tags}
         init = f'umask 0177 && echo -n "{self.secret}" >{SECRET_PATH}\n{self.vms.instance_init_command}'

@@ -1,6 +1,8 @@
 """The driver registry: ``Containers.CloudVMs.Driver`` -> module implementing ``driver()``.
 
-A driver module exposes ``driver(params, set_id, *, cluster, clock, logger) -> InstanceSet``.
+A driver module exposes ``driver(params, set_id, *, cluster, clock, logger) -> InstanceSet``, and
+may expose ``check_params(params, cluster)``, which raises ValueError naming the key: run by
+:func:`load_config` so ``check-config`` rejects what ``run`` would, before any cloud call.
 An InstanceSet that can run commands on its instances without SSH (the stub cloud) also has
 ``make_executor(instance) -> Executor``; otherwise the dispatcher uses the SSH executor.
 """
@@ -9,16 +11,34 @@ from __future__ import annotations
 
 import importlib
 
-DRIVERS = {
-    "stub": "cloud.stub",
-    "local": "cloud.local",
-    "azure": "cloud.azure",
-}
+from conf.loader import ConfigError, load as load_file
 
-# Arvados driver names this dispatcher recognizes but does not implement.
-NOT_IMPLEMENTED = ("ec2", "loopback")
+DRIVERS = {
+    "stub": "cloud.stub.driver",
+    "local": "cloud.local.driver",
+    "azure": "cloud.azure.driver",
+}
 
 
 def load(name: str):
     """The driver module for ``name``; KeyError if unknown."""
     return importlib.import_module(DRIVERS[name])
+
+
+def check(cluster) -> None:
+    """The driver's own DriverParameters validation, as a :class:`~conf.loader.ConfigError`."""
+    check_params = getattr(load(cluster.cloud_vms.driver), "check_params", None)
+    if check_params is None:
+        return
+    try:
+        check_params(cluster.cloud_vms.driver_parameters, cluster)
+    except ValueError as e:
+        raise ConfigError(cluster.source, "", str(e)) from None
+
+
+def load_config(path: str | None = None, cluster_id: str | None = None):
+    """Load the cluster config and check its driver parameters: what ``run``, ``check-config``
+    and ``cloudtest`` read."""
+    cluster = load_file(path, cluster_id)
+    check(cluster)
+    return cluster

@@ -623,3 +623,11 @@ def executor_for(cluster: Cluster, instance_set, instance: base.Instance, *, sec
                        port=vms.ssh_port, secret=secret, connect_timeout=t, auth_timeout=t,
                        command_timeout=max(t, min(60.0, vms.probe_interval * 0.8)),
                        on_verified=on_verified, logger=logger)
+
+
+def public_key_line(private_pem: str) -> str | None:
+    """The ``authorized_keys`` line for the dispatcher's key (None without a key)."""
+    if not private_pem:
+        return None
+    k = load_private_key(private_pem)
+    return f"{k.get_name()} {k.get_base64()}"

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from cloud.drivers import DRIVERS, NOT_IMPLEMENTED
+from conf.drivers import IMPLEMENTED, NOT_IMPLEMENTED, local_default_instance_type
 from conf.model import GPU, CloudVMs, Cluster, Containers, InstanceType, freeze
 from conf.units import parse_duration, parse_size
 
@@ -494,10 +494,10 @@ class _Builder:
     @staticmethod
     def _driver(sec: _Section, k: str) -> str:
         name = sec.str(k)
-        supported = ", ".join(sorted(DRIVERS))
+        supported = ", ".join(sorted(IMPLEMENTED))
         if name in NOT_IMPLEMENTED:
             sec.fail(k, f"driver {_show(name)} is not supported by this dispatcher (supported: {supported})")
-        if name not in DRIVERS:
+        if name not in IMPLEMENTED:
             sec.fail(k, f"unknown driver {_show(name)} (supported: {supported})")
         return name
 
@@ -559,10 +559,9 @@ class _Builder:
     def _local_default_type(self, top: _Section, containers: Containers) -> dict[str, InstanceType]:
         """Like Arvados' loopback driver: with Driver local and no InstanceTypes, one type sized
         from this host (cores, memory, free disk under StateDir)."""
-        from cloud.local import default_instance_type
         from conf.model import thaw
         try:
-            found = default_instance_type(thaw(containers.cloud_vms.driver_parameters))
+            found = local_default_instance_type(thaw(containers.cloud_vms.driver_parameters))
         except ValueError as e:
             top.fail("Containers.CloudVMs.DriverParameters", str(e))
         return {name: InstanceType(name=name, provider_type=d["ProviderType"], vcpus=int(d["VCPUs"]),

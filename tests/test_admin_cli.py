@@ -12,7 +12,7 @@ import pytest
 
 from api.app import make_app
 from api.backend import SnapshotBackend
-from api.client import config_candidates, dev_config_path, instance_row
+from api.admin import config_candidates, dev_config_path, instance_row
 from api.metrics import DispatchMetrics
 from api.server import ApiServer
 from tests import api_data as d

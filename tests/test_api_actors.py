@@ -20,7 +20,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.main import ActorBackend
+from actors.service import ActorBackend
 from actors.sim import START, Simulation
 from api.app import make_app
 from api.server import ApiServer

@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from api.wsgi import WsgiServer, parse_listen_url
-from cloud.apiserver import make_app, serve
-from cloud.containerstore import ContainerStore
+from api.arvados.server import make_app, serve
+from api.arvados.store import ContainerStore
 
 ADMIN = "admin-secret-token-1234567890"
 USER = "user-secret-token-0987654321"
@@ -157,7 +157,7 @@ def test_unknown_route_wrong_method_and_crash_are_json(srv, caplog):
     def boom(*a, **k):
         raise RuntimeError("kaboom")
     store.get = boom
-    caplog.set_level(logging.ERROR, logger="cloud.apiserver")
+    caplog.set_level(logging.ERROR, logger="api.arvados.server")
     r = requests.get(f"{base}/containers/zzzzz-dz642-000000000000000", headers=H)
     assert_json_error(r, 500, "internal server error")
     assert "kaboom" not in r.text
@@ -251,7 +251,7 @@ def test_manual_entry_point_serves_and_stops_on_sigterm(tmp_path):
     import sys
 
     db = tmp_path / "manual.sqlite"
-    proc = subprocess.Popen([sys.executable, "-m", "cloud.apiserver", "--db", str(db), "--token", ADMIN],
+    proc = subprocess.Popen([sys.executable, "-m", "api.arvados.server", "--db", str(db), "--token", ADMIN],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -277,7 +277,7 @@ def test_manual_entry_point_bad_db_is_a_message_not_a_traceback(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "cloud.apiserver", "--db", str(tmp_path / "no" / "x.db"),
+    out = subprocess.run([sys.executable, "-m", "api.arvados.server", "--db", str(tmp_path / "no" / "x.db"),
                           "--token", "t"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 1
@@ -288,7 +288,7 @@ def test_concurrent_dispatchers_over_http_lock_each_container_once(tmp_path):
     """Four clients race through Waitress's threads into one file-backed store."""
     import threading
 
-    from cloud.arvados import ArvadosClient, Unprocessable
+    from api.arvados.client import ArvadosClient, Unprocessable
 
     store = ContainerStore(str(tmp_path / "race.sqlite"))
     store.add_token(ADMIN, admin=True)

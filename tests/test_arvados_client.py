@@ -16,12 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from actors.clock import FakeClock
+from cloud.clock import FakeClock
 from api.wsgi import WsgiServer
-from cloud.apiserver import make_app, serve
-from cloud.arvados import (ApiError, ApiUnavailable, ArvadosClient, Forbidden, LocalArvadosClient,
-                           NotFound, Unauthorized, Unprocessable, base_url, encode_params)
-from cloud.containerstore import MAX_DISPATCH_TEXT, ContainerStore
+from api.arvados.server import make_app, serve
+from api.arvados.client import (ApiError, ApiUnavailable, ArvadosClient, Forbidden, NotFound, Unauthorized,
+                                Unprocessable, base_url, encode_params)
+from api.arvados.inprocess import LocalArvadosClient
+from api.arvados.store import MAX_DISPATCH_TEXT, ContainerStore
 
 TOKEN_A = "dispatcher-token-aaaaaaaaaaaa"
 TOKEN_B = "other-dispatcher-token-bbbbbb"
@@ -371,7 +372,7 @@ def free_port() -> int:
 def test_dead_port_raises_api_unavailable_quickly(caplog):
     port = free_port()
     client = ArvadosClient(f"127.0.0.1:{port}", TOKEN_A, retries=2, backoff=0.05, timeout=(1.0, 1.0))
-    caplog.set_level(logging.DEBUG, logger="cloud.arvados")
+    caplog.set_level(logging.DEBUG, logger="api.arvados.client")
     t0 = time.monotonic()
     with pytest.raises(ApiUnavailable) as ei:
         client.list_containers()

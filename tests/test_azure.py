@@ -13,9 +13,10 @@ from datetime import datetime, timezone
 import pytest
 from hypothesis import given, strategies as st
 
-from actors.clock import FakeClock
-from cloud import azure, azure_errors
-from cloud.azure_config import AzureConfigError, parse, parse_duration
+from cloud.clock import FakeClock
+from cloud.azure import driver as azure
+from cloud.azure import errors as azure_errors
+from cloud.azure.config import AzureConfigError, parse, parse_duration
 from cloud.base import (CapacityError, CloudError, NotSupported, QuotaError, RateLimitError,
                         capacity_scope, is_quota_error, rate_limit_retry_at, wrap)
 from conf.model import InstanceType

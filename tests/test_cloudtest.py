@@ -238,8 +238,8 @@ def test_local_driver_end_to_end_over_ssh(tmp_path):
 
 
 def test_local_existing_instances_refused_then_destroyed(tmp_path):
-    from actors.clock import SystemClock
-    from cloud import local
+    from cloud.clock import SystemClock
+    from cloud.local import driver as local
     from conf.loader import load
     cfg, state = _local_setup(tmp_path, BootDelay="1h")
     cluster = load(str(cfg))

@@ -13,7 +13,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from conf.check import summary
+from actors.checkconfig import summary
 from conf.loader import ConfigError, clean, load, load_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -588,9 +588,11 @@ def test_local_driver_without_types_gets_one_sized_from_this_host(tmp_path):
 def test_local_driver_bad_parameters_name_the_key(tmp_path):
     doc = site(Containers={"CloudVMs": {"Driver": "local", "DriverParameters": {"BootDelay": "soon"}}})
     doc["Clusters"]["zzzzz"].pop("InstanceTypes", None)
+    from cloud.drivers import check
+    c = load_doc(tmp_path, doc)  # conf knows nothing of the drivers' parameters ...
     with pytest.raises(ConfigError) as e:
-        load_doc(tmp_path, doc)
-    assert "DriverParameters" in str(e.value) and "BootDelay" in str(e.value)
+        check(c)  # ... the driver does, and load_config (run, check-config) asks it
+    assert "DriverParameters.BootDelay" in str(e.value) and str(e.value).startswith(c.source)
 
 
 def test_deploy_runner_binary_is_accepted_with_a_warning(tmp_path, caplog):

@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from actors.clock import FakeClock, SystemClock
-from cloud import azure
+from cloud.clock import FakeClock, SystemClock
+from cloud.azure import driver as azure
 from cloud.base import CapacityError, CloudError, QuotaError, RateLimitError
 from cloud.conformance import (ErrorCase, all_ok, polling_wait, run_conformance, stepping_wait,
                                summary)
-from cloud.stub import StubCloud, StubParams
+from cloud.stub.driver import StubCloud, StubParams
 from conf.model import InstanceType
 from tests.fakearm import FakeArm
 
@@ -133,7 +133,7 @@ def test_azure_passes():
 
 
 def test_local_passes(tmp_path):
-    from cloud import local
+    from cloud.local import driver as local
     base = f"127.{random.randint(100, 250)}.{random.randint(0, 250)}.2"  # away from other tests' VMs
     params = {"StateDir": str(tmp_path / "state"), "BootDelay": "0s", "AddressBase": base, "MaxInstances": 1}
     it = dataclasses.replace(IT, provider_type="local")

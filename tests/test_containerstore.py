@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from actors.clock import FakeClock
-from cloud.containerstore import (MAX_LIMIT, ContainerStore, NotFound, PermissionDenied, StoreError,
+from cloud.clock import FakeClock
+from api.arvados.store import (MAX_LIMIT, ContainerStore, NotFound, PermissionDenied, StoreError,
                                   TokenInfo, Unprocessable, check_select, compile_filters,
                                   compile_order, parse_time, rfc3339)
 

@@ -1,7 +1,7 @@
 """dispatch-cloud-crunch-run: the crunch-run background protocol against a real container API.
 
 Every test runs the command as the dispatcher would (a subprocess), with its own lock dir and work
-dir, against :mod:`cloud.apiserver` on 127.0.0.1 backed by a real SQLite store. Processes the
+dir, against :mod:`api.arvados.server` on 127.0.0.1 backed by a real SQLite store. Processes the
 runner starts carry a marker in their environment; teardown kills exactly those, by pid.
 """
 
@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from cloud import crunchrun
-from cloud.apiserver import serve
-from cloud.containerstore import ContainerStore
-from cloud.local import _marked_pids
-from cloud.localvm import MARKER_ENV
+from cloud.local import runner as crunchrun
+from api.arvados.server import serve
+from api.arvados.store import ContainerStore
+from cloud.local.driver import _marked_pids
+from cloud.local.vm import MARKER_ENV
 
 from tests.util import wait_for as _wait_for
 
@@ -53,7 +53,7 @@ class Node:
                     MARKER_ENV: str(tmp)}
 
     def crunch_run(self, *args, stdin: bytes = b"", timeout=20) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cloud.crunchrun", *args], input=stdin,
+        return subprocess.run([sys.executable, "-m", "cloud.local.runner", *args], input=stdin,
                               capture_output=True, env=self.env, cwd=str(ROOT), timeout=timeout)
 
     def config(self) -> bytes:

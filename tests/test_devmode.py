@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloud.devcluster import CLUSTER_ID, ensure_state
+from actors.devmode import CLUSTER_ID, ensure_state
 from tests.util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def dev(tmp_path):
     yield d
     d.stop(signal.SIGINT)
     if d.vm_dirs():  # a failed test may leave VMs: clean them up by the driver, by pid
-        from cloud import local
+        from cloud.local import driver as local
         from conf.loader import load
         cluster = load(str(d.cfg))
         iset = local.driver(cluster.cloud_vms.driver_parameters, "cleanup", cluster=cluster)
@@ -93,7 +93,7 @@ def submit(dev, *args, wait=False):
 
 
 def container(dev, uuid):
-    from cloud.arvados import ArvadosClient
+    from api.arvados.client import ArvadosClient
     from cloud.ssh import api_host
     from conf.loader import load
     c = load(str(dev.cfg))

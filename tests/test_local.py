@@ -23,10 +23,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cloud import base, local, localvm
-from cloud.apiserver import serve
-from cloud.containerstore import ContainerStore
-from cloud.crunchrun import pid_alive
+from cloud import base
+from cloud.local import driver as local
+from conf.drivers import local_default_instance_type
+from cloud.local import vm as localvm
+from api.arvados.server import serve
+from api.arvados.store import ContainerStore
+from cloud.local.runner import pid_alive
 from cloud.ssh import (AuthError, SSHExecutor, crunch_run_list_command, crunch_run_start_command,
                        instance_secret_command)
 from conf.model import CloudVMs, Cluster, Containers, InstanceType
@@ -136,7 +139,7 @@ def test_parameter_defaults(monkeypatch, tmp_path):
 
 
 def test_default_instance_type_is_sized_from_this_host(tmp_path):
-    t = local.default_instance_type({"StateDir": str(tmp_path / "not-yet")})
+    t = local_default_instance_type({"StateDir": str(tmp_path / "not-yet")})
     assert list(t) == ["local"]
     assert t["local"]["ProviderType"] == "local" and t["local"]["Price"] == 0.01
     assert t["local"]["VCPUs"] == os.cpu_count()
@@ -226,7 +229,7 @@ def test_tags_persist_for_a_restarted_dispatcher_and_quota_is_enforced(env):
 def test_vm_outlives_its_creator_killed_with_sigkill(env):
     code = (
         "import json, sys, time\n"
-        "from cloud import local\n"
+        "from cloud.local import driver as local\n"
         "from conf.model import InstanceType\n"
         "s = local.driver(json.loads(sys.argv[1]), 'set-1', cluster=None, clock=None)\n"
         "i = s.create(InstanceType('local', 'local', 1, 1, 1, 0, 0.01), 'img', {}, '', sys.argv[2])\n"
@@ -444,7 +447,7 @@ def test_an_unusable_state_dir_is_a_config_error_naming_the_key(tmp_path):
 # request, before paramiko sends CHANNEL_SUCCESS (what a busy host or the GIL does by chance).
 _SLOW_REPLY_VM = """
 import sys, time
-from cloud import localvm
+from cloud.local import vm as localvm
 accept = localvm._Session.check_channel_exec_request
 def slow(self, channel, command):
     ok = accept(self, channel, command)
@@ -462,8 +465,8 @@ def test_a_command_never_closes_its_channel_before_the_exec_reply(env, monkeypat
     def start_vm(self, files):
         pythonpath = os.pathsep.join(filter(None, [localvm.source_root(), os.environ.get("PYTHONPATH")]))
         with open(files.log, "ab") as out:
-            # "cloud.localvm" and the state dir in argv: how the driver recognizes its VM process
-            return subprocess.Popen([sys.executable, "-c", _SLOW_REPLY_VM, "cloud.localvm", str(files.root)],
+            # "cloud.local.vm" and the state dir in argv: how the driver recognizes its VM process
+            return subprocess.Popen([sys.executable, "-c", _SLOW_REPLY_VM, "cloud.local.vm", str(files.root)],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=str(files.root),
                                     env={**os.environ, "PYTHONPATH": pythonpath}, start_new_session=True)
     monkeypatch.setattr(local.LocalInstanceSet, "_start_vm", start_vm)

@@ -12,7 +12,7 @@ import requests
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.clock import FakeClock
+from cloud.clock import FakeClock
 from actors.snapshot import INSTANCE_CATEGORIES, WORKER_STATES, Snapshot
 from api.app import make_app
 from api.backend import SnapshotBackend

@@ -15,9 +15,9 @@ from pathlib import Path
 import requests
 import yaml
 
-from cloud.apiserver import serve
-from cloud.arvados import ArvadosClient
-from cloud.containerstore import ContainerStore
+from api.arvados.server import serve
+from api.arvados.client import ArvadosClient
+from api.arvados.store import ContainerStore
 from tests.util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

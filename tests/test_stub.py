@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from actors.clock import FakeClock, SystemClock
+from cloud.clock import FakeClock, SystemClock
 from cloud import base
 from cloud.base import (CapacityError, CloudError, ExecutorError, QuotaError, RateLimitError,
                         capacity_scope, is_quota_error, rate_limit_retry_at)
-from cloud.stub import StubCloud, StubInstanceSet, driver
-from cloud.stubvm import StubParams, StubParamsError, parse_runner_args
+from cloud.stub.driver import StubCloud, StubInstanceSet, driver
+from cloud.stub.vm import StubParams, StubParamsError, parse_runner_args
 from conf.model import Cluster, CloudVMs, Containers, InstanceType
 
 UUID1 = "zzzzz-dz642-000000000000001"
@@ -467,7 +467,7 @@ def test_api_errors_end_the_process_quietly(clock, api, caplog):
     run(ex, detach_cmd(UUID1), config_data())
     api.fail = True
     run(ex, detach_cmd(UUID2), config_data())
-    with caplog.at_level(logging.WARNING, logger="cloud.stub"):
+    with caplog.at_level(logging.WARNING, logger="cloud.stub.driver"):
         cloud.advance()
     assert run(ex, "crunch-run --list")[1] == ""
     assert api.state(UUID1) == "Cancelled" and api.state(UUID2) == "Locked"
@@ -637,8 +637,8 @@ def test_realtime_mode_runs_its_own_thread_and_stops(caplog):
 
 @pytest.fixture
 def api_server():
-    from cloud.apiserver import serve
-    from cloud.containerstore import ContainerStore
+    from api.arvados.server import serve
+    from api.arvados.store import ContainerStore
     store = ContainerStore(":memory:")
     store.add_token("systemroottoken", admin=True)
     server = serve(store, "127.0.0.1", 0)
@@ -650,7 +650,7 @@ def api_server():
 
 
 def _queued_locked_container(server):
-    from cloud.arvados import ArvadosClient
+    from api.arvados.client import ArvadosClient
     client = ArvadosClient(server.url, "systemroottoken", retries=0)
     ctr = client.create_container({"container_image": "img", "command": ["echo", "hi"],
                                    "runtime_constraints": {"vcpus": 1, "ram": 1 << 30}})
@@ -664,7 +664,7 @@ def _http_config(server) -> bytes:
 
 
 def _state(store, uuid):
-    from cloud.containerstore import TokenInfo
+    from api.arvados.store import TokenInfo
     return store.get(uuid, caller=TokenInfo(uuid="test", admin=True))
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from actors.clock import FakeClock, SystemClock
+from cloud.clock import FakeClock, SystemClock
 from actors.ticker import Ticker
 
 T0 = 1_700_000_000.0

@@ -11,7 +11,8 @@ import argparse
 import logging
 import sys
 
-from conf.loader import ConfigError, default_path, load
+from cloud.drivers import load_config
+from conf.loader import ConfigError, default_path
 from conf.model import Cluster
 from conf.units import format_duration, format_size
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     logger.addHandler(handler)
     logger.propagate = False  # shown once, as plain text, not again as JSON by a root handler
     try:
-        cluster = load(args.config or default_path(), cluster_id=args.cluster)
+        cluster = load_config(args.config or default_path(), cluster_id=args.cluster)
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

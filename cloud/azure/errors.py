@@ -1,7 +1,7 @@
 """Turning ARM failures into the dispatcher's error protocol (rate limit, quota, capacity).
 
 Pure functions: the decision depends only on the status, headers and ARM error body, so it is tested
-with a table and reused by every call site in :mod:`cloud.azure`.
+with a table and reused by every call site in :mod:`cloud.azure.driver`.
 """
 
 from __future__ import annotations

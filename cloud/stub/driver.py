@@ -28,7 +28,7 @@ from types import MappingProxyType
 
 from cloud.base import (CapacityError, CloudError, ExecResult, ExecutorError, QuotaError,
                         RateLimitError)
-from cloud.stubvm import (SECRET_PATH, ExecRecord, FakeCrunchRun, Phase, StubParams,
+from cloud.stub.vm import (SECRET_PATH, ExecRecord, FakeCrunchRun, Phase, StubParams,
                           StubParamsError, StubVM, container_field, list_output,
                           parse_config_data, parse_runner_args, runner_args, split_command)
 from conf.model import InstanceType
@@ -40,11 +40,11 @@ REALTIME_INTERVAL = 0.1  # seconds between advance() calls in real-time mode
 DUE_WAIT = 1.0  # how long a call waits for another thread that is running due events
 KILL_WAIT = 1.0  # like crunch-run --kill, which polls the process for up to 1 s
 
-_log = logging.getLogger("cloud.stub")
+_log = logging.getLogger("cloud.stub.driver")
 
 
 def _default_api_factory(api_host: str, token: str, *, insecure: bool = False):
-    from cloud.arvados import ArvadosClient  # lazily: the stub itself needs no HTTP client
+    from api.arvados.client import ArvadosClient  # lazily: the stub itself needs no HTTP client
     return ArvadosClient(api_host, token, insecure=insecure)
 
 

@@ -9,7 +9,7 @@ failure, including unknown routes and wrong methods.
 ``POST /arvados/v1/containers`` (create) is a development convenience: Arvados itself creates
 containers from container requests, which this server does not model.
 
-Run one by hand with ``python -m cloud.apiserver --db queue.sqlite --token SECRET``.
+Run one by hand with ``python -m api.arvados.server --db queue.sqlite --token SECRET``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import threading
 import bottle
 
 from api.wsgi import WsgiServer
-from cloud.containerstore import (BadRequest, ContainerStore, NotLoggedIn, StoreError, TokenInfo,
+from api.arvados.store import (BadRequest, ContainerStore, NotLoggedIn, StoreError, TokenInfo,
                                   check_select)
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def serve(store: ContainerStore, host: str = "127.0.0.1", port: int = 0, threads
 def main(argv: list[str] | None = None) -> int:
     from conf import logsetup
 
-    p = argparse.ArgumentParser(prog="python -m cloud.apiserver",
+    p = argparse.ArgumentParser(prog="python -m api.arvados.server",
                                 description="Arvados-compatible container API server backed by SQLite.")
     p.add_argument("--db", required=True, help="SQLite file (created if missing)")
     p.add_argument("--token", required=True, help="admin API token to accept (e.g. the SystemRootToken)")

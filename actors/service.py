@@ -1,4 +1,4 @@
-"""Wiring: build the actors for one cluster, start them in order, stop them in reverse.
+"""The composition root: build the actors for one cluster, start them in order, stop them in reverse.
 
 ``Dispatcher`` is used three ways: by ``dispatch-cloud run`` (real clock, real driver), by the
 simulation harness (FakeClock, stub cloud, in-process container API), and by tests. Stopping a
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import signal
 import sys
@@ -38,20 +37,12 @@ def instance_set_id(token: str) -> str:
     return hashlib.md5(token.encode()).hexdigest()
 
 
-def public_key_line(private_pem: str) -> str | None:
-    """The ``authorized_keys`` line for the dispatcher's key (None without a key)."""
-    if not private_pem:
-        return None
-    from cloud.ssh import load_private_key
-    k = load_private_key(private_pem)
-    return f"{k.get_name()} {k.get_base64()}"
-
 
 class Dispatcher:
     def __init__(self, cluster, *, clock, driver_set, api_client, metrics=None, ticker=None,
                  logger=None, seed: int | None = None):
         from actors.instancetype import TypeChooser
-        from cloud.ssh import executor_for
+        from cloud.ssh import executor_for, public_key_line
         self.cluster = cluster
         self.clock = clock
         self.ticker = ticker or Ticker(clock)
@@ -178,42 +169,11 @@ class ActorBackend:
         return {"health": "OK"}
 
 
-# ---------------------------------------------------------------------------------------------------
-# `dispatch-cloud run`
-
-
-def register(sub) -> None:
-    p = sub.add_parser("run", help="run the dispatcher (no --config: the embedded dev cluster)")
-    p.add_argument("--config", help="Arvados cluster config file (default: embedded dev mode)")
-    p.add_argument("--cluster", help="cluster id, when the file has several")
-    p.add_argument("--log-level", default=os.environ.get("DISPATCH_CLOUD_LOG_LEVEL", "info"))
-    p.add_argument("--demo", action="store_true", help="dev mode: queue a short demo workload")
-    p.add_argument("--state-dir", help="dev mode: where the dev cluster keeps its state "
-                   "(default $DISPATCH_CLOUD_STATE or ~/.local/state/dispatch-cloud)")
-    p.add_argument("--keep-vms", action="store_true", help="dev mode: leave the dev VMs up on exit")
-    p.set_defaults(func=run_command)
-
-
-def run_command(args) -> int:
-    from conf import logsetup
-    logsetup.setup(args.log_level)
-    if not args.config:
-        from cloud.devcluster import run_dev
-        return run_dev(args)
-    from conf.loader import ConfigError, load
-    try:
-        cluster = load(args.config, args.cluster)
-    except ConfigError as e:
-        print(f"dispatch-cloud: {e}", file=sys.stderr)
-        return 1
-    return serve(cluster)
-
-
 def build_real(cluster, clock):
     """The driver set, container API client and metrics for a real (non-simulated) run."""
     from api.metrics import DispatchMetrics
     from cloud import drivers
-    from cloud.arvados import ArvadosClient
+    from api.arvados.client import ArvadosClient
     from cloud.ssh import api_host
     metrics = DispatchMetrics(cluster)
     mod = drivers.load(cluster.cloud_vms.driver)
@@ -227,7 +187,7 @@ def build_real(cluster, clock):
 
 def serve(cluster, *, on_ready=None) -> int:
     """Run until SIGTERM/SIGINT; non-zero if a singleton actor crashed."""
-    from actors.clock import SystemClock
+    from cloud.clock import SystemClock
     from api.app import make_app
     from api.server import ApiServer
     sys.setswitchinterval(0.001)  # keep the API responsive while a pass holds the GIL

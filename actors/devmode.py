@@ -133,9 +133,9 @@ DEMO = [  # (name, vcpus, ram MiB, command)
 
 
 def run_dev(args) -> int:
-    from actors.main import serve
-    from cloud.apiserver import serve as serve_api
-    from cloud.containerstore import ContainerStore
+    from actors.service import serve
+    from api.arvados.server import serve as serve_api
+    from api.arvados.store import ContainerStore
     from conf.loader import ConfigError, load
     root = state_root(getattr(args, "state_dir", None))
     cfg_path = ensure_state(root)
@@ -192,7 +192,7 @@ def banner(cluster, cfg_path: Path) -> str:
 
 def shutdown_vms(cluster) -> None:
     """Destroy the dev VMs (after Ctrl-C nothing would watch them)."""
-    from cloud import local
+    from cloud.local import driver as local
     try:
         iset = local.driver(cluster.cloud_vms.driver_parameters, "dev-shutdown", cluster=cluster,
                             clock=None, logger=log)
@@ -208,7 +208,7 @@ def shutdown_vms(cluster) -> None:
 
 def run_demo(cluster) -> None:
     """Queue a few containers of two sizes and report how each ends."""
-    from cloud.arvados import ArvadosClient
+    from api.arvados.client import ArvadosClient
     from cloud.ssh import api_host
     client = ArvadosClient(api_host(cluster.controller_url), cluster.system_root_token)
     uuids = {}
@@ -261,7 +261,7 @@ def register(sub) -> None:
 
 
 def submit_command(args) -> int:
-    from cloud.arvados import ApiError, ArvadosClient
+    from api.arvados.client import ApiError, ArvadosClient
     from cloud.ssh import api_host
     from conf.loader import ConfigError, load
     from conf.units import parse_size
@@ -296,7 +296,7 @@ def submit_command(args) -> int:
 
 def follow(client, uuid: str, timeout: float) -> int:
     """Print state changes until the container ends; then its stdout/stderr and exit code."""
-    from cloud.arvados import ApiError
+    from api.arvados.client import ApiError
     last, deadline = None, time.time() + timeout
     while time.time() < deadline:
         try:

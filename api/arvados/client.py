@@ -1,12 +1,12 @@
-"""The Arvados container API as the dispatcher uses it: an HTTP client and an in-process twin.
+"""The Arvados container API as the dispatcher uses it, over HTTP.
 
-:class:`ArvadosClient` talks to an Arvados controller (or :mod:`cloud.apiserver`) over
+:class:`ArvadosClient` talks to an Arvados controller (or :mod:`api.arvados.server`) over
 ``requests``, encoding parameters the way the Go SDK does (``sdk/go/arvados/client.go``): each
 parameter a JSON value, in the query string, switching to a POST form body with
-``X-Http-Method-Override: GET`` once the query passes 1000 characters. :class:`LocalArvadosClient`
-calls a :class:`~cloud.containerstore.ContainerStore` directly, for simulations that cannot
-afford HTTP for thousands of containers. Both share every public method and raise the same
-:class:`ApiError` subclasses, so callers cannot tell them apart.
+``X-Http-Method-Override: GET`` once the query passes 1000 characters. Its in-process twin,
+:class:`api.arvados.inprocess.LocalArvadosClient`, shares :class:`ContainerApi` and raises the
+same :class:`ApiError` subclasses, so callers cannot tell them apart. Nothing here imports the
+dev SQLite store.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 from urllib3.exceptions import NewConnectionError
-
-from cloud.containerstore import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -321,50 +319,3 @@ class ArvadosClient(ContainerApi):
 
     def _create(self, fields: dict) -> dict:
         return self._request("POST", "containers", json_body={"container": fields}, idempotent=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# In process
-
-
-class LocalArvadosClient(ContainerApi):
-    """The same API calling a ContainerStore directly (simulations, dev tools). Same errors."""
-
-    def __init__(self, store, token: str):
-        super().__init__()
-        self._store = store
-        self._token = token
-        self.last_503: float | None = None
-
-    def __repr__(self) -> str:
-        return f"LocalArvadosClient({self._store.path!r})"
-
-    def _call(self, fn: Callable, *args, **kwargs) -> dict:
-        try:
-            who = self._store.authenticate(self._token)
-            if who is None:
-                raise Unauthorized(401, "Not logged in")
-            return fn(*args, **kwargs, caller=who)
-        except StoreError as e:
-            raise error_for(e.status, e.message) from e
-
-    def _current(self) -> dict:
-        return self._call(lambda caller: {"kind": "arvados#apiClientAuthorization", "uuid": caller.uuid})
-
-    def _list(self, params: dict) -> dict:
-        return self._call(self._store.list, **params)
-
-    def _get(self, uuid: str, select) -> dict:
-        return self._call(self._store.get, uuid, select)
-
-    def _lock(self, uuid: str) -> dict:
-        return self._call(self._store.lock, uuid)
-
-    def _unlock(self, uuid: str) -> dict:
-        return self._call(self._store.unlock, uuid)
-
-    def _update(self, uuid: str, fields: dict) -> dict:
-        return self._call(self._store.update, uuid, fields)
-
-    def _create(self, fields: dict) -> dict:
-        return self._call(self._store.create, fields)

@@ -37,8 +37,8 @@ from azure.mgmt.compute import models as cm
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.network import models as nm
 
-from cloud import azure_errors
-from cloud.azure_config import AzureConfig, AzureConfigError, parse
+from cloud.azure import errors as azure_errors
+from cloud.azure.config import AzureConfig, AzureConfigError, parse
 from cloud.base import CloudError, NotSupported
 from conf.model import InstanceType
 
@@ -165,9 +165,9 @@ def driver(params, set_id: str, *, cluster=None, clock=None, logger=None,
     """An :class:`AzureInstanceSet` for raw DriverParameters; AzureConfigError names a bad key."""
     cfg = parse(params)
     if clock is None:
-        from actors.clock import SystemClock
+        from cloud.clock import SystemClock
         clock = SystemClock()
-    logger = logger or logging.getLogger("cloud.azure")
+    logger = logger or logging.getLogger("cloud.azure.driver")
     compute, network, _ = clients or make_clients(cfg, polling_interval=polling_interval)
     return AzureInstanceSet(cfg, set_id, compute=compute, network=network, clock=clock, logger=logger,
                             op_timeout=op_timeout)

@@ -1,6 +1,6 @@
 """One ``local`` VM: a process tree on this machine with its own SSH server on 127.0.0.N.
 
-``python -m cloud.localvm --state-dir DIR`` is what :mod:`cloud.local` starts for each instance,
+``python -m cloud.local.vm --state-dir DIR`` is what :mod:`cloud.local.driver` starts for each instance,
 in its own session with stdio to files in DIR, so it outlives the dispatcher that created it, as a
 cloud VM would. It
 
@@ -19,7 +19,7 @@ every exec'd command the path components ``/var/run`` and ``/var/lock`` are rewr
 ``cat /var/run/arvados-instance-secret`` and a boot probe like ``rm -f
 /var/lock/crunch-run-broken`` work per instance. Commands also get ``CRUNCH_RUN_LOCKDIR=DIR/lock``,
 ``CRUNCH_RUN_WORKDIR=DIR/work`` and a PATH starting with ``DIR/bin``, which holds ``crunch-run``
-and ``dispatch-cloud-crunch-run`` wrappers for :mod:`cloud.crunchrun` (so they work whether or not
+and ``dispatch-cloud-crunch-run`` wrappers for :mod:`cloud.local.runner` (so they work whether or not
 this package is installed) and a ``systemctl`` that only answers ``is-system-running`` with
 ``running`` (the default BootProbeCommand).
 """
@@ -48,7 +48,7 @@ from pathlib import Path
 import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
-log = logging.getLogger("cloud.localvm")
+log = logging.getLogger("cloud.local.vm")
 
 PR_SET_CHILD_SUBREAPER = 36
 MARKER_ENV = "DISPATCH_CLOUD_LOCALVM"  # set in every VM process's environment: its state dir
@@ -58,7 +58,7 @@ _CHUNK = 32768
 
 
 # ---------------------------------------------------------------------------------------------
-# The state directory: shared with cloud.local, which writes it at create.
+# The state directory: shared with cloud.local.driver, which writes it at create.
 
 
 @dataclass(frozen=True)
@@ -182,11 +182,11 @@ exit 1
 
 def write_shims(files: VMFiles) -> None:
     """The VM's "image": ``crunch-run`` and ``dispatch-cloud-crunch-run`` in DIR/bin, running
-    :mod:`cloud.crunchrun` with this interpreter, and a ``systemctl`` that answers only
+    :mod:`cloud.local.runner` with this interpreter, and a ``systemctl`` that answers only
     ``is-system-running`` (the default BootProbeCommand), so a config needs no local overrides."""
     files.bin.mkdir(exist_ok=True)
     runner = (f"#!/bin/sh\nPYTHONPATH='{source_root()}'${{PYTHONPATH:+:$PYTHONPATH}} "
-              f"exec '{sys.executable}' -m cloud.crunchrun \"$@\"\n")
+              f"exec '{sys.executable}' -m cloud.local.runner \"$@\"\n")
     for name, script in (("crunch-run", runner), ("dispatch-cloud-crunch-run", runner),
                          ("systemctl", _SYSTEMCTL)):
         p = files.bin / name
@@ -563,7 +563,7 @@ class LocalVM:
         if not os.access(SSHD, os.X_OK):
             raise OSError(f"{SSHD} not found (install openssh-server)")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
-        force = (f"PYTHONPATH='{source_root()}' '{sys.executable}' -m cloud.localvm "
+        force = (f"PYTHONPATH='{source_root()}' '{sys.executable}' -m cloud.local.vm "
                  f"--exec-for '{self.files.root}'")
         cfg = self.files.root / "sshd_config"
         cfg.write_text("\n".join([
@@ -678,7 +678,7 @@ def exec_main(root: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cloud.localvm",
+    p = argparse.ArgumentParser(prog="python -m cloud.local.vm",
                                 description="One local VM: an SSH server on 127.0.0.N and what it runs.")
     p.add_argument("--state-dir", help="the instance's state directory (holds instance.json)")
     p.add_argument("--exec-for", metavar="DIR", help=argparse.SUPPRESS)

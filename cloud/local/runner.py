@@ -212,7 +212,7 @@ def detach(uuid: str, argv: list[str], stdin) -> int:
     try:
         with open(os.path.join(work, "crunch-run.txt"), "ab") as log:
             child = subprocess.Popen(
-                [sys.executable, "-m", "cloud.crunchrun", "--no-detach", *argv],
+                [sys.executable, "-m", "cloud.local.runner", "--no-detach", *argv],
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=log, stderr=log, pass_fds=(fd, ready_w), start_new_session=True, env=env,
                 cwd=_source_root())
@@ -240,7 +240,7 @@ def detach(uuid: str, argv: list[str], stdin) -> int:
 
 
 def _source_root() -> str:
-    """The directory holding the ``cloud`` package, so ``python -m cloud.crunchrun`` finds it."""
+    """The directory holding the ``cloud`` package, so ``python -m cloud.local.runner`` finds it."""
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -581,7 +581,7 @@ def run(inv: Invocation) -> int:
         Runner(uuid, None, workdir, lock_fd, log)._fatal(msg)
         return 1
     insecure = os.environ.get("ARVADOS_API_HOST_INSECURE", "") not in ("", "0", "false")
-    from cloud.arvados import ArvadosClient
+    from api.arvados.client import ArvadosClient
     client = ArvadosClient(host, token, insecure=insecure, retries=API_RETRIES, backoff=API_BACKOFF)
     runner = Runner(uuid, client, workdir, lock_fd, log, inv.args.broken_node_hook)
     signal.signal(signal.SIGTERM, runner.on_sigterm)

@@ -4,7 +4,7 @@ Like Arvados' loopback driver it lets a whole cluster run on one host through th
 cloud uses, but it has many instances, each with its own loopback address 127.0.0.N (Linux routes
 all of 127/8 to ``lo``), SSH server, host key, lock dir and secret file, and they live in a state
 directory rather than in memory, so they survive a dispatcher restart (or SIGKILL) the way cloud
-VMs do. The VM process itself is :mod:`cloud.localvm`.
+VMs do. The VM process itself is :mod:`cloud.local.vm`.
 
 State: ``<StateDir>/<id>/`` holds ``instance.json`` (id, provider type, address, tags, pid,
 created_at, ...), the host key, ``authorized_keys``, ``init.sh``, ``lock/``, ``run/``, ``work/``.
@@ -49,15 +49,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cloud.base import CloudError, HostKeyError, InstancePrice, QuotaError
-from cloud.localvm import MARKER_ENV, VMFiles, current_user, descendants, kill_all, source_root
-from conf.model import InstanceType
+from cloud.local.vm import MARKER_ENV, VMFiles, current_user, descendants, kill_all, source_root
+from conf.drivers import LOCAL_PROVIDER_TYPE, local_state_dir
+from conf.model import InstanceType, thaw
 from conf.units import parse_duration
 
 __all__ = ["LocalParams", "LocalParamsError", "LocalInstanceSet", "LocalInstance", "driver",
-           "default_instance_type", "parse_params"]
+           "parse_params", "check_params"]
 
-_log = logging.getLogger("cloud.local")
-PROVIDER_TYPE = "local"
+_log = logging.getLogger("cloud.local.driver")
+PROVIDER_TYPE = LOCAL_PROVIDER_TYPE
 DEFAULT_PORT = 2222
 DESTROY_WAIT = 5.0  # seconds a VM gets to power off after SIGTERM before SIGKILL
 SERVERS = ("embedded", "openssh")
@@ -77,11 +78,6 @@ class LocalParams:
     ssh_port: int
 
 
-def default_state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "dispatch-cloud", "local")
-
-
 def parse_params(params: Mapping | None, cluster=None, where: str = "DriverParameters") -> LocalParams:
     """Validate DriverParameters (pure, apart from reading ``$XDG_STATE_HOME``)."""
     params = dict(params or {})
@@ -91,9 +87,10 @@ def parse_params(params: Mapping | None, cluster=None, where: str = "DriverParam
         raise LocalParamsError(f"{where}.{unknown[0]}: unknown parameter for the local driver "
                                f"(known: {', '.join(sorted(known))})")
     cvm = cluster.cloud_vms if cluster is not None else None
-    state_dir = params.get("StateDir") or default_state_dir()
-    if not isinstance(state_dir, str):
-        raise LocalParamsError(f"{where}.StateDir: expected a path, got {state_dir!r}")
+    try:
+        state_dir = local_state_dir(params)
+    except ValueError:
+        raise LocalParamsError(f"{where}.StateDir: expected a path, got {params['StateDir']!r}") from None
     mi = params.get("MaxInstances", cvm.max_instances if cvm is not None else 8)
     if isinstance(mi, bool) or not isinstance(mi, int) or mi < 1:
         raise LocalParamsError(f"{where}.MaxInstances: expected an integer >= 1, got {mi!r}")
@@ -120,30 +117,8 @@ def parse_params(params: Mapping | None, cluster=None, where: str = "DriverParam
         except ValueError:
             raise LocalParamsError(f"Containers.CloudVMs.SSHPort: expected a port number, "
                                    f"got {cvm.ssh_port!r}") from None
-    return LocalParams(os.path.abspath(os.path.expanduser(state_dir)), mi, boot_delay, server,
+    return LocalParams(state_dir, mi, boot_delay, server,
                        str(addr), port)
-
-
-def default_instance_type(params: Mapping | None = None) -> dict:
-    """``{"local": {...}}``: one InstanceTypes entry (Arvados config shape) sized from this host,
-    for configs with ``Driver: local`` that list none. Scratch is the free space of the file
-    system holding StateDir."""
-    state_dir = parse_params(params).state_dir
-    probe = state_dir
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe).free
-    return {"local": {"ProviderType": PROVIDER_TYPE, "VCPUs": os.cpu_count() or 1,
-                      "RAM": _mem_total(), "IncludedScratch": free, "AddedScratch": 0,
-                      "Price": 0.01, "Preemptible": False}}
-
-
-def _mem_total() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("MemTotal not found in /proc/meminfo")
 
 
 def _rfc3339(t: float) -> str:
@@ -171,11 +146,11 @@ def _cmdline(pid: int) -> list[str]:
 def _is_vm_process(pid: int, root: Path) -> bool:
     """Whether ``pid`` is (still) the localvm process of ``root`` — not a recycled pid."""
     args = _cmdline(pid)
-    return "cloud.localvm" in args and str(root) in args
+    return "cloud.local.vm" in args and str(root) in args
 
 
 def _alive(pid: int) -> bool:
-    from cloud.crunchrun import pid_alive
+    from cloud.local.runner import pid_alive
     return pid_alive(pid)
 
 
@@ -376,7 +351,7 @@ class LocalInstanceSet:
         env = dict(os.environ)
         env["PYTHONPATH"] = source_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(files.log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "cloud.localvm", "--state-dir", str(files.root)],
+            return subprocess.Popen([sys.executable, "-m", "cloud.local.vm", "--state-dir", str(files.root)],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                                     cwd=str(files.root), start_new_session=True)
 
@@ -446,6 +421,11 @@ def _write_host_key(files: VMFiles) -> None:
         f.write(pem)
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     files.host_key_pub.write_bytes(pub + b"\n")
+
+
+def check_params(params: Mapping | None, cluster) -> None:
+    """:mod:`cloud.drivers` hook: raise :class:`LocalParamsError` naming the key."""
+    parse_params(thaw(params or {}), cluster, f"Clusters.{cluster.cluster_id}.Containers.CloudVMs.DriverParameters")
 
 
 def driver(params: Mapping | None, set_id: str, *, cluster=None, clock=None, logger=None) -> LocalInstanceSet:

@@ -1,7 +1,7 @@
 """The stub cloud's values: its knobs (:class:`StubParams`), one VM (:class:`StubVM`), one fake
 crunch-run process (:class:`FakeCrunchRun`), and the pure parsing the fake shell needs.
 
-Nothing here touches a clock or a lock; :mod:`cloud.stub` owns time, events and threads.
+Nothing here touches a clock or a lock; :mod:`cloud.stub.driver` owns time, events and threads.
 """
 
 from __future__ import annotations

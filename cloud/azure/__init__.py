@@ -1,0 +1,1 @@
+"""The Azure driver on azure-mgmt-compute/-network: Arvados lib/cloud/azure behaviour."""
