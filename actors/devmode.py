@@ -209,7 +209,7 @@ def shutdown_vms(cluster) -> None:
 def run_demo(cluster) -> None:
     """Queue a few containers of two sizes and report how each ends."""
     from api.arvados.client import ArvadosClient
-    from cloud.ssh import api_host
+    from cloud.crunchrun import api_host
     client = ArvadosClient(api_host(cluster.controller_url), cluster.system_root_token)
     uuids = {}
     for name, vcpus, ram, cmd in DEMO:
@@ -262,7 +262,7 @@ def register(sub) -> None:
 
 def submit_command(args) -> int:
     from api.arvados.client import ApiError, ArvadosClient
-    from cloud.ssh import api_host
+    from cloud.crunchrun import api_host
     from conf.loader import ConfigError, load
     from conf.units import parse_size
     path = args.config or find_config(args.state_dir)

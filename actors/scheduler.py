@@ -23,6 +23,7 @@ from actors.base import BaseActor
 from actors.messages import Behavior, CreateFailure, InstanceInfo, QueueEntry, State, WorkerView
 from actors.planner import Limits, Slot, base_key, needs_reconcile, plan, reconcile
 from actors.snapshot import InstanceView, LiveSnapshot, QueueEntryView, Snapshot
+from cloud import crunchrun
 from conf.model import InstanceType
 
 log = logging.getLogger("dispatch.scheduler")
@@ -499,7 +500,7 @@ class SchedulerActor(BaseActor):
         tag = self._cluster.tag
         tags = {tag("InstanceSetID"): self._set_id, tag("InstanceType"): it.name,
                 tag("IdleBehavior"): "run", tag("InstanceSecret"): secret}
-        init = f'umask 0177 && echo -n "{secret}" >/var/run/arvados-instance-secret\n{self._cfg.instance_init_command}'
+        init = crunchrun.init_command(secret, self._cfg.instance_init_command)
         log.info("creating new instance", extra={"InstanceType": it.name})
         if 0 < self._cfg.max_instances == len(self._workers) + len(self._creating):
             log.info("now at MaxInstances limit of %d instances", self._cfg.max_instances)

@@ -174,7 +174,7 @@ def build_real(cluster, clock):
     from api.metrics import DispatchMetrics
     from cloud import drivers
     from api.arvados.client import ArvadosClient
-    from cloud.ssh import api_host
+    from cloud.crunchrun import api_host
     metrics = DispatchMetrics(cluster)
     mod = drivers.load(cluster.cloud_vms.driver)
     driver_set = mod.driver(cluster.cloud_vms.driver_parameters,

@@ -21,13 +21,11 @@ from dataclasses import dataclass, replace
 
 from actors.base import BaseActor
 from actors.messages import BOOTED, Behavior, InstanceInfo, QueueEntry, State, WorkerView
+from cloud import crunchrun
 from cloud.base import ExecResult, ExecutorError, NoAddress
 from conf.model import Cluster, InstanceType
 
 log = logging.getLogger("dispatch.worker")
-
-SECRET_PATH = "/var/run/arvados-instance-secret"
-
 
 @dataclass
 class _Runner:
@@ -40,26 +38,6 @@ class _Runner:
     kill_reason: str = ""
     next_signal: float = 0.0
     given_up: bool = False
-
-
-def parse_list_output(out: str, cluster_id: str) -> tuple[list[str], list[str], bool]:
-    """``crunch-run --list`` output -> (running uuids, stale uuids, reports broken)."""
-    running, stale, broken = [], [], False
-    for line in out.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if line == "broken":
-            broken = True
-            continue
-        if not line.startswith(cluster_id):
-            continue  # another cluster's container on a shared host
-        parts = line.split()
-        if len(parts) == 1:
-            running.append(parts[0])
-        elif len(parts) == 2 and parts[1] == "stale":
-            stale.append(parts[0])
-    return running, stale, broken
 
 
 def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
@@ -115,8 +93,8 @@ class WorkerActor(BaseActor):
             instance_id=instance.id, instance_type=instance_type, state=state,
             idle_behavior=behavior, address=instance.address, provider_type=instance.provider_type,
             busy=now, appeared=now, probed=now)
-        sudo = "" if instance.remote_user == "root" else "sudo "
-        self._runner_cmd = sudo + cluster.containers.crunch_run_command
+        self._runner = cluster.containers.crunch_run_command
+        self._sudo = crunchrun.needs_sudo(instance.remote_user)
         self._log = log
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -253,12 +231,9 @@ class WorkerActor(BaseActor):
         self._set(state=State.RUNNING)
         self._publish(before)
         before = self._view
-        from cloud.ssh import crunch_run_config, crunch_run_start_command
-        args = ["--runtime-engine=" + self._cluster.containers.runtime_engine,
-                *self._cluster.containers.crunch_run_arguments_list]
-        cmd = crunch_run_start_command(self._cluster.containers.crunch_run_command, args, uuid,
-                                       sudo=self._instance.remote_user != "root")
-        stdin = crunch_run_config(self._cluster, before.instance_type, self._instance.address, uuid)
+        cmd = crunchrun.detach_command(self._runner, crunchrun.runner_args(self._cluster), uuid,
+                                       sudo=crunchrun.needs_sudo(self._instance.remote_user))
+        stdin = crunchrun.config_data(self._cluster, before.instance_type, self._instance.address, uuid)
         try:
             res = self._run(cmd, stdin)
             if res.ok:
@@ -379,7 +354,7 @@ class WorkerActor(BaseActor):
             self._log.info("sending signal", extra=self._fields(ContainerUUID=r.uuid, Signal=15,
                                                                Reason=r.kill_reason))
             try:
-                res = self._run(f"{self._runner_cmd} --kill 15 {r.uuid}")
+                res = self._run(crunchrun.kill_command(self._runner, r.uuid, self._sudo))
                 ok = res.ok
             except ExecutorError as e:
                 ok, res = False, None
@@ -391,7 +366,7 @@ class WorkerActor(BaseActor):
                     ContainerUUID=r.uuid, stderr=res.stderr.decode(errors="replace")[-500:]))
 
     def _probe_booted(self) -> tuple[bool, str]:
-        cmd = self._cfg.boot_probe_command or "true"
+        cmd = crunchrun.boot_probe_command(self._cfg.boot_probe_command)
         try:
             res = self._run(cmd)
         except ExecutorError as e:
@@ -408,7 +383,7 @@ class WorkerActor(BaseActor):
         return True, ""
 
     def _probe_running(self, now: float, booted: bool) -> tuple[list[str], bool, bool]:
-        cmd = f"{self._runner_cmd} --list"
+        cmd = crunchrun.list_command(self._runner, self._sudo)
         t0 = time.perf_counter()  # a duration for the metric only; decisions use ``now``
         try:
             res = self._run(cmd)
@@ -426,8 +401,8 @@ class WorkerActor(BaseActor):
             return [], False, False
         if self._metrics is not None:
             self._metrics.run_probe_duration.labels(outcome="success").observe(time.perf_counter() - t0)
-        running, stale, broken = parse_list_output(res.stdout.decode(errors="replace"),
-                                                   self._cluster.cluster_id)
+        running, stale, broken = crunchrun.parse_list(res.stdout.decode(errors="replace"),
+                                                      self._cluster.cluster_id)
         if stale:
             self._log.info("probe reported stale run lock", extra=self._fields(ContainerUUID=stale[0]))
             if self._stale_since is None:

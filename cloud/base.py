@@ -160,6 +160,22 @@ class ExecResult:
         return self.exit_status == 0
 
 
+def split_host_port(address: str) -> tuple[str, str]:
+    """``("host", "port")`` from an :attr:`Instance.address`: ``host``, ``host:port``,
+    ``[v6]:port`` or a bare IPv6 address."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    if address.count(":") == 1:
+        host, _, port = address.partition(":")
+        return host, port
+    return address, ""
+
+
+def join_host_port(host: str, port: str) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ExecutorError(Exception):
     """The command could not be run at all (no address, refused, auth, host key, timeout)."""
 
@@ -308,10 +324,6 @@ class OpsLimiter:
             at = max(now, self._next)
             self._next = at + self.period
             return at
-
-    def next_free(self, now: float) -> float:
-        with self._lock:
-            return max(now, self._next) if self.period else now
 
 
 class RateLimitedInstanceSet(_CallingSet):

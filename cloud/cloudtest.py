@@ -22,11 +22,11 @@ import sys
 import threading
 import time
 
+from cloud import crunchrun
 from cloud.base import CloudError, OpsLimiter, wrap
 
 DEFAULT_SET_ID = "zzzzz-zzzzz-zzzzzzcloudtest"
 PROG = "dispatch-cloud cloudtest"
-SECRET_PATH = "/var/run/arvados-instance-secret"
 log = logging.getLogger("cloudtest")
 
 
@@ -240,7 +240,7 @@ class Tester:
         from cloud.ssh import public_key_line
         tags = {self._tag("InstanceSetID"): self.set_id, self._tag("InstanceSecret"): self.secret}
         self.tags = {**self.vms.resource_tags, self._tag("CloudTestPID"): str(os.getpid()), **tags}
-        init = f'umask 0177 && echo -n "{self.secret}" >{SECRET_PATH}\n{self.vms.instance_init_command}'
+        init = crunchrun.init_command(self.secret, self.vms.instance_init_command)
         key = public_key_line(self.cluster.containers.dispatch_private_key) if self.vms.deploy_public_key else None
         try:
             self.instance = self.iset.create(self.it, self.image_id, tags, init, key)
@@ -277,7 +277,7 @@ class Tester:
 
     def _boot(self) -> None:
         from cloud.ssh import executor_for
-        probe = self.vms.boot_probe_command.strip() or "true"
+        probe = crunchrun.boot_probe_command(self.vms.boot_probe_command)
         deadline = time.monotonic() + self.vms.timeout_booting
         last = "no attempt yet"
         while True:

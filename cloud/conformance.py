@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from cloud import crunchrun
 from cloud.base import CloudError, InstanceSet, wrap
 from conf.model import InstanceType
 
@@ -119,7 +120,7 @@ def run_conformance(make_set: Callable[[str], InstanceSet], instance_type: Insta
     id_tag = tags_prefix + "InstanceSetID"
     tags = {id_tag: set_id, tags_prefix + "InstanceType": instance_type.name,
             tags_prefix + "InstanceSecret": secret, tags_prefix + "IdleBehavior": "run"}
-    init = f'umask 0177 && echo -n "{secret}" >/var/run/arvados-instance-secret'
+    init = crunchrun.init_command(secret)
     state: dict = {}
     errors: dict = {}
 

@@ -1,4 +1,6 @@
-"""The SSH executor (paramiko) and the exact crunch-run command lines the dispatcher sends.
+"""The SSH executor (paramiko): how the dispatcher runs crunch-run's command lines on a VM.
+
+The command lines themselves are :mod:`cloud.crunchrun`'s.
 
 Behaviour follows Arvados ``lib/dispatchcloud/sshexecutor`` and ``worker/verify.go``:
 
@@ -19,20 +21,14 @@ transports cheap (see bench/bench_ssh.py).
 from __future__ import annotations
 
 import heapq
-import hmac
 import io
 import itertools
-import json
 import logging
-import math
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable
-from decimal import Decimal
-from hashlib import sha256
-from urllib.parse import urlsplit
 
 import paramiko
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -40,9 +36,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from cloud import base
-from conf.model import Cluster, InstanceType, thaw
-
-INSTANCE_SECRET_FILE = "/var/run/arvados-instance-secret"
+from cloud.base import join_host_port, split_host_port
+from cloud.crunchrun import instance_secret_command, needs_sudo
+from conf.model import Cluster
 
 # How long an idle transport thread sleeps in recv() before checking for close/keepalive.
 # paramiko's default is 0.1 s: 10 wakeups per second per transport.
@@ -105,135 +101,6 @@ def load_private_key(text: str) -> paramiko.PKey:
             return ptype.from_private_key(io.StringIO(openssh))
     raise ValueError(f"DispatchPrivateKey has unsupported key type {type(key).__name__}; "
                      "use Ed25519, ECDSA or RSA")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command lines (arvados-dispatcher.md §8.3-8.7). SUDO = "sudo " when the remote user is not root.
-
-
-def shell_quote_single(s: str) -> str:
-    """``'s'`` with each ``'`` written as ``'\\''``, as Arvados quotes crunch-run arguments."""
-    return "'" + s.replace("'", "'\\''") + "'"
-
-
-def _sudo(cmd: str, sudo: bool) -> str:
-    return "sudo " + cmd if sudo else cmd
-
-
-def needs_sudo(remote_user: str) -> bool:
-    return remote_user != "root"
-
-
-def crunch_run_list_command(runner: str, sudo: bool, stdin_prices: bool = False) -> str:
-    return _sudo(f"{runner} --list" + (" --stdin-prices" if stdin_prices else ""), sudo)
-
-
-def crunch_run_kill_command(runner: str, uuid: str, sudo: bool, signal: int = 15) -> str:
-    """The UUID is not quoted here, exactly as Arvados sends it."""
-    return _sudo(f"{runner} --kill {signal} {uuid}", sudo)
-
-
-def crunch_run_start_command(runner: str, args: list[str], uuid: str, sudo: bool) -> str:
-    """``R --detach --stdin-config 'arg'... 'uuid'``; ``args`` starts with ``--runtime-engine=``."""
-    quoted = "".join(" " + shell_quote_single(a) for a in args)
-    return _sudo(f"{runner} --detach --stdin-config{quoted} '{uuid}'", sudo)
-
-
-def crunch_run_args(cluster: Cluster) -> list[str]:
-    c = cluster.containers
-    return ["--runtime-engine=" + c.runtime_engine, *c.crunch_run_arguments_list]
-
-
-def instance_secret_command(sudo: bool) -> str:
-    return _sudo("cat " + INSTANCE_SECRET_FILE, sudo)
-
-
-def gateway_auth_secret(system_root_token: str, uuid: str) -> str:
-    return hmac.new(system_root_token.encode(), uuid.encode(), sha256).hexdigest()
-
-
-def api_host(controller_url: str) -> str:
-    """``host[:port]`` of Services.Controller.ExternalURL, as Go's ``url.Host``."""
-    return urlsplit(controller_url).netloc.rpartition("@")[2]
-
-
-def split_host_port(address: str) -> tuple[str, str]:
-    """``("host", "port")`` from ``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        return host, rest[1:] if rest.startswith(":") else ""
-    if address.count(":") == 1:
-        host, _, port = address.partition(":")
-        return host, port
-    return address, ""
-
-
-def join_host_port(host: str, port: str) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def crunch_run_config(cluster: Cluster, instance_type: InstanceType, instance_address: str,
-                      uuid: str) -> bytes:
-    """crunch-run's stdin ``ConfigData`` JSON for starting ``uuid`` (arvados-dispatcher.md §8.4).
-
-    Keys and values match Go's ``json.Marshal`` (struct order, sorted map keys, Go number format).
-    """
-    c = cluster.containers
-    env = {
-        "ARVADOS_API_HOST": api_host(cluster.controller_url),
-        "ARVADOS_API_TOKEN": cluster.system_root_token,
-        "InstanceType": go_json(instance_type.arvados_json(), indent=4) + "\n",
-        "GatewayAddress": join_host_port(split_host_port(instance_address)[0], "0"),
-        "GatewayAuthSecret": gateway_auth_secret(cluster.system_root_token, uuid),
-    }
-    if cluster.tls_insecure:
-        env["ARVADOS_API_HOST_INSECURE"] = "1"
-    bufs = c.local_keep_blob_buffers_per_vcpu
-    config = {
-        "Env": dict(sorted(env.items())),
-        "KeepBuffers": bufs * instance_type.vcpus if bufs > 0 else 0,
-        "EC2SpotCheck": c.cloud_vms.driver == "ec2" and instance_type.preemptible,
-        "Cluster": thaw(cluster.raw) if bufs > 0 else None,
-    }
-    return go_json(config).encode()
-
-
-def go_float(x: float) -> str:
-    """A float as Go's encoding/json writes it: ``1`` not ``1.0``, ``1e-7`` not ``1e-07``."""
-    if not math.isfinite(x):
-        raise ValueError(f"{x} has no JSON form")
-    if x == int(x) and abs(x) < 1e21:
-        return str(int(x))
-    if 1e-6 <= abs(x) < 1e21:
-        return format(Decimal(repr(x)), "f")
-    mant, _, exp = repr(x).partition("e")
-    sign = "-" if exp.startswith("-") else "+"
-    return f"{mant}e{sign}{exp.lstrip('+-').lstrip('0') or '0'}"
-
-
-def go_json(value, indent: int | None = None) -> str:
-    """``json.dumps`` with Go's float format, compact separators, and UTF-8 left as is."""
-    floats: list[str] = []
-
-    def mark(v):
-        if isinstance(v, bool) or not isinstance(v, float):
-            if isinstance(v, dict):
-                return {k: mark(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return [mark(x) for x in v]
-            return v
-        floats.append(go_float(v))
-        return f"\x00{len(floats) - 1}\x00"
-
-    seps = (",", ": ") if indent is not None else (",", ":")
-    out = json.dumps(mark(value), indent=indent, separators=seps, ensure_ascii=False)
-    for i, f in enumerate(floats):
-        out = out.replace(f'"\\u0000{i}\\u0000"', f, 1)
-    # Go escapes these inside strings (they cannot occur outside one).
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        out = out.replace(ch, esc)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def submit(dev, *args, wait=False):
 
 def container(dev, uuid):
     from api.arvados.client import ArvadosClient
-    from cloud.ssh import api_host
+    from cloud.crunchrun import api_host
     from conf.loader import load
     c = load(str(dev.cfg))
     return ArvadosClient(api_host(c.controller_url), c.system_root_token).get_container(uuid)

@@ -30,8 +30,8 @@ from cloud.local import vm as localvm
 from api.arvados.server import serve
 from api.arvados.store import ContainerStore
 from cloud.local.runner import pid_alive
-from cloud.ssh import (AuthError, SSHExecutor, crunch_run_list_command, crunch_run_start_command,
-                       instance_secret_command)
+from cloud.crunchrun import detach_command, instance_secret_command, list_command
+from cloud.ssh import AuthError, SSHExecutor
 from conf.model import CloudVMs, Cluster, Containers, InstanceType
 
 from tests.util import wait_for as _wait_for
@@ -273,7 +273,7 @@ def test_crunch_run_over_ssh_and_destroy_kills_everything(env):
         def start(command) -> str:
             uuid = store.create({"container_image": "i", "command": command}, caller=admin)["uuid"]
             store.lock(uuid, caller=admin)
-            r = ex.execute(crunch_run_start_command("crunch-run", ["--runtime-engine=docker"], uuid, sudo=True),
+            r = ex.execute(detach_command("crunch-run", ["--runtime-engine=docker"], uuid, sudo=True),
                            stdin=config)
             assert r.ok, r.stderr
             assert json.loads(r.stdout)["UUID"] == uuid
@@ -288,7 +288,7 @@ def test_crunch_run_over_ssh_and_destroy_kills_everything(env):
 
         slow = start(["sleep", "300"])
         wait_for(lambda: state(slow) == "Running", what="the slow container to run")
-        assert ex.execute(crunch_run_list_command("dispatch-cloud-crunch-run", sudo=True)).stdout == \
+        assert ex.execute(list_command("dispatch-cloud-crunch-run", sudo=True)).stdout == \
             f"{slow}\n".encode()
         ours = local._marked_pids(inst.state_dir)
         cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in ours]

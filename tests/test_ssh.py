@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import socket
 import threading
 import time
@@ -15,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 from cloud import base, ssh
-from conf.model import GPU, Cluster, CloudVMs, Containers, InstanceType
+from conf.model import Cluster, CloudVMs, Containers
 from tests.sshd import sshd, sshd_factory  # noqa: F401  (fixtures)
 
 TOKEN = "xyzzy-systemroottoken-f00"
@@ -64,102 +61,6 @@ def closing():
     yield made.append
     for e in made:
         e.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Command lines and ConfigData (pure)
-
-
-def test_start_command_matches_arvados_example():
-    args = ["--runtime-engine=stub", "--foo", "--extra='args'"]
-    cmd = ssh.crunch_run_start_command("crunch-run", args, "zzzzz-dz642-000000000000001", sudo=False)
-    assert cmd == ("crunch-run --detach --stdin-config '--runtime-engine=stub' '--foo' "
-                   "'--extra='\\''args'\\''' 'zzzzz-dz642-000000000000001'")
-    assert ssh.crunch_run_start_command("R", [], "u", sudo=True) == "sudo R --detach --stdin-config 'u'"
-
-
-def test_crunch_run_args_from_config():
-    c = Cluster(containers=Containers(runtime_engine="singularity", crunch_run_arguments_list=("--a", "b'c")))
-    assert ssh.crunch_run_args(c) == ["--runtime-engine=singularity", "--a", "b'c"]
-
-
-@pytest.mark.parametrize("sudo,prefix", [(False, ""), (True, "sudo ")])
-def test_list_kill_secret_commands(sudo, prefix):
-    assert ssh.crunch_run_list_command("/x/crunch-run~ab", sudo) == prefix + "/x/crunch-run~ab --list"
-    assert (ssh.crunch_run_list_command("R", sudo, stdin_prices=True)
-            == prefix + "R --list --stdin-prices")
-    assert ssh.crunch_run_kill_command("R", "zzzzz-dz642-000000000000001", sudo) == \
-        prefix + "R --kill 15 zzzzz-dz642-000000000000001"
-    assert ssh.instance_secret_command(sudo) == prefix + "cat /var/run/arvados-instance-secret"
-
-
-def test_sudo_rule_and_quoting():
-    assert not ssh.needs_sudo("root") and ssh.needs_sudo("admin")
-    assert ssh.shell_quote_single("it's") == "'it'\\''s'"
-
-
-@pytest.mark.parametrize("addr,host,port", [
-    ("10.0.0.5", "10.0.0.5", ""), ("10.0.0.5:2222", "10.0.0.5", "2222"),
-    ("[fd00::1]:22", "fd00::1", "22"), ("fd00::1", "fd00::1", ""), ("vm.example", "vm.example", ""),
-])
-def test_split_host_port(addr, host, port):
-    assert ssh.split_host_port(addr) == (host, port)
-
-
-def _itype(**kw):
-    d = dict(name="small", provider_type="Standard_D2s_v3", vcpus=2, ram=8 << 30,
-             included_scratch=16 << 30, added_scratch=0, price=1.0)
-    d.update(kw)
-    return InstanceType(**d)
-
-
-def test_crunch_run_config_env():
-    cluster = Cluster(controller_url="https://zzzzz.example.com:8443/", system_root_token=TOKEN,
-                      containers=Containers(local_keep_blob_buffers_per_vcpu=0))
-    uuid = "zzzzz-dz642-000000000000001"
-    cfg = json.loads(ssh.crunch_run_config(cluster, _itype(), "10.1.2.3:2222", uuid))
-    assert list(cfg) == ["Env", "KeepBuffers", "EC2SpotCheck", "Cluster"]
-    env = cfg["Env"]
-    assert list(env) == sorted(env)
-    assert env["ARVADOS_API_HOST"] == "zzzzz.example.com:8443"
-    assert env["ARVADOS_API_TOKEN"] == TOKEN
-    assert env["GatewayAddress"] == "10.1.2.3:0"
-    assert env["GatewayAuthSecret"] == hmac.new(TOKEN.encode(), uuid.encode(), hashlib.sha256).hexdigest()
-    assert "ARVADOS_API_HOST_INSECURE" not in env
-    assert cfg["KeepBuffers"] == 0 and cfg["EC2SpotCheck"] is False and cfg["Cluster"] is None
-    # Go's json.Encoder with SetIndent("", "    "): no Name/Scratch, integral floats without ".0".
-    assert env["InstanceType"] == (
-        '{\n    "ProviderType": "Standard_D2s_v3",\n    "VCPUs": 2,\n    "RAM": 8589934592,\n'
-        '    "IncludedScratch": 17179869184,\n    "AddedScratch": 0,\n    "Price": 1,\n'
-        '    "Preemptible": false,\n    "GPU": {\n        "Stack": "",\n        "DriverVersion": "",\n'
-        '        "HardwareTarget": "",\n        "DeviceCount": 0,\n        "VRAM": 0\n    }\n}\n')
-
-
-def test_crunch_run_config_options():
-    cluster = Cluster(controller_url="https://ctrl.example", system_root_token=TOKEN, tls_insecure=True,
-                      raw={"ClusterID": "zzzzz", "Containers": {"LocalKeepBlobBuffersPerVCPU": 3}},
-                      containers=Containers(local_keep_blob_buffers_per_vcpu=3,
-                                            cloud_vms=CloudVMs(driver="ec2")))
-    it = _itype(vcpus=4, preemptible=True, price=0.25, gpu=GPU(stack="cuda", device_count=1))
-    raw = ssh.crunch_run_config(cluster, it, "fd00::7", "zzzzz-dz642-000000000000002")
-    cfg = json.loads(raw)
-    assert cfg["Env"]["ARVADOS_API_HOST"] == "ctrl.example"
-    assert cfg["Env"]["ARVADOS_API_HOST_INSECURE"] == "1"
-    assert cfg["Env"]["GatewayAddress"] == "[fd00::7]:0"
-    assert cfg["KeepBuffers"] == 12 and cfg["EC2SpotCheck"] is True
-    assert cfg["Cluster"] == {"ClusterID": "zzzzz", "Containers": {"LocalKeepBlobBuffersPerVCPU": 3}}
-    assert json.loads(cfg["Env"]["InstanceType"])["GPU"]["Stack"] == "cuda"
-    assert b'"Price": 0.25' in json.loads(raw)["Env"]["InstanceType"].encode()
-
-
-@pytest.mark.parametrize("x,go", [(1.0, "1"), (0.1, "0.1"), (1.5e-05, "0.000015"), (1e-07, "1e-7"),
-                                  (1e21, "1e+21"), (-2.0, "-2")])
-def test_go_float(x, go):
-    assert ssh.go_float(x) == go
-
-
-def test_go_json_escapes_like_go():
-    assert ssh.go_json({"a": "<b>&", "n": [1.0, None, True]}) == '{"a":"\\u003cb\\u003e\\u0026","n":[1,null,true]}'
 
 
 # ---------------------------------------------------------------------------------------------

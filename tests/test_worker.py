@@ -13,7 +13,7 @@ import pytest
 
 from actors.messages import Behavior, InstanceInfo, QueueEntry, State, WorkerView
 from actors.snapshot import Resources
-from actors.worker import WorkerActor, _Runner, eligible_for_shutdown, parse_list_output
+from actors.worker import WorkerActor, _Runner, eligible_for_shutdown
 from cloud.base import ExecResult, ExecutorError, NoAddress
 from tests.simcluster import cluster, instance_type, with_vms
 
@@ -274,21 +274,6 @@ def test_hold_is_never_shut_down_for_failing_probes():
     w.tick(T0)
     assert w.view.state is State.IDLE
     assert w._iset.destroy.defer.call_count == 0
-
-
-# ------------------------------------------------------------------------------ parse_list_output
-
-
-@pytest.mark.parametrize("out,want", [
-    ("", ([], [], False)),
-    (f"{UUID}\n", ([UUID], [], False)),
-    (f"{UUID}\n{UUID2} stale\n\nbroken\n", ([UUID], [UUID2], True)),
-    ("yyyyy-dz642-abcdefghijklmno\n", ([], [], False)),  # another cluster's container
-    ("broken", ([], [], True)),
-    (f"{UUID} something\n", ([], [], False)),
-])
-def test_parse_list_output(out, want):
-    assert parse_list_output(out, "zzzzz") == want
 
 
 # ------------------------------------------------------------------------------ eligible_for_shutdown

@@ -26,9 +26,10 @@ import threading
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from cloud import crunchrun
 from cloud.base import (CapacityError, CloudError, ExecResult, ExecutorError, QuotaError,
                         RateLimitError)
-from cloud.stub.vm import (SECRET_PATH, ExecRecord, FakeCrunchRun, Phase, StubParams,
+from cloud.stub.vm import (ExecRecord, FakeCrunchRun, Phase, StubParams,
                           StubParamsError, StubVM, container_field, list_output,
                           parse_config_data, parse_runner_args, runner_args, split_command)
 from conf.model import InstanceType
@@ -383,10 +384,10 @@ class StubCloud:
             return self._crunch_run(vm, parse_runner_args(args), stdin, now)
         if cmd in self._boot_probes:
             return ExecResult(b"running\n" if cmd == "systemctl is-system-running" else b"", b"", 0)
-        if argv == ["cat", SECRET_PATH]:
+        if argv == ["cat", crunchrun.SECRET_FILE]:
             secret = vm.secret
             if secret is None:
-                return _fail(1, f"cat: {SECRET_PATH}: No such file or directory")
+                return _fail(1, f"cat: {crunchrun.SECRET_FILE}: No such file or directory")
             return ExecResult(secret.encode(), b"", 0)
         return _fail(1, f'"{cmd}": command not found')
 

@@ -7,18 +7,16 @@ Nothing here touches a clock or a lock; :mod:`cloud.stub.driver` owns time, even
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 
+from cloud import crunchrun
 from conf.model import InstanceType
 from conf.units import parse_duration
 
-SECRET_PATH = "/var/run/arvados-instance-secret"
-_SECRET_RE = re.compile(r'echo -n "([^"]*)" >' + re.escape(SECRET_PATH))
 COMMAND_HISTORY = 1000  # commands remembered per VM, for tests
 
 
@@ -212,8 +210,7 @@ class StubVM:
     @property
     def secret(self) -> str | None:
         """The instance secret the init command writes, if it writes one."""
-        m = _SECRET_RE.search(self.init_command or "")
-        return m.group(1) if m else None
+        return crunchrun.secret_from_init_command(self.init_command)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,11 +321,8 @@ def parse_config_data(stdin: bytes) -> tuple[str, str, bool]:
 
 def list_output(vm: StubVM, now: float) -> str:
     """``crunch-run --list`` output: ``<uuid>`` / ``<uuid> stale`` per lock, then ``broken``."""
-    lines = [p.uuid + (" stale" if p.ended else "")
-             for p in sorted(vm.procs.values(), key=lambda p: p.pid)]
-    if vm.report_broken_at is not None and now >= vm.report_broken_at:
-        lines.append("broken")
-    return "".join(line + "\n" for line in lines)
+    return crunchrun.format_list([(p.uuid, p.ended) for p in sorted(vm.procs.values(), key=lambda p: p.pid)],
+                                 vm.report_broken_at is not None and now >= vm.report_broken_at)
 
 
 def container_field(ctr, name: str):
