@@ -113,7 +113,7 @@ class InstanceSetActor(BaseActor):
             if failure.retry_at:
                 self._suspend("list", failure.retry_at)
             return
-        self._scheduler.instances_listed.defer(infos, started)
+        self._scheduler.instances_listed(infos, started)
 
     def _create(self, req_id, it, tags, init_command, public_key, now) -> None:
         try:
@@ -128,9 +128,9 @@ class InstanceSetActor(BaseActor):
         if failure is not None:
             if failure.retry_at:
                 self._suspend("create", failure.retry_at)
-            self._scheduler.create_failed.defer(req_id, it, failure, now)
+            self._scheduler.create_failed(req_id, it, failure, now)
         else:
-            self._scheduler.instance_created.defer(req_id, it, info, now)
+            self._scheduler.instance_created(req_id, it, info, now)
 
     def _destroy(self, handle) -> None:
         try:

@@ -192,7 +192,7 @@ class QueueActor(BaseActor):
             removed.append(uuid)
         self._dontupdate = set()
         self._loaded = True
-        self._scheduler.queue_update.defer(tuple(changed), tuple(removed), res.started_at)
+        self._scheduler.queue_update(tuple(changed), tuple(removed), res.started_at)
 
     def _new_entry(self, ctr: dict, mounts: Mapping, now: float) -> QueueEntry | None:
         from actors.instancetype import ConstraintsNotSatisfiable
@@ -249,7 +249,7 @@ class QueueActor(BaseActor):
             if old is not None:
                 entry = old.with_update(resp)
                 self._entries[uuid] = entry
-        self._scheduler.container_op_done.defer(uuid, op, entry, err)
+        self._scheduler.container_op_done(uuid, op, entry, err)
 
     def _refresh(self, uuid: str) -> dict | None:
         try:
@@ -262,7 +262,7 @@ class QueueActor(BaseActor):
         if e is None or e.state != "Queued":
             log.debug("container no longer queued by the time we decided to lock it, doing nothing",
                       extra={"ContainerUUID": uuid})
-            self._scheduler.container_op_done.defer(uuid, "lock", e, "not queued")
+            self._scheduler.container_op_done(uuid, "lock", e, "not queued")
             return
         self._apply(uuid, "lock", self._client.lock)
 
@@ -281,4 +281,4 @@ class QueueActor(BaseActor):
         e = self._entries.get(uuid)
         if e is not None and (e.state in FINAL or (e.state == "Queued" and e.priority <= 0)):
             del self._entries[uuid]
-            self._scheduler.queue_update.defer((), (uuid,), None)
+            self._scheduler.queue_update((), (uuid,), None)

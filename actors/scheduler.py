@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 
 import pykka
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from actors.base import BaseActor
+from actors.inbox import InstanceSetInbox, QueueInbox, WorkerInbox
 from actors.messages import Behavior, CreateFailure, InstanceInfo, QueueEntry, State, WorkerView
 from actors.planner import Limits, Slot, base_key, needs_reconcile, plan, reconcile
 from actors.snapshot import InstanceView, LiveSnapshot, QueueEntryView, Snapshot
@@ -49,7 +51,7 @@ class SnapshotBox:
 
 @dataclass
 class _Worker:
-    proxy: object
+    inbox: WorkerInbox
     view: WorkerView
     added: float
     secret: str = ""
@@ -85,13 +87,13 @@ class SchedulerActor(BaseActor):
         self._set_id = set_id
         self._ticker = ticker
         self._box = box
-        self._make_worker = worker_factory  # (info, it, state, behavior, now, secret) -> proxy
+        self._make_worker = worker_factory  # (info, it, state, behavior, now, secret) -> WorkerInbox
         self._public_key = public_key
         self._api = api_client
         self._metrics = metrics
         self._quota_group = quota_group or (lambda it: "")
-        self._queue_proxy = None
-        self._iset = None
+        self._queue_inbox: QueueInbox | None = None
+        self._iset: InstanceSetInbox | None = None
         self._now = first_now
         self._started = first_now
         self._workers: dict[str, _Worker] = {}
@@ -121,8 +123,8 @@ class SchedulerActor(BaseActor):
         self._iviews: dict[str, tuple[WorkerView, InstanceView]] = {}
         self._qviews: dict = {}  # uuid -> (entry, status, QueueEntryView), reused across snapshots
 
-    def wire(self, queue, instance_set) -> None:
-        self._queue_proxy = queue
+    def wire(self, queue: QueueInbox, instance_set: InstanceSetInbox) -> None:
+        self._queue_inbox = queue
         self._iset = instance_set
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -136,16 +138,16 @@ class SchedulerActor(BaseActor):
         self._ticker.unregister(self.actor_urn)
         for w in self._workers.values():
             try:
-                w.proxy.actor_ref.stop(block=False)
+                w.inbox.actor_ref.stop(block=False)
             except Exception:
                 pass
 
-    def _tell(self, w: _Worker, method: str, *args) -> bool:
+    def _tell(self, w: _Worker, message: Callable[..., None], *args) -> bool:
         """Tell a worker. A worker actor that died (a bug) must not take the scheduler with it:
         a fresh actor takes over its instance as ``unknown``, and until that one's first probe
         its containers still count as running, so nothing is cancelled or started twice."""
         try:
-            getattr(w.proxy, method).defer(*args)
+            message(*args)
             return True
         except pykka.ActorDeadError:
             v = w.view
@@ -154,7 +156,7 @@ class SchedulerActor(BaseActor):
             log.warning("worker actor is gone; a new one takes over its instance",
                         extra={"Instance": v.instance_id, "State": str(v.state)})
             state = State.SHUTDOWN if v.state is State.SHUTDOWN else State.UNKNOWN
-            w.proxy = self._make_worker(w.info, v.instance_type, state, v.idle_behavior, self._now, w.secret)
+            w.inbox = self._make_worker(w.info, v.instance_type, state, v.idle_behavior, self._now, w.secret)
             w.view = replace(v, state=state, probe_done=False)
             self._touch()
             return False
@@ -198,7 +200,7 @@ class SchedulerActor(BaseActor):
             w = self._workers.get(info.id)
             if w is not None:
                 w.info = info
-                self._tell(w, "update_instance", info, now)
+                self._tell(w, w.inbox.update_instance, info, now)
                 continue
             self._add_worker(info, now, booting=info.tags.get(tag("InstanceSecret"), "") in creating_secrets)
         for iid in list(self._workers):
@@ -208,7 +210,7 @@ class SchedulerActor(BaseActor):
             log.info("instance disappeared in cloud", extra={"Instance": iid, "WorkerState": str(w.view.state)})
             self._observe_gone(w, now)
             del self._workers[iid]
-            self._tell(w, "abandon")
+            self._tell(w, w.inbox.abandon)
         total = len(self._workers) + len(self._creating)
         if self._pool.at_quota_until_fewer > total:
             self._pool.at_quota_until_fewer = 0
@@ -349,19 +351,19 @@ class SchedulerActor(BaseActor):
         w = self._workers.get(instance_id)
         if w is None:
             raise NotFound("requested instance does not exist")
-        self._tell(w, "set_idle_behavior", Behavior(behavior), self._now)
+        self._tell(w, w.inbox.set_idle_behavior, Behavior(behavior), self._now)
 
     def kill_instance(self, instance_id: str, reason: str) -> None:
         w = self._workers.get(instance_id)
         if w is None:
             raise NotFound("instance not found")
         log.info("shutting down", extra={"Instance": instance_id, "Reason": reason})
-        self._tell(w, "kill_instance", reason, self._now)
+        self._tell(w, w.inbox.kill_instance, reason, self._now)
 
     def kill_container(self, uuid: str, reason: str) -> None:
         for w in list(self._workers.values()):
             if uuid in w.view.running:
-                self._tell(w, "kill_container", uuid, reason, self._now)
+                self._tell(w, w.inbox.kill_container, uuid, reason, self._now)
                 return
         raise NotFound("container not found")
 
@@ -444,7 +446,7 @@ class SchedulerActor(BaseActor):
             for e in list(self._queue.values()):
                 if e.state == "Locked" and e.uuid not in running and e.uuid not in self._ops:
                     self._ops[e.uuid] = "unlock"
-                    self._queue_proxy.unlock.defer(e.uuid, "stale lock")
+                    self._queue_inbox.unlock(e.uuid, "stale lock")
             log.info("FixStaleLocks finished (%.1fs), starting scheduling.", now - self._started)
         return True
 
@@ -469,11 +471,11 @@ class SchedulerActor(BaseActor):
             if uuid in self._ops:
                 continue  # a lock/unlock of it is already in flight (Arvados' uuidLock)
             self._ops[uuid] = "lock"
-            self._queue_proxy.lock.defer(uuid)
+            self._queue_inbox.lock(uuid)
         for uuid, iid in pl.starts:
             w = self._workers.get(iid)
             if w is not None:
-                self._tell(w, "start_container", self._queue[uuid], now)
+                self._tell(w, w.inbox.start_container, self._queue[uuid], now)
                 # optimistic: count it as running on that worker until the worker reports
                 w.view = replace(w.view, running=tuple(sorted({*w.view.running, uuid})))
         for it, uuid in pl.creates:
@@ -488,11 +490,11 @@ class SchedulerActor(BaseActor):
             log.info("unlock because pool capacity is used by higher priority containers",
                      extra={"ContainerUUID": uuid})
             self._ops[uuid] = "unlock"
-            self._queue_proxy.unlock.defer(uuid, reason)
+            self._queue_inbox.unlock(uuid, reason)
         for iid in pl.shutdowns:
             w = self._workers.get(iid)
             if w is not None:
-                self._tell(w, "shutdown_if_allowed", "at quota", now)
+                self._tell(w, w.inbox.shutdown_if_allowed, "at quota", now)
 
     def _create(self, it: InstanceType, now: float) -> None:
         secret = secrets.token_hex(20)
@@ -504,30 +506,30 @@ class SchedulerActor(BaseActor):
         log.info("creating new instance", extra={"InstanceType": it.name})
         if 0 < self._cfg.max_instances == len(self._workers) + len(self._creating):
             log.info("now at MaxInstances limit of %d instances", self._cfg.max_instances)
-        self._iset.create.defer(secret, it, tags, init, self._public_key, now)
+        self._iset.create(secret, it, tags, init, self._public_key, now)
 
     def _reconcile_action(self, action: str, uuid: str, reason: str) -> None:
         if action == "kill":
             log.info("kill container because %s", reason, extra={"ContainerUUID": uuid, "Reason": reason})
             for w in list(self._workers.values()):
                 if uuid in w.view.running:
-                    self._tell(w, "kill_container", uuid, reason, self._now)
+                    self._tell(w, w.inbox.kill_container, uuid, reason, self._now)
             self._exited.pop(uuid, None)
             return
         if action == "forget":
             log.info(reason, extra={"ContainerUUID": uuid})
             self._drop_entry(uuid)
-            self._queue_proxy.forget.defer(uuid)
+            self._queue_inbox.forget(uuid)
             return
         if uuid in self._ops:
             return
         self._ops[uuid] = action
         if action == "cancel":
-            self._queue_proxy.cancel.defer(uuid, reason)
+            self._queue_inbox.cancel(uuid, reason)
         elif action == "requeue":
             log.info("requeueing locked container because %s", reason, extra={"ContainerUUID": uuid})
             self._exited.pop(uuid, None)
-            self._queue_proxy.unlock.defer(uuid, reason)
+            self._queue_inbox.unlock(uuid, reason)
 
     # -- publishing ----------------------------------------------------------------------------------
 

@@ -13,10 +13,12 @@ import random
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 import pykka
 
 from actors.base import BaseActor, dump_threads, small_thread_stacks
+from actors.inbox import InstanceSetInbox, QueueInbox, SchedulerAsks, SchedulerInbox, WorkerInbox, tell
 from actors.instance_set import InstanceSetActor
 from actors.queue import QueueActor
 from actors.scheduler import NotFound as SchedNotFound
@@ -64,7 +66,9 @@ class Dispatcher:
         pub = public_key_line(cluster.containers.dispatch_private_key) if cluster.cloud_vms.deploy_public_key else None
         self._executor_for = executor_for
         self._public_key = pub
-        self.scheduler = self.queue = self.iset = None
+        self.scheduler = self.queue = self.iset = None  # the actors' proxies, once started
+        self._scheduler_inbox: SchedulerInbox | None = None
+        self._iset_inbox: InstanceSetInbox | None = None
 
     # -- actors ---------------------------------------------------------------------------------------
 
@@ -80,12 +84,12 @@ class Dispatcher:
             return self._executor_for(cluster, driver_set, handle, secret=secret or None,
                                       on_verified=on_verified)
 
-        return WorkerActor.start(
+        return tell(WorkerActor.start(
             instance=info, instance_type=it, state=state, behavior=behavior, now=now,
-            executor_factory=executor_factory, scheduler=self.scheduler, instance_set=self.iset,
-            ticker=self.ticker, cluster=cluster, metrics=metrics,
+            executor_factory=executor_factory, scheduler=self._scheduler_inbox,
+            instance_set=self._iset_inbox, ticker=self.ticker, cluster=cluster, metrics=metrics,
             rng=None if self.seed is None else random.Random(f"{self.seed}:{info.id}"),
-            probe_limiter=self.probe_limiter).proxy()
+            probe_limiter=self.probe_limiter).proxy(), WorkerInbox)
 
     def start(self, start_ticker: bool = True) -> None:
         small_thread_stacks()
@@ -97,13 +101,15 @@ class Dispatcher:
             worker_factory=self._make_worker, public_key=self._public_key,
             api_client=self.api_client, metrics=self.metrics, quota_group=quota_group,
             first_now=now).proxy()
+        self._scheduler_inbox = tell(self.scheduler, SchedulerInbox)
         self.iset = InstanceSetActor.start(
             instance_set=self.instance_set, set_id=self.set_id, cluster=self.cluster,
-            scheduler=self.scheduler, ticker=self.ticker, first_now=now).proxy()
+            scheduler=self._scheduler_inbox, ticker=self.ticker, first_now=now).proxy()
+        self._iset_inbox = tell(self.iset, InstanceSetInbox)
         self.queue = QueueActor.start(
-            client=self.api_client, chooser=self.chooser, scheduler=self.scheduler,
+            client=self.api_client, chooser=self.chooser, scheduler=self._scheduler_inbox,
             ticker=self.ticker, cluster=self.cluster, first_now=now).proxy()
-        self.scheduler.wire(self.queue, self.iset).get(timeout=ASK_TIMEOUT)
+        self.scheduler.wire(tell(self.queue, QueueInbox), self._iset_inbox).get(timeout=ASK_TIMEOUT)
         if start_ticker:
             self.ticker.start()
         log.info("dispatcher started", extra={"InstanceSetID": self.set_id,
@@ -143,10 +149,13 @@ class ActorBackend:
     def snapshot(self):
         return self._d.box.snapshot
 
-    def _ask(self, method: str, *args) -> None:
+    def _asks(self) -> SchedulerAsks:
+        return self._d.scheduler  # a pykka proxy: each call returns a future
+
+    def _ask(self, request: Callable[[SchedulerAsks], object]) -> None:
         from api.backend import BackendTimeout, NotFound
         try:
-            getattr(self._d.scheduler, method)(*args).get(timeout=self._timeout)
+            request(self._asks()).get(timeout=self._timeout)
         except SchedNotFound as e:
             raise NotFound(str(e)) from None
         except pykka.Timeout:
@@ -155,13 +164,13 @@ class ActorBackend:
             raise BackendTimeout("dispatcher is stopping") from None
 
     def set_idle_behavior(self, instance_id: str, behavior: str) -> None:
-        self._ask("set_idle_behavior", instance_id, behavior)
+        self._ask(lambda s: s.set_idle_behavior(instance_id, behavior))
 
     def kill_instance(self, instance_id: str, reason: str) -> None:
-        self._ask("kill_instance", instance_id, reason)
+        self._ask(lambda s: s.kill_instance(instance_id, reason))
 
     def kill_container(self, uuid: str, reason: str) -> None:
-        self._ask("kill_container", uuid, reason)
+        self._ask(lambda s: s.kill_container(uuid, reason))
 
     def health(self) -> dict:
         if self._d.crashed.is_set():

@@ -113,7 +113,7 @@ class WorkerActor(BaseActor):
 
     def _publish(self, before: WorkerView) -> None:
         if self._view != before:
-            self._scheduler.worker_changed.defer(self._view)
+            self._scheduler.worker_changed(self._view)
 
     def _reschedule(self) -> None:
         v = self._view
@@ -203,7 +203,7 @@ class WorkerActor(BaseActor):
             if now - before.destroyed > self._cfg.timeout_shutdown:
                 self._log.info("worker still listed after shutdown; retrying", extra=self._fields())
                 self._set(destroyed=now)
-                self._iset.destroy.defer(instance.handle, now)
+                self._iset.destroy(instance.handle, now)
         else:
             self._save_tags()
         self._publish(before)
@@ -224,7 +224,7 @@ class WorkerActor(BaseActor):
         uuid = entry.uuid
         if (before.state not in BOOTED or before.idle_behavior is not Behavior.RUN
                 or uuid in self._runners):
-            self._scheduler.container_start_failed.defer(uuid, before.instance_id,
+            self._scheduler.container_start_failed(uuid, before.instance_id,
                                                          f"worker is {before.state}/{before.idle_behavior}")
             return
         self._runners[uuid] = _Runner(uuid, now)
@@ -305,12 +305,12 @@ class WorkerActor(BaseActor):
         if any(tags.get(k) != v for k, v in want.items()):
             merged = {**tags, **want}
             self._instance = replace(self._instance, tags=merged)
-            self._iset.set_tags.defer(self._instance.handle, merged, self._now)
+            self._iset.set_tags(self._instance.handle, merged, self._now)
 
     def _shutdown(self, now: float, reason: str) -> None:
         self._log.info("shutting down", extra=self._fields(Reason=reason, State=str(self._view.state)))
         self._set(state=State.SHUTDOWN, destroyed=now)
-        self._iset.destroy.defer(self._instance.handle, now)
+        self._iset.destroy(self._instance.handle, now)
 
     def _shutdown_if_idle(self, now: float) -> bool:
         v = self._view
@@ -328,7 +328,7 @@ class WorkerActor(BaseActor):
         if self._runners.pop(uuid, None) is None:
             return
         self._log.info("crunch-run process ended", extra=self._fields(ContainerUUID=uuid))
-        self._scheduler.container_ended.defer(uuid, self._view.instance_id, now)
+        self._scheduler.container_ended(uuid, self._view.instance_id, now)
         self._set(busy=now)
         if self._view.state is State.RUNNING and not self._runners:
             self._set(state=State.IDLE)

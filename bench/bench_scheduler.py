@@ -26,7 +26,7 @@ class _Sink:
     def __getattr__(self, name):
         return self
 
-    def defer(self, *a, **kw):
+    def __call__(self, *a, **kw):
         return None
 
     def schedule(self, *a, **kw):
@@ -38,7 +38,7 @@ def build(n_queued: int, n_instances: int):
     c = with_vms(cluster(types=types), max_instances=n_instances, max_concurrent_instance_create_ops=1)
     s = SchedulerActor(cluster=c, set_id="bench", ticker=_Sink(), box=SnapshotBox(),
                        worker_factory=None, public_key=None, first_now=1000.0)
-    s._queue_proxy = s._iset = _Sink()
+    s._queue_inbox = s._iset = _Sink()
     s._loaded = s._queue_loaded = s._gate_open = True
     now = 1000.0
     entries = {}

@@ -2,15 +2,19 @@
 
 Ports Arvados worker/worker_test.go (TestProbeAndUpdate's trials) and checks the shutdown rules,
 the kill loop, stale run locks, start refusal and tag saving. Test layer 2: one class, with its
-collaborators (scheduler, instance set, ticker) mocked. Time is whatever ``now`` we pass.
+collaborators (scheduler, instance set, ticker) mocked. The scheduler and instance set doubles
+are built from their inbox declarations (actors.inbox), so a message the worker sends that the
+scheduler does not declare, or sends with the wrong arguments, fails here. Time is whatever
+``now`` we pass.
 """
 
 from __future__ import annotations
 
-from unittest.mock import Mock
+from unittest.mock import Mock, create_autospec
 
 import pytest
 
+from actors.inbox import InstanceSetInbox, SchedulerInbox
 from actors.messages import Behavior, InstanceInfo, QueueEntry, State, WorkerView
 from actors.snapshot import Resources
 from actors.worker import WorkerActor, _Runner, eligible_for_shutdown
@@ -89,8 +93,10 @@ def make_worker(state: State, table=None, *, age: float = 0.0, behavior=Behavior
     info = InstanceInfo(id="i-1", address="10.0.0.1", provider_type="providertype1",
                         remote_user=remote_user, tags=dict(tags or {}), handle=handle)
     w = WorkerActor(instance=info, instance_type=instance_type(1), state=state, behavior=behavior,
-                    now=T0 - age, executor_factory=lambda on_verified: ex, scheduler=Mock(),
-                    instance_set=Mock(), ticker=Mock(), cluster=cl, rng=ZeroJitter())
+                    now=T0 - age, executor_factory=lambda on_verified: ex,
+                    scheduler=create_autospec(SchedulerInbox, instance=True),
+                    instance_set=create_autospec(InstanceSetInbox, instance=True),
+                    ticker=Mock(), cluster=cl, rng=ZeroJitter())
     # Arvados' trials pre-load runners; the actor has no public way to be mid-start at probe time
     # (start_container runs in the same thread), so the table reaches into its runner map.
     for u in running:
@@ -177,7 +183,7 @@ def test_probe_and_update(comment, state, age, n_running, n_starting, boot, run,
         assert ex.count(BOOT) == 0, "a booted worker is not boot-probed again"
     if state is State.BOOTING and boot is FAIL:
         assert ex.count(LIST) == 0, "no run probe while a booting worker fails its boot probe"
-    destroyed = w._iset.destroy.defer.call_count
+    destroyed = w._iset.destroy.call_count
     assert destroyed == (1 if want_state is State.SHUTDOWN else 0)
 
 
@@ -197,14 +203,14 @@ def test_probe_success_refreshes_probed_and_publishes():
     w.tick(T0)
     v = w.view
     assert (v.state, v.probed, v.busy, v.last_uuid, v.probe_done) == (State.RUNNING, T0, T0, UUID, True)
-    published = w._scheduler.worker_changed.defer.call_args.args[0]
+    published = w._scheduler.worker_changed.call_args.args[0]
     assert published == v
 
 
 def test_exited_runner_reported_to_scheduler():
     w, _ = make_worker(State.RUNNING, {LIST: OK}, running=[UUID])
     w.tick(T0)
-    w._scheduler.container_ended.defer.assert_called_once_with(UUID, "i-1", T0)
+    w._scheduler.container_ended.assert_called_once_with(UUID, "i-1", T0)
     assert w.view.state is State.IDLE and w.view.busy == T0
 
 
@@ -215,18 +221,18 @@ def test_unknown_with_containers_is_drained_not_killed():
     w, ex = make_worker(State.UNKNOWN, {BOOT: FAIL, LIST: RUNNING}, age=BOOT_TIMEOUT * 2)
     w.tick(T0)
     assert (w.view.state, w.view.idle_behavior, w.view.running) == (State.UNKNOWN, Behavior.DRAIN, (UUID,))
-    merged = w._iset.set_tags.defer.call_args.args[1]
+    merged = w._iset.set_tags.call_args.args[1]
     assert merged["ArvadosIdleBehavior"] == "drain"
     for t in (T0 + 5, T0 + 300, T0 + 3600):  # far past TimeoutBooting: still there
         w.tick(t)
         assert w.view.state is State.UNKNOWN
-    assert w._iset.destroy.defer.call_count == 0
+    assert w._iset.destroy.call_count == 0
     ex.table[LIST] = OK  # its container finished
     w.tick(T0 + 3605)
     assert w.view.running == ()
     w.tick(T0 + 3610)
     assert w.view.state is State.SHUTDOWN
-    assert w._iset.destroy.defer.call_count == 1
+    assert w._iset.destroy.call_count == 1
 
 
 def test_unknown_with_containers_that_stops_answering_is_shut_down():
@@ -242,7 +248,7 @@ def test_unknown_with_containers_that_stops_answering_is_shut_down():
         assert w.view.state is State.UNKNOWN and w.view.running == (UUID,)
     w.tick(T0 + BOOT_TIMEOUT)
     assert w.view.state is State.SHUTDOWN
-    w._iset.destroy.defer.assert_called_once()
+    w._iset.destroy.assert_called_once()
 
 
 def test_restarted_draining_worker_survives_a_failed_first_probe():
@@ -256,7 +262,7 @@ def test_restarted_draining_worker_survives_a_failed_first_probe():
     ex.table[BOOT], ex.table[LIST] = OK, RUNNING  # it answers again: its container is adopted
     w.tick(T0 + 10)
     assert (w.view.state, w.view.running) == (State.RUNNING, (UUID,))
-    w._iset.destroy.defer.assert_not_called()
+    w._iset.destroy.assert_not_called()
 
 
 def test_unknown_without_containers_goes_after_boot_timeout():
@@ -273,7 +279,7 @@ def test_hold_is_never_shut_down_for_failing_probes():
     w, _ = make_worker(State.IDLE, {LIST: FAIL}, age=PROBE_TIMEOUT * 100, behavior=Behavior.HOLD)
     w.tick(T0)
     assert w.view.state is State.IDLE
-    assert w._iset.destroy.defer.call_count == 0
+    assert w._iset.destroy.call_count == 0
 
 
 # ------------------------------------------------------------------------------ eligible_for_shutdown
@@ -345,7 +351,7 @@ def test_start_container_runs_detach_and_marks_running():
     assert b'"ARVADOS_API_TOKEN"' in ex.stdin[0]
     v = w.view
     assert (v.state, v.running, v.busy, v.last_uuid) == (State.RUNNING, (UUID,), T0, UUID)
-    w._scheduler.container_start_failed.defer.assert_not_called()
+    w._scheduler.container_start_failed.assert_not_called()
 
 
 def test_start_container_sudo_for_non_root():
@@ -360,8 +366,8 @@ def test_start_container_refused_unless_booted_and_run(state, behavior):
     w, ex = make_worker(state, {}, behavior=behavior, running=[UUID2] if state is S.RUNNING else ())
     w.start_container(entry(), T0)
     assert ex.calls == []
-    w._scheduler.container_start_failed.defer.assert_called_once()
-    assert w._scheduler.container_start_failed.defer.call_args.args[:2] == (UUID, "i-1")
+    w._scheduler.container_start_failed.assert_called_once()
+    assert w._scheduler.container_start_failed.call_args.args[:2] == (UUID, "i-1")
     assert UUID not in w.view.running
 
 
@@ -370,7 +376,7 @@ def test_start_container_twice_is_refused():
     w.start_container(entry(), T0)
     w.start_container(entry(), T0 + 1)
     assert ex.count("crunch-run --detach") == 1
-    w._scheduler.container_start_failed.defer.assert_called_once()
+    w._scheduler.container_start_failed.assert_called_once()
 
 
 def test_failed_start_is_closed_by_next_probe():
@@ -380,7 +386,7 @@ def test_failed_start_is_closed_by_next_probe():
     assert w.view.running == (UUID,)
     w.tick(T0 + 5)
     assert w.view.running == () and w.view.state is State.IDLE
-    w._scheduler.container_ended.defer.assert_called_once_with(UUID, "i-1", T0 + 5)
+    w._scheduler.container_ended.assert_called_once_with(UUID, "i-1", T0 + 5)
 
 
 def test_kill_success_closes_runner():
@@ -388,7 +394,7 @@ def test_kill_success_closes_runner():
     w.kill_container(UUID, "priority=0", T0 + 1)
     assert ex.count("crunch-run --kill 15 ") == 1
     assert w.view.running == () and w.view.state is State.IDLE
-    w._scheduler.container_ended.defer.assert_called_once_with(UUID, "i-1", T0 + 1)
+    w._scheduler.container_ended.assert_called_once_with(UUID, "i-1", T0 + 1)
     w.kill_container(UUID, "again", T0 + 2)  # already gone: nothing to do
     assert ex.count("crunch-run --kill 15 ") == 1
 
@@ -419,12 +425,12 @@ def test_kill_loop_spacing_and_give_up_drains():
     t += 5
     w.tick(t)  # now > start + TimeoutTERM: give up
     assert w.view.idle_behavior is Behavior.DRAIN, "gave up on TERM: drain"
-    assert w._iset.set_tags.defer.call_args.args[1]["ArvadosIdleBehavior"] == "drain"
+    assert w._iset.set_tags.call_args.args[1]["ArvadosIdleBehavior"] == "drain"
     # every runner gave up and it drains: shut down (Arvados' eligibleForShutdown running rule)
     w.tick(t + 5)
     assert w.view.state is State.SHUTDOWN
     assert ex.count("crunch-run --kill 15 ") == sent, "no signals after giving up"
-    w._iset.destroy.defer.assert_called_once()
+    w._iset.destroy.assert_called_once()
 
 
 def test_kill_give_up_on_hold_keeps_worker():
@@ -436,7 +442,7 @@ def test_kill_give_up_on_hold_keeps_worker():
         w.tick(t)
     assert w.view.idle_behavior is Behavior.HOLD
     assert w.view.state is State.RUNNING
-    w._iset.destroy.defer.assert_not_called()
+    w._iset.destroy.assert_not_called()
     assert ex.count("crunch-run --kill 15 ") <= 13
 
 
@@ -459,7 +465,7 @@ def test_stale_run_lock_becomes_broken_then_drain():
         assert w.view.idle_behavior is Behavior.RUN, t - T0
     w.tick(T0 + 15)
     assert w.view.idle_behavior is Behavior.DRAIN
-    assert w._iset.set_tags.defer.call_args.args[1]["ArvadosIdleBehavior"] == "drain"
+    assert w._iset.set_tags.call_args.args[1]["ArvadosIdleBehavior"] == "drain"
     w.tick(T0 + 20)  # idle and draining: goes
     assert w.view.state is State.SHUTDOWN
 
@@ -502,12 +508,12 @@ def test_tags_saved_on_behavior_change():
     w, _ = make_worker(State.IDLE, {}, tags={"ArvadosInstanceType": "type1", "ArvadosIdleBehavior": "run",
                                              "ArvadosInstanceSetID": "set1", "other": "x"})
     w.set_idle_behavior(Behavior.HOLD, T0)
-    handle, merged, _now = w._iset.set_tags.defer.call_args.args
+    handle, merged, _now = w._iset.set_tags.call_args.args
     assert handle is w._instance.handle
     assert merged == {"ArvadosInstanceType": "type1", "ArvadosIdleBehavior": "hold",
                       "ArvadosInstanceSetID": "set1", "other": "x"}
     w.set_idle_behavior(Behavior.HOLD, T0 + 1)  # unchanged: no cloud call
-    assert w._iset.set_tags.defer.call_count == 1
+    assert w._iset.set_tags.call_count == 1
     assert w.view.idle_behavior is Behavior.HOLD and w.view.state is State.IDLE
 
 
@@ -517,11 +523,11 @@ def test_tags_saved_on_listing_when_they_differ():
                         tags={"ArvadosInstanceType": "type1", "ArvadosIdleBehavior": "run"},
                         handle=w._instance.handle)
     w.update_instance(same, T0)
-    w._iset.set_tags.defer.assert_not_called()
+    w._iset.set_tags.assert_not_called()
     lost = InstanceInfo(id="i-1", address="10.0.0.2", provider_type="providertype1", remote_user="root",
                         tags={}, handle=w._instance.handle)
     w.update_instance(lost, T0 + 1)
-    assert w._iset.set_tags.defer.call_args.args[1] == {"ArvadosInstanceType": "type1",
+    assert w._iset.set_tags.call_args.args[1] == {"ArvadosInstanceType": "type1",
                                                         "ArvadosIdleBehavior": "run"}
     assert w.view.address == "10.0.0.2"
 
@@ -531,7 +537,7 @@ def test_drain_shuts_down_booting_or_idle_at_once(state):
     w, _ = make_worker(state, {})
     w.set_idle_behavior(Behavior.DRAIN, T0)
     assert w.view.state is State.SHUTDOWN
-    w._iset.destroy.defer.assert_called_once_with(w._instance.handle, T0)
+    w._iset.destroy.assert_called_once_with(w._instance.handle, T0)
 
 
 def test_drain_running_worker_waits_for_its_container():
@@ -616,7 +622,7 @@ def test_boot_slower_than_timeout_idle_leaves_time_to_start_a_container():
     assert w.view.state is State.IDLE
     w.start_container(entry(), T0 + 1)
     assert w.view.state is State.RUNNING
-    w._iset.destroy.defer.assert_not_called()
+    w._iset.destroy.assert_not_called()
 
 
 def test_boot_slower_than_timeout_idle_simulation():
@@ -644,7 +650,7 @@ def test_kill_instance_works_on_hold():
     w, _ = make_worker(State.RUNNING, {}, behavior=Behavior.HOLD, running=[UUID])
     w.kill_instance("operator", T0)
     assert w.view.state is State.SHUTDOWN
-    w._iset.destroy.defer.assert_called_once()
+    w._iset.destroy.assert_called_once()
 
 
 def test_destroy_retried_when_still_listed_after_timeout_shutdown():
@@ -652,6 +658,21 @@ def test_destroy_retried_when_still_listed_after_timeout_shutdown():
     w.kill_instance("operator", T0)
     info = w._instance
     w.update_instance(info, T0 + 10)  # not more than TimeoutShutdown yet
-    assert w._iset.destroy.defer.call_count == 1
+    assert w._iset.destroy.call_count == 1
     w.update_instance(info, T0 + 10.5)
-    assert w._iset.destroy.defer.call_count == 2
+    assert w._iset.destroy.call_count == 2
+
+
+# ------------------------------------------------------------------------------ the scheduler double
+
+
+def test_the_scheduler_double_is_the_declared_inbox():
+    """The double rejects a message the scheduler does not declare, or a wrong argument list:
+    renaming a scheduler handler (and its declaration) breaks the worker's sends here."""
+    w, _ = make_worker(State.IDLE)
+    with pytest.raises(AttributeError):
+        w._scheduler.worker_changd(w.view)  # a typo'd / renamed handler
+    with pytest.raises(TypeError):
+        w._scheduler.container_ended(UUID, "i-1")  # missing ``at``
+    w._scheduler.container_ended(UUID, "i-1", T0)
+    w._scheduler.container_ended.assert_called_once_with(UUID, "i-1", T0)
