@@ -105,6 +105,42 @@ class BaseActor(pykka.ThreadingActor):
             self.on_crash(exc_value)
 
 
+class TickedActor(BaseActor):
+    """An actor woken by the :class:`actors.ticker.Ticker` at the deadlines it books.
+
+    It registers with the Ticker when it starts (and books :meth:`next_wake`), unregisters when
+    it stops; :meth:`wake_at` books a deadline, after which the Ticker tells it ``tick(now)``.
+    Subclasses that extend ``on_start``/``on_stop`` call ``super()``.
+    """
+
+    def __init__(self, ticker):
+        super().__init__()
+        self._ticker = ticker
+
+    def next_wake(self) -> float | None:
+        """The deadline to book now (on start, and whenever a subclass reschedules); None: none."""
+        raise NotImplementedError
+
+    def tick(self, now: float) -> None:
+        raise NotImplementedError
+
+    def on_start(self) -> None:
+        self._self = self.actor_ref.proxy()
+        self._ticker.register(self.actor_urn, self._deliver_tick)
+        when = self.next_wake()
+        if when is not None:
+            self.wake_at(when)
+
+    def on_stop(self) -> None:
+        self._ticker.unregister(self.actor_urn)
+
+    def _deliver_tick(self, now: float) -> None:
+        self._self.tick.defer(now)
+
+    def wake_at(self, when: float) -> None:
+        self._ticker.schedule(self.actor_urn, when)
+
+
 def dump_threads() -> str:
     """Every thread's stack, for SIGUSR1."""
     import traceback

@@ -18,24 +18,23 @@ import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from actors.base import BaseActor, background
+from actors.base import TickedActor, background
 from actors.messages import CreateFailure, InstanceInfo
 from cloud.base import OpsLimiter, capacity_scope, is_quota_error, rate_limit_retry_at
 
 log = logging.getLogger("dispatch.instanceset")
 
 
-class InstanceSetActor(BaseActor):
+class InstanceSetActor(TickedActor):
     critical = True
 
     def __init__(self, *, instance_set, set_id: str, cluster, scheduler, ticker, first_now: float,
                  pool_size: int | None = None):
-        super().__init__()
+        super().__init__(ticker)
         self._set = instance_set
         self._cluster = cluster
         self._cfg = cluster.cloud_vms
         self._scheduler = scheduler
-        self._ticker = ticker
         self._filter = {cluster.tag("InstanceSetID"): set_id}
         self._limiter = OpsLimiter(self._cfg.max_cloud_ops_per_second)
         n = pool_size or max(4, min(32, (self._cfg.max_concurrent_instance_create_ops or 16) + 4))
@@ -46,13 +45,11 @@ class InstanceSetActor(BaseActor):
         self._listing = False
         self._hold = {"create": 0.0, "list": 0.0}  # rate-limit holdoffs
 
-    def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
-        self._ticker.register(self.actor_urn, lambda now: self._self.tick.defer(now))
-        self._ticker.schedule(self.actor_urn, self._next_sync)
+    def next_wake(self) -> float:
+        return self._next_sync
 
     def on_stop(self) -> None:
-        self._ticker.unregister(self.actor_urn)
+        super().on_stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- scheduling of cloud calls ------------------------------------------------------------------
@@ -63,7 +60,7 @@ class InstanceSetActor(BaseActor):
             self._pool.submit(background(fn, *args))
         else:
             heapq.heappush(self._queue, (at, next(self._seq), op, fn, args))
-            self._ticker.schedule(self.actor_urn, at)
+            self.wake_at(at)
 
     def tick(self, now: float) -> None:
         while self._queue and self._queue[0][0] <= now:
@@ -79,7 +76,7 @@ class InstanceSetActor(BaseActor):
         when = [self._next_sync]
         if self._queue:
             when.append(self._queue[0][0])
-        self._ticker.schedule(self.actor_urn, min(when))
+        self.wake_at(min(when))
 
     # -- requests from the scheduler and workers -------------------------------------------------------
 

@@ -1,8 +1,8 @@
-"""Which configured instance types can run a container, and what a container takes from a VM.
+"""Which configured instance types can run a container, and what it needs from one.
 
 The rules are those of Arvados ``lib/dispatchcloud/container/node_size.go`` (InstanceResourcesNeeded,
-EstimateScratchSpace, InstanceResources.Accommodates/Sub, ChooseInstanceType), written as pure
-functions so the queue and the scheduler can call them in a loop without I/O or locks.
+EstimateScratchSpace, ChooseInstanceType), written as pure functions so the queue and the scheduler
+can call them in a loop without I/O or locks (fitting containers into a VM is :mod:`actors.resources`).
 :class:`TypeChooser` adds a memo keyed by a container's *shape*, because a real queue holds many
 thousands of containers but only a few hundred distinct sets of constraints.
 
@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from actors.snapshot import Resources
+from actors.resources import Resources
 from conf.model import Cluster, InstanceType
 
 MiB = 1 << 20
@@ -68,33 +68,6 @@ class InstanceTypesNotConfigured(ConstraintsNotSatisfiable):
 
 class InvalidContainer(ConstraintsNotSatisfiable):
     """A field of the container record has the wrong type or a negative size; the reason names it."""
-
-
-# --------------------------------------------------------------------------- VM capacity
-
-
-def type_resources(it: InstanceType) -> Resources:
-    """What an idle VM of this type offers. GPU VRAM is per device, as in Arvados."""
-    return Resources(it.vcpus, it.ram, it.scratch, it.gpu.device_count, it.gpu.vram)
-
-
-def accommodates(avail: Resources, need: Resources, shared_vcpu_used: bool) -> bool:
-    """Can a VM with ``avail`` left also run a container needing ``need``?
-
-    Containers asking for 0 VCPUs share one VCPU between them; once that happened
-    (``shared_vcpu_used``), only ``avail.vcpus - 1`` remain for containers that ask for VCPUs.
-    A VM with no VCPU left takes nothing, not even a 0-VCPU container.
-    """
-    return (avail.vcpus >= need.vcpus and avail.ram >= need.ram and avail.scratch >= need.scratch
-            and avail.gpus >= need.gpus and avail.gpu_vram >= need.gpu_vram and avail.vcpus > 0
-            and (not shared_vcpu_used or avail.vcpus > need.vcpus))
-
-
-def subtract(avail: Resources, need: Resources, shared_vcpu_used: bool) -> tuple[Resources, bool]:
-    """``avail`` minus one container's ``need``, and whether the shared VCPU is now in use."""
-    return (Resources(avail.vcpus - need.vcpus, avail.ram - need.ram, avail.scratch - need.scratch,
-                      avail.gpus - need.gpus, avail.gpu_vram - need.gpu_vram),
-            shared_vcpu_used or need.vcpus == 0)
 
 
 # --------------------------------------------------------------------------- container needs

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.snapshot import Resources
+from actors.resources import Resources
 from conf.model import InstanceType
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from actors.messages import Behavior, QueueEntry, State
-from actors.snapshot import Resources
+from actors.resources import NOTHING, Resources, fits, take, type_resources
 from conf.model import InstanceType
 
 ALLOCATED = "Container is allocated to an instance and preparing to run."
@@ -97,35 +97,25 @@ class Plan:
 
 
 class _Free:
-    """Mutable remaining capacity of one instance during a pass."""
+    """What one instance has left during a pass (mutable; the arithmetic is actors.resources')."""
 
-    __slots__ = ("slot", "vcpus", "ram", "scratch", "gpus", "vram", "shared", "running", "order")
+    __slots__ = ("slot", "avail", "shared", "running", "order")
 
     def __init__(self, slot: Slot, order):
-        it = slot.instance_type
         self.slot = slot
-        self.vcpus, self.ram, self.scratch = it.vcpus, it.ram, it.scratch
-        self.gpus, self.vram = it.gpu.device_count, it.gpu.vram
-        self.shared = False
+        self.avail = type_resources(slot.instance_type)
+        self.shared = False  # a 0-VCPU container shares a VCPU here
         self.running = list(slot.running)
         self.order = order
 
     def fits(self, r: Resources) -> bool:
-        return (self.vcpus >= r.vcpus and self.ram >= r.ram and self.scratch >= r.scratch
-                and self.gpus >= r.gpus and self.vram >= r.gpu_vram and self.vcpus > 0
-                and (not self.shared or self.vcpus > r.vcpus))
+        return fits(self.avail, r, self.shared)
 
     def take(self, r: Resources) -> None:
-        self.vcpus -= r.vcpus
-        self.ram -= r.ram
-        self.scratch -= r.scratch
-        self.gpus -= r.gpus
-        self.vram -= r.gpu_vram  # Arvados InstanceResources.Sub uses VRAM up too
-        if r.vcpus == 0:
-            self.shared = True
+        self.avail, self.shared = take(self.avail, r, self.shared)
 
     def zero(self) -> None:
-        self.vcpus = self.ram = self.scratch = self.gpus = self.vram = 0
+        self.avail = NOTHING
 
 
 def sort_key(e: QueueEntry, running: Mapping[str, float | None]):

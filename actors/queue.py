@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from actors.base import BaseActor, background
+from actors.base import TickedActor, background
 from actors.messages import QueueEntry
 
 log = logging.getLogger("dispatch.queue")
@@ -58,15 +58,14 @@ class PollResult:
     error: str = ""
 
 
-class QueueActor(BaseActor):
+class QueueActor(TickedActor):
     critical = True
 
     def __init__(self, *, client, chooser, scheduler, ticker, cluster, first_now: float):
-        super().__init__()
+        super().__init__(ticker)
         self._client = client
         self._chooser = chooser
         self._scheduler = scheduler
-        self._ticker = ticker
         self._cluster = cluster
         self._poll_interval = cluster.cloud_vms.poll_interval
         self._entries: dict[str, QueueEntry] = {}
@@ -78,16 +77,8 @@ class QueueActor(BaseActor):
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
-        self._ticker.register(self.actor_urn, self._deliver_tick)
-        self._ticker.schedule(self.actor_urn, self._next_poll)
-
-    def on_stop(self) -> None:
-        self._ticker.unregister(self.actor_urn)
-
-    def _deliver_tick(self, now: float) -> None:
-        self._self.tick.defer(now)
+    def next_wake(self) -> float:
+        return self._next_poll
 
     def tick(self, now: float) -> None:
         if not self._polling and now >= self._next_poll:
@@ -96,7 +87,7 @@ class QueueActor(BaseActor):
             known = {u for u, e in self._entries.items() if e.state not in FINAL}
             threading.Thread(target=background(self._poll, now, known), name="queue-poll",
                              daemon=True).start()
-        self._ticker.schedule(self.actor_urn, self._next_poll if not self._polling else now + self._poll_interval)
+        self.wake_at(self._next_poll if not self._polling else now + self._poll_interval)
 
     # -- polling (runs in a helper thread; touches no actor state) -------------------------------
 
@@ -155,10 +146,10 @@ class QueueActor(BaseActor):
             retry = max(self._poll_interval / 10, 1.0) if not self._loaded else self._poll_interval
             log.error("error updating queue: %s", res.error, extra={"error": res.error})
             self._next_poll = res.started_at + retry
-            self._ticker.schedule(self.actor_urn, self._next_poll)
+            self.wake_at(self._next_poll)
             return
         self._next_poll = res.started_at + self._poll_interval
-        self._ticker.schedule(self.actor_urn, self._next_poll)
+        self.wake_at(self._next_poll)
         changed, removed = [], []
         returned = set()
         for ctr in res.containers:

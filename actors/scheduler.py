@@ -20,7 +20,7 @@ import pykka
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from actors.base import BaseActor
+from actors.base import TickedActor
 from actors.inbox import InstanceSetInbox, QueueInbox, WorkerInbox
 from actors.messages import Behavior, CreateFailure, InstanceInfo, QueueEntry, State, WorkerView
 from actors.planner import Limits, Slot, base_key, needs_reconcile, plan, reconcile
@@ -75,17 +75,16 @@ class _State:
     create_hold_until: float = 0.0
 
 
-class SchedulerActor(BaseActor):
+class SchedulerActor(TickedActor):
     critical = True
 
     def __init__(self, *, cluster, set_id: str, ticker, box: SnapshotBox, worker_factory,
                  public_key: str | None, api_client=None, metrics=None, quota_group=None,
                  first_now: float):
-        super().__init__()
+        super().__init__(ticker)
         self._cluster = cluster
         self._cfg = cluster.cloud_vms
         self._set_id = set_id
-        self._ticker = ticker
         self._box = box
         self._make_worker = worker_factory  # (info, it, state, behavior, now, secret) -> WorkerInbox
         self._public_key = public_key
@@ -129,13 +128,11 @@ class SchedulerActor(BaseActor):
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
-        self._ticker.register(self.actor_urn, lambda now: self._self.tick.defer(now))
-        self._ticker.schedule(self.actor_urn, self._next_pass)
+    def next_wake(self) -> float:
+        return self._next_pass
 
     def on_stop(self) -> None:
-        self._ticker.unregister(self.actor_urn)
+        super().on_stop()
         for w in self._workers.values():
             try:
                 w.inbox.actor_ref.stop(block=False)
@@ -164,12 +161,12 @@ class SchedulerActor(BaseActor):
     def _touch(self) -> None:
         if not self._dirty:
             self._dirty = True
-            self._ticker.schedule(self.actor_urn, self._now)
+            self.wake_at(self._now)
 
     def _pass_at(self, when: float) -> None:
         """Run a full pass at ``when`` (a TTL or holdoff ends then), even if nothing else changes."""
         self._next_pass = min(self._next_pass, when)
-        self._ticker.schedule(self.actor_urn, when)
+        self.wake_at(when)
 
     def tick(self, now: float) -> None:
         """Pass when something changed or a deadline came; in between, only republish.
@@ -186,7 +183,7 @@ class SchedulerActor(BaseActor):
         elif now >= self._next_publish:
             self._next_publish = now + PUBLISH_INTERVAL
             self._publish(now, self._running(), self._last_plan)
-        self._ticker.schedule(self.actor_urn, min(self._next_pass, self._next_publish))
+        self.wake_at(min(self._next_pass, self._next_publish))
 
     # -- events from the instance set ---------------------------------------------------------------
 

@@ -10,25 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from actors.messages import Behavior, State
+from actors.resources import Resources
 from conf.model import InstanceType
 
-WORKER_STATES = ("unknown", "booting", "idle", "running", "shutdown")
-IDLE_BEHAVIORS = ("run", "hold", "drain")
+WORKER_STATES = tuple(s.value for s in State)
+IDLE_BEHAVIORS = tuple(b.value for b in Behavior)
 INSTANCE_CATEGORIES = ("inuse", "hold", "booting", "unknown", "idle")
-
-
-@dataclass(frozen=True)
-class Resources:
-    vcpus: int = 0
-    ram: int = 0
-    scratch: int = 0
-    gpus: int = 0
-    gpu_vram: int = 0
-
-    def arvados_json(self) -> dict:
-        # Capitalized: the Go struct has no JSON tags.
-        return {"VCPUs": self.vcpus, "RAM": self.ram, "Scratch": self.scratch,
-                "GPUs": self.gpus, "GPUVRAM": self.gpu_vram}
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,13 @@ with ``tick(now)``; the actor tells the Ticker its next deadline after every han
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
 from dataclasses import dataclass, replace
 
-from actors.base import BaseActor
+from actors.base import TickedActor
 from actors.messages import BOOTED, Behavior, InstanceInfo, QueueEntry, State, WorkerView
 from cloud import crunchrun
 from cloud.base import ExecResult, ExecutorError, NoAddress
@@ -65,19 +66,32 @@ def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
     return now >= view.appeared + timeout_booting
 
 
-class WorkerActor(BaseActor):
+def _handler(fn):
+    """A message handler: what it changed in the view is told to the scheduler once, at the end
+    (or earlier by an explicit ``_publish``), then the Ticker gets the next deadline."""
+
+    @functools.wraps(fn)
+    def handle(self, *args):
+        self._before = self._view
+        fn(self, *args)
+        self._publish()
+        self._reschedule()
+
+    return handle
+
+
+class WorkerActor(TickedActor):
     def __init__(self, *, instance: InstanceInfo, instance_type: InstanceType, state: State,
                  behavior: Behavior, now: float, executor_factory, scheduler, instance_set, ticker,
                  cluster: Cluster, metrics=None, rng: random.Random | None = None,
                  probe_limiter=None):
-        super().__init__()
+        super().__init__(ticker)
         self._cluster = cluster
         self._cfg = cluster.cloud_vms
         # the factory gets our SSH-verified hook: it runs in this actor's thread, inside execute()
         self._exec = executor_factory(self.on_ssh_verified)
         self._scheduler = scheduler
         self._iset = instance_set
-        self._ticker = ticker
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._probe_limiter = probe_limiter  # shared cloud.base.OpsLimiter(MaxProbesPerSecond)
@@ -93,6 +107,7 @@ class WorkerActor(BaseActor):
             instance_id=instance.id, instance_type=instance_type, state=state,
             idle_behavior=behavior, address=instance.address, provider_type=instance.provider_type,
             busy=now, appeared=now, probed=now)
+        self._before = self._view  # what the scheduler last heard (see _handler)
         self._runner = cluster.containers.crunch_run_command
         self._sudo = crunchrun.needs_sudo(instance.remote_user)
         self._log = log
@@ -111,15 +126,22 @@ class WorkerActor(BaseActor):
         running = tuple(sorted(self._runners))
         self._view = replace(self._view, running=running, **changes)
 
-    def _publish(self, before: WorkerView) -> None:
-        if self._view != before:
+    def _publish(self) -> None:
+        if self._view != self._before:
+            self._before = self._view
             self._scheduler.worker_changed(self._view)
 
     def _reschedule(self) -> None:
+        when = self.next_wake()
+        if when is not None:
+            self.wake_at(when)
+
+    def next_wake(self) -> float | None:
+        """The next deadline: probe, idle timeout, boot timeout or kill signal."""
         v = self._view
         if v.state is State.SHUTDOWN:
             # still listed long after destroy? the next sync retries; nothing to time here
-            return
+            return None
         when = [self._next_probe]
         if v.state is State.IDLE and v.idle_behavior is Behavior.RUN:
             when.append(v.busy + self._cfg.timeout_idle)
@@ -130,7 +152,7 @@ class WorkerActor(BaseActor):
                 # the next signal, or giving up: that happens at the first signal time after
                 # TimeoutTERM, as with Arvados' signal ticker (never a wake that does nothing)
                 when.append(r.next_signal)
-        self._ticker.schedule(self.actor_urn, min(when))
+        return min(when)
 
     def _report_boot_outcome(self, outcome: str) -> None:
         if self._boot_outcome_reported:
@@ -152,31 +174,21 @@ class WorkerActor(BaseActor):
 
     # -- messages --------------------------------------------------------------------------------
 
-    def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
-        self._ticker.register(self.actor_urn, self._deliver_tick)
-        self._reschedule()
-
     def on_stop(self) -> None:
-        self._ticker.unregister(self.actor_urn)
+        super().on_stop()
         try:
             self._exec.close()
         except Exception:
             pass
 
-    def _deliver_tick(self, now: float) -> None:
-        self._self.tick.defer(now)
-
+    @_handler
     def tick(self, now: float) -> None:
         self._now = now
-        before = self._view
-        if before.state is not State.SHUTDOWN:
+        if self._view.state is not State.SHUTDOWN:
             self._kill_loop(now)
             if not self._shutdown_if_idle(now) and now >= self._next_probe and self._probe_slot_due(now):
                 self._next_probe = now + self._cfg.probe_interval * self._rng.uniform(0.97, 1.03)
                 self._probe(now)
-        self._publish(before)
-        self._reschedule()
 
     def _probe_slot_due(self, now: float) -> bool:
         """MaxProbesPerSecond across all workers: take a slot from the shared limiter; if it is
@@ -191,6 +203,7 @@ class WorkerActor(BaseActor):
         self._next_probe = self._probe_slot
         return False
 
+    @_handler
     def update_instance(self, instance: InstanceInfo, now: float) -> None:
         """A fresher listing of our instance (every sync): new address, tags; retry a destroy."""
         self._now = now
@@ -206,34 +219,30 @@ class WorkerActor(BaseActor):
                 self._iset.destroy(instance.handle, now)
         else:
             self._save_tags()
-        self._publish(before)
 
+    @_handler
     def set_idle_behavior(self, behavior: Behavior, now: float) -> None:
         self._now = now
-        before = self._view
         self._log.info("set idle behavior", extra=self._fields(IdleBehavior=str(behavior)))
         self._set(idle_behavior=behavior)
         self._save_tags()
         self._shutdown_if_idle(now)
-        self._publish(before)
-        self._reschedule()
 
+    @_handler
     def start_container(self, entry: QueueEntry, now: float) -> None:
         self._now = now
-        before = self._view
+        v = self._view
         uuid = entry.uuid
-        if (before.state not in BOOTED or before.idle_behavior is not Behavior.RUN
-                or uuid in self._runners):
-            self._scheduler.container_start_failed(uuid, before.instance_id,
-                                                         f"worker is {before.state}/{before.idle_behavior}")
+        if v.state not in BOOTED or v.idle_behavior is not Behavior.RUN or uuid in self._runners:
+            self._scheduler.container_start_failed(uuid, v.instance_id,
+                                                   f"worker is {v.state}/{v.idle_behavior}")
             return
         self._runners[uuid] = _Runner(uuid, now)
         self._set(state=State.RUNNING)
-        self._publish(before)
-        before = self._view
+        self._publish()  # the scheduler hears of the start before the (slow) command runs
         cmd = crunchrun.detach_command(self._runner, crunchrun.runner_args(self._cluster), uuid,
                                        sudo=crunchrun.needs_sudo(self._instance.remote_user))
-        stdin = crunchrun.config_data(self._cluster, before.instance_type, self._instance.address, uuid)
+        stdin = crunchrun.config_data(self._cluster, v.instance_type, self._instance.address, uuid)
         try:
             res = self._run(cmd, stdin)
             if res.ok:
@@ -252,9 +261,8 @@ class WorkerActor(BaseActor):
         if r is not None and r.starting:
             r.starting = False
             self._set(busy=now, last_uuid=uuid)
-        self._publish(before)
-        self._reschedule()
 
+    @_handler
     def kill_container(self, uuid: str, reason: str, now: float) -> None:
         self._now = now
         r = self._runners.get(uuid)
@@ -262,11 +270,9 @@ class WorkerActor(BaseActor):
             return
         self._log.info("killing crunch-run process", extra=self._fields(ContainerUUID=uuid, Reason=reason))
         r.kill_started, r.kill_reason, r.next_signal = now, reason, now
-        before = self._view
         self._kill_loop(now)
-        self._publish(before)
-        self._reschedule()
 
+    @_handler
     def shutdown_if_allowed(self, reason: str, now: float) -> None:
         """The scheduler's Shutdown(): only booting/idle workers, never on hold."""
         self._now = now
@@ -274,20 +280,17 @@ class WorkerActor(BaseActor):
         self._log.info("shutdown requested", extra=self._fields(Reason=reason))
         if v.idle_behavior is Behavior.HOLD or v.state not in (State.BOOTING, State.IDLE):
             return
-        before = v
         self._report_boot_outcome("aborted")
         self._shutdown(now, reason)
-        self._publish(before)
 
+    @_handler
     def kill_instance(self, reason: str, now: float) -> None:
         """The management API's kill: shut down in any state, hold included."""
         self._now = now
-        before = self._view
-        if before.state is State.SHUTDOWN:
+        if self._view.state is State.SHUTDOWN:
             return
         self._report_boot_outcome("aborted")
         self._shutdown(now, reason)
-        self._publish(before)
 
     def abandon(self) -> None:
         """Our instance vanished from the cloud listing: forget its runners, then stop."""

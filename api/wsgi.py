@@ -63,11 +63,6 @@ class WsgiServer:
         self._stop_requested = False
         self._stopped = threading.Event()
 
-    @classmethod
-    def from_url(cls, app, url: str, threads: int = 8, **kw) -> "WsgiServer":
-        host, port = parse_listen_url(url)
-        return cls(app, host, port, threads, **kw)
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> "WsgiServer":

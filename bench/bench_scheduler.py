@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from actors.messages import Behavior, QueueEntry, State, WorkerView  # noqa: E402
 from actors.scheduler import SchedulerActor, SnapshotBox, _Worker  # noqa: E402
-from actors.snapshot import Resources  # noqa: E402
+from actors.resources import Resources  # noqa: E402
 from tests.simcluster import cluster, instance_type, with_vms  # noqa: E402
 
 

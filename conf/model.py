@@ -8,7 +8,6 @@ Mappings are read-only (``types.MappingProxyType``) so a Cluster can be shared b
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -148,9 +147,6 @@ class Cluster:
 
     def types_by_price(self) -> list[InstanceType]:
         return sorted(self.instance_types.values(), key=lambda t: (t.price, -t.ram, -t.vcpus, t.name))
-
-    def raw_json(self) -> str:
-        return json.dumps(_thaw(self.raw))
 
 
 def _thaw(v):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from actors.snapshot import InstanceView, QueueEntryView, Resources, Snapshot
+from actors.resources import Resources
+from actors.snapshot import InstanceView, QueueEntryView, Snapshot
 from conf.model import GPU, Cluster, InstanceType, freeze
 
 GiB = 1 << 30

@@ -232,10 +232,10 @@ def test_listen_url():
         server.stop()
 
 
-def test_app_can_be_served_by_from_url():
+def test_app_can_be_served_from_a_listen_url():
     store = ContainerStore(":memory:")
     store.add_token(ADMIN, admin=True)
-    server = WsgiServer.from_url(make_app(store), "http://127.0.0.1:0").start()
+    server = WsgiServer(make_app(store), "http://127.0.0.1:0").start()
     try:
         r = requests.get(server.url + "/arvados/v1/containers", headers=H, timeout=5)
         assert r.json()["items"] == []

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from actors.instancetype import (
     NOT_CONFIGURED, UNSATISFIABLE, ConstraintsNotSatisfiable, InstanceTypesNotConfigured,
-    InvalidContainer, TypeChooser, accommodates, choose_instance_types, estimate_scratch,
-    resources_needed, signature, sort_key, subtract, type_resources)
-from actors.snapshot import Resources
+    InvalidContainer, TypeChooser, choose_instance_types, estimate_scratch,
+    resources_needed, signature, sort_key)
+from actors.resources import Resources
 from conf.model import GPU, Cluster, Containers, InstanceType, freeze
 
 GiB = 1 << 30
@@ -223,41 +223,6 @@ def test_non_gpu_container_never_gets_gpu_type():
     cl = cluster([itype("gpu", 1.0, 8 * GiB, 8, gpu=GPU("cuda", "12.0", "9.0", 1, GiB))])
     with pytest.raises(ConstraintsNotSatisfiable):
         choose_instance_types(cl, ctr(vcpus=1, ram=MiB))
-
-
-@pytest.mark.parametrize("avail,shared,need,fits,shared_after", [
-    (2, False, 0, True, True),
-    (2, False, 1, True, False),
-    (2, True, 0, True, True),
-    (2, True, 1, True, True),
-    (2, False, 2, True, False),
-    (2, True, 2, False, True),  # the shared VCPU is taken: only 1 left for VCPU-hungry containers
-    (1, True, 1, False, True),
-    (1, True, 0, True, True),  # more 0-VCPU containers may share it
-    (0, True, 0, False, True),  # no VCPU left: nothing fits
-    (0, False, 0, False, True),
-])
-def test_instance_resources(avail, shared, need, fits, shared_after):
-    a, n = Resources(vcpus=avail), Resources(vcpus=need)
-    assert accommodates(a, n, shared) is fits
-    left, now_shared = subtract(a, n, shared)
-    assert now_shared is shared_after and left.vcpus == avail - need
-
-
-def test_accommodates_every_dimension():
-    avail = Resources(4, 8 * GiB, 100 * GiB, 2, 16 * GiB)
-    assert accommodates(avail, avail, False)
-    for field in ("vcpus", "ram", "scratch", "gpus", "gpu_vram"):
-        need = Resources(**{**avail.__dict__, field: getattr(avail, field) + 1})
-        assert not accommodates(avail, need, False), field
-    left, _ = subtract(avail, Resources(1, GiB, GiB, 1, GiB), False)
-    assert left == Resources(3, 7 * GiB, 99 * GiB, 1, 15 * GiB)
-
-
-def test_type_resources():
-    it = itype("g", 1.0, 8 * GiB, 4, gpu=GPU("cuda", "12.0", "9.0", 2, 24 * GiB))
-    it = InstanceType(**{**it.__dict__, "included_scratch": 10 * GiB, "added_scratch": 5 * GiB})
-    assert type_resources(it) == Resources(4, 8 * GiB, 15 * GiB, 2, 24 * GiB)
 
 
 # --------------------------------------------------------------------------- resources_needed
@@ -484,15 +449,3 @@ def test_choice_properties(types, c, factor):
     assert all(t.price <= cap for t in got)
     assert list(got) == [t for t in fitting if t.price <= cap]  # and none is left out
     assert names(TypeChooser(cl).choose(c)) == names(got)
-
-
-@settings(max_examples=200, deadline=None)
-@given(vcpus=st.integers(0, 8), shared=st.booleans(), need=st.integers(0, 8),
-       ram=st.integers(0, 10), need_ram=st.integers(0, 10))
-def test_accommodates_never_overcommits(vcpus, shared, need, ram, need_ram):
-    avail, want = Resources(vcpus=vcpus, ram=ram), Resources(vcpus=need, ram=need_ram)
-    if accommodates(avail, want, shared):
-        left, now_shared = subtract(avail, want, shared)
-        assert left.ram >= 0 and left.vcpus >= 0
-        assert left.vcpus >= (1 if now_shared and need > 0 else 0)  # a VCPU stays for the sharers
-        assert now_shared == (shared or need == 0)

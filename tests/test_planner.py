@@ -24,7 +24,7 @@ import pytest
 from actors.instancetype import TypeChooser
 from actors.messages import Behavior, QueueEntry, State
 from actors.planner import Limits, Slot, plan, reconcile
-from actors.snapshot import Resources
+from actors.resources import Resources
 from conf.model import GPU, InstanceType
 from tests.simcluster import GiB, cluster, instance_type
 

@@ -16,7 +16,7 @@ import pytest
 
 from actors.inbox import InstanceSetInbox, SchedulerInbox
 from actors.messages import Behavior, InstanceInfo, QueueEntry, State, WorkerView
-from actors.snapshot import Resources
+from actors.resources import Resources
 from actors.worker import WorkerActor, _Runner, eligible_for_shutdown
 from cloud.base import ExecResult, ExecutorError, NoAddress
 from tests.simcluster import cluster, instance_type, with_vms
