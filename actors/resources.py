@@ -7,13 +7,15 @@ tests table it, so the rule that is tested is the rule that runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from conf.model import InstanceType
 
 
-@dataclass(frozen=True)
-class Resources:
+class Resources(NamedTuple):
+    """Immutable, and a tuple: the planner makes one per container it places on an instance, and
+    a tuple is made several times faster than a frozen dataclass."""
+
     vcpus: int = 0
     ram: int = 0
     scratch: int = 0

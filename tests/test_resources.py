@@ -44,7 +44,7 @@ def test_fits_every_dimension():
     avail = Resources(4, 8 * GiB, 100 * GiB, 2, 16 * GiB)
     assert fits(avail, avail, False)
     for field in ("vcpus", "ram", "scratch", "gpus", "gpu_vram"):
-        need = Resources(**{**avail.__dict__, field: getattr(avail, field) + 1})
+        need = avail._replace(**{field: getattr(avail, field) + 1})
         assert not fits(avail, need, False), field
     left, _ = take(avail, Resources(1, GiB, GiB, 1, GiB), False)
     assert left == Resources(3, 7 * GiB, 99 * GiB, 1, 15 * GiB)
