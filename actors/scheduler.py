@@ -17,22 +17,20 @@ import secrets
 from collections.abc import Callable
 
 import pykka
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from actors import quota, render
 from actors.base import TickedActor
 from actors.inbox import InstanceSetInbox, QueueInbox, WorkerInbox
 from actors.messages import Behavior, CreateFailure, InstanceInfo, QueueEntry, State, WorkerView
 from actors.planner import Limits, Slot, base_key, needs_reconcile, plan, reconcile
-from actors.snapshot import InstanceView, LiveSnapshot, QueueEntryView, Snapshot
+from actors.snapshot import InstanceView, LiveSnapshot, Snapshot
 from cloud import crunchrun
 from conf.model import InstanceType
 
 log = logging.getLogger("dispatch.scheduler")
 
-QUOTA_ERROR_TTL = 60.0
-CAPACITY_ERROR_TTL = 60.0
-QUIET_AFTER_503 = 60.0
 PASS_INTERVAL = 10.0  # a full pass at least this often, as a safety net; changes trigger one at once
 PUBLISH_INTERVAL = 2.0  # fresh probe/busy times for /instances and /metrics between passes
 _SHUTDOWN, _UNKNOWN = State.SHUTDOWN, State.UNKNOWN  # enum attribute lookups are slow in a hot loop
@@ -65,16 +63,6 @@ class _Pending:
     since: float
 
 
-@dataclass
-class _State:
-    """Pool state that decides whether a create may happen (Arvados pool.AtQuota/AtCapacity)."""
-
-    at_quota_until: float = 0.0
-    at_quota_until_fewer: int = 0
-    capacity_until: dict = field(default_factory=dict)  # capacity key -> time
-    create_hold_until: float = 0.0
-
-
 class SchedulerActor(TickedActor):
     critical = True
 
@@ -105,15 +93,13 @@ class SchedulerActor(TickedActor):
         self._gate_open = False
         self._had_unknown_at_start: bool | None = None
         self._ops: dict[str, str] = {}  # uuid -> API op in flight (Arvados uuidLock)
-        self._pool = _State()
+        self._pool = quota.PoolState()
         self._dirty = True
         self._next_pass = first_now
         self._next_publish = first_now
         self._last_plan = None
         self._create_limited = False  # to log reaching MaxConcurrentInstanceCreateOps once
-        self._max_containers = self._cfg.initial_quota_estimate or self._cfg.max_instances
-        self._within_quota = 0
-        self._last_503 = 0.0
+        self._conc = quota.Concurrency(self._cfg.initial_quota_estimate or self._cfg.max_instances)
         self._types = dict(cluster.instance_types)
         # caches that keep a pass proportional to what changed, not to the queue's length
         self._qver = 0
@@ -209,8 +195,7 @@ class SchedulerActor(TickedActor):
             del self._workers[iid]
             self._tell(w, w.inbox.abandon)
         total = len(self._workers) + len(self._creating)
-        if self._pool.at_quota_until_fewer > total:
-            self._pool.at_quota_until_fewer = 0
+        self._pool = quota.after_listing(self._pool, total)
         if not self._loaded:
             self._loaded = True
             log.info("loaded initial instance list", extra={"N": len(self._workers)})
@@ -263,26 +248,18 @@ class SchedulerActor(TickedActor):
         log.error("create failed", extra={"InstanceType": it.name, "error": failure.message,
                                           "isQuotaError": failure.quota,
                                           "isCapacityError": failure.capacity_scope is not None})
-        if failure.quota:
-            n = len(self._workers) + len(self._creating)
-            if n < 1:
-                self._pool.at_quota_until_fewer = 0
-                self._pool.at_quota_until = now + QUOTA_ERROR_TTL
-                log.info("quota error with 0 running -- waiting for quotaErrorTTL")
-            elif n < self._pool.at_quota_until_fewer or self._pool.at_quota_until_fewer == 0:
-                self._pool.at_quota_until_fewer = n
-                self._pool.at_quota_until = 0.0
-                log.info("quota error -- waiting for next instance shutdown", extra={"N": n})
-            self._pass_at(now + QUOTA_ERROR_TTL)
-        if failure.capacity_scope is not None:
-            until = now + CAPACITY_ERROR_TTL
-            self._pool.capacity_until[failure.capacity_scope] = until
+        n = len(self._workers) + len(self._creating)
+        out = quota.after_create_failure(self._pool, failure, n, now)
+        self._pool = out.state
+        if out.quota == "zero":
+            log.info("quota error with 0 running -- waiting for quotaErrorTTL")
+        elif out.quota == "fewer":
+            log.info("quota error -- waiting for next instance shutdown", extra={"N": n})
+        if out.capacity_until is not None:
             log.info("capacity error -- pausing instance create calls",
-                     extra={"capKey": repr(failure.capacity_scope), "atCapacityUntil": until})
-            self._pass_at(until)
-        if failure.retry_at:
-            self._pool.create_hold_until = max(self._pool.create_hold_until, failure.retry_at)
-            self._pass_at(failure.retry_at)
+                     extra={"capKey": repr(failure.capacity_scope), "atCapacityUntil": out.capacity_until})
+        for when in out.wake:
+            self._pass_at(when)
         self._touch()
 
     # -- events from workers -------------------------------------------------------------------------
@@ -374,27 +351,19 @@ class SchedulerActor(TickedActor):
         running.update(self._exited)
         return running
 
-    def _at_quota_flag(self, now: float) -> bool:
-        p = self._pool
-        return p.at_quota_until_fewer > 0 or now < p.at_quota_until
-
     def _pass(self, now: float) -> None:
-        p = self._pool
-        p.capacity_until = {k: t for k, t in p.capacity_until.items() if t > now}
+        p = self._pool = quota.expire(self._pool, now)
         running = self._running()
         any_unknown = any(w.view.state is _UNKNOWN for w in self._workers.values())
         if not self._gate(now, running):
             self._publish(now, running, None)
             return
         n_workers = len(self._workers)
-        at_quota = self._at_quota_flag(now) or (
-            0 < self._cfg.max_instances <= n_workers + len(self._creating))
-        self._adjust_max_containers(now, running, at_quota, n_workers)
-        maxc = self._max_containers
-        fraction = self._cfg.supervisor_fraction
-        maxs = int(maxc * fraction)
-        if maxs < 1 and fraction > 0 and maxc > 0:
-            maxs = 1
+        at_quota = p.at_quota(now) or (0 < self._cfg.max_instances <= n_workers + len(self._creating))
+        self._conc = quota.adjust(self._conc, now, len(running), at_quota, n_workers,
+                                  getattr(self._api, "last_503", 0.0) or 0.0)
+        maxc = self._conc.max_containers
+        maxs = quota.supervisor_limit(maxc, self._cfg.supervisor_fraction)
         slots = [Slot(iid, w.view.instance_type, w.view.state, w.view.idle_behavior, w.view.running)
                  for iid, w in self._workers.items() if w.view.state is not _SHUTDOWN]
         slots += [Slot("", c.it, State.BOOTING, Behavior.RUN, ()) for c in self._creating.values()]
@@ -404,8 +373,8 @@ class SchedulerActor(TickedActor):
             max_instances=self._cfg.max_instances,
             max_concurrent_creates=self._cfg.max_concurrent_instance_create_ops,
             n_workers=n_workers, n_creating=len(self._creating),
-            at_quota=self._at_quota_flag(now), create_throttled=now < p.create_hold_until,
-            blocked=frozenset(p.capacity_until), quota_group=self._quota_group)
+            at_quota=p.at_quota(now), create_throttled=p.create_throttled(now),
+            blocked=p.blocked(), quota_group=self._quota_group)
         pl = self._last_plan = plan((), running, slots, limits, base=self._base(), by_uuid=self._queue)
         self._apply(pl, now)
         todo = [self._queue[u] for u in self._special]
@@ -446,22 +415,6 @@ class SchedulerActor(TickedActor):
                     self._queue_inbox.unlock(e.uuid, "stale lock")
             log.info("FixStaleLocks finished (%.1fs), starting scheduling.", now - self._started)
         return True
-
-    def _adjust_max_containers(self, now, running, at_quota, total) -> None:
-        last503 = getattr(self._api, "last_503", 0.0) or 0.0
-        if last503 > self._last_503:
-            self._last_503 = last503
-            self._max_containers = max(1, len(running) - 1)
-        elif self._max_containers > 0 and now - self._last_503 > QUIET_AFTER_503:
-            self._max_containers = max(self._max_containers, len(running) * 11 // 10 + 1)
-        if 0 < self._within_quota < total:
-            self._within_quota = total
-        if at_quota:
-            if self._max_containers == 0 or self._max_containers > total:
-                self._max_containers = total or 1
-            self._within_quota = total
-        elif self._within_quota > 0 and self._max_containers > self._within_quota + 1:
-            self._max_containers = self._within_quota + 1
 
     def _apply(self, pl, now: float) -> None:
         for uuid in pl.locks:
@@ -531,61 +484,23 @@ class SchedulerActor(TickedActor):
     # -- publishing ----------------------------------------------------------------------------------
 
     def _publish(self, now: float, running, pl) -> None:
-        views = []
-        memo = {}
-        for iid, w in self._workers.items():
-            v = w.view
-            hit = self._iviews.get(iid)
-            if hit is not None and hit[0] is v:
-                iv = hit[1]
-            else:
-                iv = InstanceView(
-                    instance=iid, address=v.address, price=v.instance_type.price,
-                    arvados_instance_type=v.instance_type.name, provider_instance_type=v.provider_type,
-                    last_container_uuid=v.last_uuid, last_busy=v.busy, running_container_uuids=v.running,
-                    worker_state=str(v.state), idle_behavior=str(v.idle_behavior),
-                    vcpus=v.instance_type.vcpus, ram=v.instance_type.ram, probed=v.probed)
-            memo[iid] = (v, iv)
-            views.append(iv)
-        self._iviews = memo
-        for c in self._creating.values():
-            views.append(InstanceView(
-                instance="", address="", price=c.it.price, arvados_instance_type=c.it.name,
-                provider_instance_type=c.it.provider_type, last_container_uuid="", last_busy=0.0,
-                running_container_uuids=(), worker_state="booting", idle_behavior="run",
-                vcpus=c.it.vcpus, ram=c.it.ram))
-        views.sort(key=lambda v: (v.instance, v.arvados_instance_type))
+        views, self._iviews = render.instance_rows(
+            ((iid, w.view) for iid, w in self._workers.items()),
+            (c.it for c in self._creating.values()), self._iviews)
         qsorted = None if pl is not None else sorted(self._queue.values(), key=lambda e: e.first_seen_at)
-        at_quota = pl.at_quota if pl is not None else self._at_quota_flag(now)
+        at_quota = pl.at_quota if pl is not None else self._pool.at_quota(now)
         qviews = self._qviews
 
         def lazy():
             """Runs in whichever thread first reads the snapshot's queue (API, /metrics)."""
             order = pl.order if pl is not None else qsorted
             statuses = pl.status_list() if pl is not None else [""] * len(order)
-            out, counts, longest = [], {}, 0.0
-            for e, st in zip(order, statuses):
-                hit = qviews.get(e.uuid)
-                if hit is not None and hit[0] is e and hit[1] == st:
-                    qv = hit[2]
-                else:
-                    qv = QueueEntryView(e.container, e.instance_types, e.resources, e.first_seen_at, st)
-                    qviews[e.uuid] = (e, st, qv)
-                out.append(qv)
-                k = (e.state, e.instance_types[0].name if e.instance_types else "")
-                counts[k] = counts.get(k, 0) + 1
-                if e.priority > 0 and e.state in ("Queued", "Locked") and e.uuid not in running and e.created_at:
-                    longest = max(longest, now - e.created_at)
-            if len(qviews) > 2 * len(order) + 1000:
-                live = {e.uuid for e in order}
-                for u in [u for u in qviews if u not in live]:
-                    qviews.pop(u, None)
-            return tuple(out), MappingProxyType(counts), longest
+            return render.queue_rows(order, statuses, running, now, qviews)
 
         self._box.snapshot = LiveSnapshot(
             lazy=lazy, taken_at=now, instances=tuple(views),
             runners=MappingProxyType({u: iid for iid, w in self._workers.items() for u in w.view.running}),
-            at_quota=at_quota, max_concurrent_containers=self._max_containers,
+            at_quota=at_quota, max_concurrent_containers=self._conc.max_containers,
             containers_allocated_not_started=pl.allocated_not_started if pl else 0,
             containers_not_allocated_over_quota=pl.over_quota if pl else 0,
-            last_503_time=self._last_503, ready=self._gate_open)
+            last_503_time=self._conc.last_503, ready=self._gate_open)
