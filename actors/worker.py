@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, replace
 
 from actors.base import TickedActor
+from actors.lifecycle import (after_probe, eligible_for_shutdown, next_wake, probe_failed, stale_lock,
+                              unresponsive, wants_run_probe)
 from actors.messages import BOOTED, Behavior, InstanceInfo, QueueEntry, State, WorkerView
 from cloud import crunchrun
 from cloud.base import ExecResult, ExecutorError, NoAddress
@@ -39,31 +41,6 @@ class _Runner:
     kill_reason: str = ""
     next_signal: float = 0.0
     given_up: bool = False
-
-
-def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
-                          timeout_booting: float, all_given_up: bool) -> bool:
-    """Should this worker be shut down now, by its idle behaviour and state? (pure)
-
-    Ages are compared as ``now >= start + timeout``, the very deadline the worker asks the Ticker
-    for: ``now - start`` can round below the timeout at that instant (T0 + 0.3 - T0 < 0.3), and a
-    simulation would then wake the worker at the same time forever.
-    """
-    b, s = view.idle_behavior, view.state
-    if b is Behavior.HOLD or s is State.SHUTDOWN:
-        return False
-    if s is State.BOOTING:
-        return b is Behavior.DRAIN
-    if s is State.IDLE:
-        return b is Behavior.DRAIN or now >= view.busy + timeout_idle
-    if s is State.RUNNING:
-        return b is Behavior.DRAIN and all_given_up
-    # unknown: never while it runs containers (the seed: drain, don't kill), nor before a first
-    # probe has had the chance to find its containers; then, as in Arvados, only by age: drain
-    # does not hurry it, since a failed probe has not shown it idle
-    if view.running or not view.probe_done:
-        return False
-    return now >= view.appeared + timeout_booting
 
 
 def _handler(fn):
@@ -137,22 +114,9 @@ class WorkerActor(TickedActor):
             self.wake_at(when)
 
     def next_wake(self) -> float | None:
-        """The next deadline: probe, idle timeout, boot timeout or kill signal."""
-        v = self._view
-        if v.state is State.SHUTDOWN:
-            # still listed long after destroy? the next sync retries; nothing to time here
-            return None
-        when = [self._next_probe]
-        if v.state is State.IDLE and v.idle_behavior is Behavior.RUN:
-            when.append(v.busy + self._cfg.timeout_idle)
-        if v.state is State.UNKNOWN and not v.running:
-            when.append(v.appeared + self._cfg.timeout_booting)
-        for r in self._runners.values():
-            if r.kill_started is not None and not r.given_up:
-                # the next signal, or giving up: that happens at the first signal time after
-                # TimeoutTERM, as with Arvados' signal ticker (never a wake that does nothing)
-                when.append(r.next_signal)
-        return min(when)
+        return next_wake(self._view, self._next_probe, self._cfg,
+                         (r.next_signal for r in self._runners.values()
+                          if r.kill_started is not None and not r.given_up))
 
     def _report_boot_outcome(self, outcome: str) -> None:
         if self._boot_outcome_reported:
@@ -408,14 +372,12 @@ class WorkerActor(TickedActor):
                                                       self._cluster.cluster_id)
         if stale:
             self._log.info("probe reported stale run lock", extra=self._fields(ContainerUUID=stale[0]))
-            if self._stale_since is None:
-                self._stale_since = now
-            elif now - self._stale_since > self._cfg.timeout_stale_run_lock:
-                self._log.warning("reporting broken after reporting stale run lock for too long",
-                                  extra=self._fields())
-                broken = True
-        else:
-            self._stale_since = None
+        self._stale_since, too_long = stale_lock(bool(stale), self._stale_since, now,
+                                                 self._cfg.timeout_stale_run_lock)
+        if too_long:
+            self._log.warning("reporting broken after reporting stale run lock for too long",
+                              extra=self._fields())
+            broken = True
         return running, broken, True
 
     def _probe(self, now: float) -> None:
@@ -435,14 +397,14 @@ class WorkerActor(TickedActor):
             if booted:
                 self._log.info("instance booted; will try probeRunning", extra=self._fields())
         uuids, broken, ok = [], False, False
-        if booted or initial is State.UNKNOWN:
+        if wants_run_probe(initial, booted):
             uuids, broken, ok = self._probe_running(now, booted)
         if broken and self._view.idle_behavior is Behavior.RUN:
             self._log.info("probe reported broken instance", extra=self._fields())
             self._report_boot_outcome("failure")
             self._set(idle_behavior=Behavior.DRAIN)
             self._save_tags()
-        if not ok or (not booted and not uuids and not self._runners):
+        if probe_failed(ok, booted, uuids, bool(self._runners)):
             self._probe_failed(now, booted, boot_err)
             return
         self._set(probed=now)
@@ -452,27 +414,25 @@ class WorkerActor(TickedActor):
                 self._set(last_uuid=uuids[0])
         self._update_running(uuids, now)
         v = self._view
-        if booted and v.state in (State.UNKNOWN, State.BOOTING):
+        verdict = after_probe(v.state, v.idle_behavior, booted, bool(self._runners))
+        if verdict.ready:
             if v.state is State.BOOTING and self._metrics is not None and self._first_ssh:
                 self._metrics.time_to_ready_for_container.observe(max(0.0, now - self._first_ssh))
             # The idle clock starts now: with ``busy`` left at the appearance time, a boot slower
             # than TimeoutIdle made the worker eligible for shutdown the moment it was ready,
             # before the scheduler could give it work (Arvados is saved by only checking at the
             # next probe round; here the idle deadline wakes the worker at once).
-            self._set(state=State.RUNNING if self._runners else State.IDLE, busy=now)
+            self._set(state=verdict.state, busy=now)
             self._report_boot_outcome("success")
             self._log.info("probes succeeded, instance is in service", extra=self._fields())
-        elif v.state is State.UNKNOWN and self._runners:
+        elif verdict.drain:
             # Found at startup running containers but failing its boot probe: drain it.
-            if v.idle_behavior is Behavior.RUN:
-                self._log.info("crunch-run probe succeeded, but boot probe is still failing; draining",
-                               extra=self._fields(RunningContainers=len(self._runners)))
-                self._set(idle_behavior=Behavior.DRAIN)
-                self._save_tags()
-        elif v.state is State.IDLE and self._runners:
-            self._set(state=State.RUNNING)
-        elif v.state is State.RUNNING and not self._runners:
-            self._set(state=State.IDLE)
+            self._log.info("crunch-run probe succeeded, but boot probe is still failing; draining",
+                           extra=self._fields(RunningContainers=len(self._runners)))
+            self._set(idle_behavior=Behavior.DRAIN)
+            self._save_tags()
+        elif verdict.state is not v.state:
+            self._set(state=verdict.state)
 
     def _update_running(self, uuids: list[str], now: float) -> None:
         listed = set(uuids)
@@ -490,16 +450,10 @@ class WorkerActor(TickedActor):
 
     def _probe_failed(self, now: float, booted: bool, boot_err: str) -> None:
         v = self._view
-        if v.state is State.SHUTDOWN or v.idle_behavior is Behavior.HOLD:
+        if not unresponsive(v, now, self._cfg):
             return
         dur = now - v.probed
         new = v.state in (State.UNKNOWN, State.BOOTING)
-        limit = self._cfg.timeout_booting if new else self._cfg.timeout_probe
-        # An adopted (unknown, draining) worker with containers also ends up here once its run
-        # probe fails: ``probed`` is its last successful run probe, so it goes only after
-        # TimeoutBooting without any answer, as in Arvados; while the run probe answers it stays.
-        if dur < limit:
-            return
         self._log.warning(("new " if new else "") + "instance unresponsive, shutting down" +
                           (" -- `dispatch-cloud cloudtest` might help troubleshoot" if new else ""),
                           extra=self._fields(Duration=round(dur, 3), Since=v.probed, State=str(v.state)))

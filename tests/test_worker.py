@@ -15,9 +15,10 @@ from unittest.mock import Mock, create_autospec
 import pytest
 
 from actors.inbox import InstanceSetInbox, SchedulerInbox
+from actors.lifecycle import eligible_for_shutdown
 from actors.messages import Behavior, InstanceInfo, QueueEntry, State, WorkerView
 from actors.resources import Resources
-from actors.worker import WorkerActor, _Runner, eligible_for_shutdown
+from actors.worker import WorkerActor, _Runner
 from cloud.base import ExecResult, ExecutorError, NoAddress
 from tests.simcluster import cluster, instance_type, with_vms
 
