@@ -1,8 +1,8 @@
 """The vocabulary the actors exchange: immutable values only.
 
-Actors talk through pykka proxies (``proxy.method.defer(value)``); these dataclasses are the
-values. They are frozen, so a message can be read by two threads, sent twice, or received late
-without anyone seeing it change.
+Actors talk through the tellers of :mod:`actors.inbox` (each call a pykka ``defer``); these
+dataclasses are the values. They are frozen, so a message can be read by two threads, sent
+twice, or received late without anyone seeing it change.
 """
 
 from __future__ import annotations

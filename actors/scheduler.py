@@ -5,7 +5,8 @@ It holds what Arvados splits between ``scheduler.Scheduler`` and ``worker.Pool``
 and the container queue as the QueueActor last reported it. On every change (coalesced) and at
 least once a second it runs :func:`actors.planner.plan` and :func:`actors.planner.reconcile`,
 applies the actions by telling the other actors, and publishes a :class:`Snapshot` for the
-management API and /metrics.
+management API and /metrics. The quota and concurrency arithmetic is :mod:`actors.quota`'s, the
+snapshot rows :mod:`actors.render`'s.
 
 Nothing here blocks: every cloud, SSH or API call happens in another actor.
 """
