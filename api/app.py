@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 
 import bottle
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from actors.snapshot import InstanceView, QueueEntryView, Snapshot
 from api.backend import Backend, BackendTimeout, NotFound
+from api.metrics import CONTENT_TYPE
 from conf.model import Cluster, InstanceType
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,8 @@ class _Handlers:
 
     # GET /metrics, /metrics.json
     def metrics_text(self):
-        bottle.response.content_type = CONTENT_TYPE_LATEST
-        return generate_latest(self.metrics.registry)
+        bottle.response.content_type = CONTENT_TYPE
+        return self.metrics.exposition()
 
     # GET /_health/<check>
     def health(self, check: str):

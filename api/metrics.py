@@ -2,9 +2,11 @@
 last published Snapshot at scrape time.
 
 Everything lives in a private CollectorRegistry (one per DispatchMetrics), so tests and several
-dispatchers in one process never collide. Names follow Go's ``arvados_dispatchcloud_*`` so
-dashboards keep working, with one forced exception: prometheus_client always exposes counters
-with a ``_total`` suffix (``arvados_dispatchcloud_driver_operations_total``), as promtool asks.
+dispatchers in one process never collide. Names, types, labels and help texts are Go's
+(``lib/dispatchcloud``, ``lib/cloud``), so dashboards and alerts keep working. Go's three counters
+have no ``_total`` suffix, which prometheus_client always adds: the counters live outside the
+registry, a collector re-emits them under Go's names, and :func:`exposition` writes the text
+format itself (``generate_latest`` would add the suffix back).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from actors.snapshot import INSTANCE_CATEGORIES, WORKER_STATES, InstanceView, Snapshot
 from cloud.base import OPERATIONS
@@ -31,6 +34,7 @@ NS = "arvados_dispatchcloud_"
 QUANTILES = (0.5, 0.9, 0.95, 0.99)  # Go's objectives; dashboards read these series
 BOOT_OUTCOMES = ("failure", "success", "aborted", "disappeared")
 PROBE_OUTCOMES = ("success", "fail")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what Go's promhttp serves by default
 
 
 # -- a summary with quantiles over a sliding window ----------------------------------------------
@@ -188,7 +192,7 @@ def snapshot_gauges(snap: Snapshot, agg: Aggregates, now: float) -> list[Metric]
     for (cat, typ), n in sorted(agg.instances.items()):
         g.add_metric([cat, typ], n)
     out.append(g)
-    for name, doc, values in (("instances_price", "Price of cloud VMs (per hour).", agg.price),
+    for name, doc, values in (("instances_price", "Price of cloud VMs.", agg.price),
                               ("vcpus_total", "Total VCPUs on all cloud VMs.", agg.vcpus),
                               ("memory_bytes_total", "Total memory on all cloud VMs.", agg.ram)):
         g = GaugeMetricFamily(NS + name, doc, labels=["category"])
@@ -209,7 +213,8 @@ def snapshot_gauges(snap: Snapshot, agg: Aggregates, now: float) -> list[Metric]
          now - probed[0] if probed else 0.0),
         ("probe_age_seconds_median", "Median number of seconds since an instance's most recent successful probe.",
          now - probed[len(probed) // 2] if probed else 0.0),
-        ("containers_allocated_not_started", "Number of containers allocated to a worker but not started yet.",
+        ("containers_allocated_not_started",
+         "Number of containers allocated to a worker but not started yet (worker is booting).",
          snap.containers_allocated_not_started),
         ("containers_not_allocated_over_quota",
          "Number of containers not allocated to a worker because the system has hit a quota.",
@@ -218,7 +223,8 @@ def snapshot_gauges(snap: Snapshot, agg: Aggregates, now: float) -> list[Metric]
          "Current longest wait time of any container since queuing, and before the start of crunch-run.",
          snap.containers_longest_wait_time_seconds),
         ("last_503_time", "Time of most recent 503 error received from API.", snap.last_503_time),
-        ("max_concurrent_containers", "Dynamically assigned limit on number of containers scheduled concurrency.",
+        ("max_concurrent_containers", "Dynamically assigned limit on number of containers scheduled concurrency, "
+         "set after receiving 503 errors from API.",
          snap.max_concurrent_containers),
         ("at_quota", "Flag indicating the cloud driver is reporting an at-quota condition.",
          1 if snap.at_quota else 0),
@@ -244,6 +250,8 @@ class _SnapshotCollector:
     def __init__(self, metrics: "DispatchMetrics"):
         self._m = metrics
         self._cached: tuple[Snapshot | None, Aggregates | None] = (None, None)
+        self._lock = threading.Lock()
+        self._queue_keys: set[tuple[str, str]] = set()  # every (state, type) ever exposed
 
     def collect(self) -> list[Metric]:
         source = self._m._snapshot_source
@@ -253,7 +261,12 @@ class _SnapshotCollector:
             if cached_snap is not snap or agg is None:
                 agg = aggregate(snap, self._m.type_names)
                 self._cached = (snap, agg)
-            return snapshot_gauges(snap, agg, self._m.clock())
+            with self._lock:
+                # Go sets a (state, type) pair it has seen to 0 instead of dropping it (queue.go
+                # runMetrics), so a queue that empties reads 0, not "No data".
+                self._queue_keys.update(agg.queue)
+                queue = {k: agg.queue.get(k, 0) for k in self._queue_keys}
+            return snapshot_gauges(snap, replace(agg, queue=queue), self._m.clock())
         except Exception:
             # A broken source must not take the event metrics down with it: log and skip.
             log.exception("metrics: cannot read the dispatcher snapshot")
@@ -266,6 +279,61 @@ class _SummaryCollector:
 
     def collect(self) -> list[Metric]:
         return [m for s in self._summaries for m in s.collect()]
+
+
+class GoCounters:
+    """Re-emits prometheus_client Counters under Go's names: ``x``, not ``x_total``.
+
+    The counters stay ordinary (thread-safe ``labels(...).inc()``); only their exposition changes.
+    """
+
+    def __init__(self, counters: Iterable[tuple[str, Counter]]):
+        self._counters = tuple(counters)  # (Go's full name, counter)
+
+    def collect(self) -> list[Metric]:
+        out = []
+        for name, counter in self._counters:
+            [fam] = counter.collect()
+            m = Metric(name, fam.documentation, "counter")
+            for smp in fam.samples:
+                if smp.name.endswith("_total"):
+                    m.add_sample(name, smp.labels, smp.value)
+            out.append(m)
+        return out
+
+
+class _RoleCollector:
+    """Ours, not Go's: 1 while this process waits for the dispatch lock (a standby)."""
+
+    def __init__(self, metrics: "DispatchMetrics"):
+        self._m = metrics
+
+    def collect(self) -> list[Metric]:
+        return [GaugeMetricFamily(NS + "standby", "1 while this dispatcher waits for the dispatch lock held "
+                                  "by another process (it dispatches nothing), else 0.",
+                                  value=1 if self._m.standby else 0)]
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _escape_value(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text format (0.0.4) with every family under its own name and type, sorted by
+    name as Go's registry does; unlike ``generate_latest`` it never renames a counter."""
+    lines = []
+    for m in sorted(registry.collect(), key=lambda m: m.name):
+        typ = {"unknown": "untyped"}.get(m.type, m.type)
+        lines.append(f"# HELP {m.name} {_escape_help(m.documentation)}\n# TYPE {m.name} {typ}\n")
+        for smp in m.samples:
+            labels = ",".join(f'{k}="{_escape_value(str(v))}"' for k, v in smp.labels.items())
+            lines.append(f"{smp.name}{{{labels}}} {floatToGoString(smp.value)}\n" if labels
+                         else f"{smp.name} {floatToGoString(smp.value)}\n")
+    return "".join(lines).encode()
 
 
 # -- the set the dispatcher owns --------------------------------------------------------------------
@@ -285,23 +353,29 @@ class DispatchMetrics:
         self.clock = clock
         self.type_names = tuple(sorted(cluster.instance_types))
         self._snapshot_source: Callable[[], Snapshot] | None = None
+        self.standby = False  # set by the run command while it waits for the dispatch lock
 
+        # Not in the registry: GoCounters exposes them without the _total suffix. All label
+        # values Go pre-creates start at 0, so a dashboard sees 0 rather than "No data".
         self.driver_operations = Counter(
-            "driver_operations", "Number of instance-create/destroy/list operations performed.",
-            ["operation", "error"], namespace="arvados", subsystem="dispatchcloud", registry=self.registry)
+            "driver_operations", "Number of instance-create/destroy/list operations performed via cloud driver.",
+            ["operation", "error"], namespace="arvados", subsystem="dispatchcloud", registry=None)
         for op in OPERATIONS:
             for err in ("0", "1"):
                 self.driver_operations.labels(operation=op, error=err)
         self.boot_outcomes = Counter(
             "boot_outcomes", "Boot outcomes by type.", ["outcome"],
-            namespace="arvados", subsystem="dispatchcloud", registry=self.registry)
+            namespace="arvados", subsystem="dispatchcloud", registry=None)
         for outcome in BOOT_OUTCOMES:
             self.boot_outcomes.labels(outcome=outcome)
         self.instances_disappeared = Counter(
             "instances_disappeared", "Number of occurrences of an instance disappearing from the cloud provider's "
-            "list of instances.", ["state"], namespace="arvados", subsystem="dispatchcloud", registry=self.registry)
+            "list of instances.", ["state"], namespace="arvados", subsystem="dispatchcloud", registry=None)
         for state in WORKER_STATES:
             self.instances_disappeared.labels(state=state)
+        self.registry.register(GoCounters([
+            (NS + "driver_operations", self.driver_operations), (NS + "boot_outcomes", self.boot_outcomes),
+            (NS + "instances_disappeared", self.instances_disappeared)]))
 
         def summary(name, doc, labelnames=()):
             return WindowedSummary(NS + name, doc, labelnames, max_age=summary_max_age, clock=window_clock)
@@ -318,15 +392,18 @@ class DispatchMetrics:
         self.time_from_queue_to_crunch_run = summary(
             "containers_time_from_queue_to_crunch_run_seconds", "Number of seconds between the queuing of a "
             "container and the start of crunch-run.")
+        # A SummaryVec: as in Go, an outcome's series appear with its first observation.
         self.run_probe_duration = summary(
-            "instances_run_probe_duration_seconds", "Number of seconds per runProbe.", ["outcome"])
-        for outcome in PROBE_OUTCOMES:
-            self.run_probe_duration.labels(outcome=outcome)
+            "instances_run_probe_duration_seconds", "Number of seconds per runProbe call.", ["outcome"])
         self.registry.register(_SummaryCollector([
             self.time_to_ssh, self.time_to_ready_for_container,
             self.time_from_shutdown_request_to_disappearance, self.time_from_queue_to_crunch_run,
             self.run_probe_duration]))
         self.registry.register(_SnapshotCollector(self))
+        self.registry.register(_RoleCollector(self))
+
+    def exposition(self) -> bytes:
+        return exposition(self.registry)
 
     def set_snapshot_source(self, fn: Callable[[], Snapshot]) -> None:
         """``fn`` returns the last published Snapshot; it is called on every scrape, so it must not block."""

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from actors.service import ActorBackend
 from actors.sim import START, Simulation
 from api.app import make_app
 from api.server import ApiServer
+from tests import promtext
 from tests.simcluster import GiB, cluster, with_vms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,11 +98,10 @@ class Live:
         return self.post(P + "/" + what, params=params)
 
     def metrics(self) -> dict[tuple, float]:
-        """{(sample name, sorted label items): value} from a real scrape, parsed by prometheus_client."""
+        """{(sample name, sorted label items): value} from a real scrape, names as written."""
         r = self.get("/metrics")
         assert r.status_code == 200, r.text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+        return promtext.samples(r.text)
 
     # -- the simulation's own records (the truth the API is checked against) -----------------------
 
@@ -301,8 +300,8 @@ def test_kill_instance_running_a_container(live, caplog):
     lv.sim.step(30)
     assert lv.instances() == [] and lv.sim.cloud.vms == []
     m = lv.metrics()
-    assert m[("arvados_dispatchcloud_boot_outcomes_total", (("outcome", "success"),))] == 1
-    assert m[("arvados_dispatchcloud_boot_outcomes_total", (("outcome", "aborted"),))] == 0
+    assert m[("arvados_dispatchcloud_boot_outcomes", (("outcome", "success"),))] == 1
+    assert m[("arvados_dispatchcloud_boot_outcomes", (("outcome", "aborted"),))] == 0
 
 
 def test_kill_booting_instance_keeps_the_lock_and_boots_another(live):
@@ -324,8 +323,8 @@ def test_kill_booting_instance_keeps_the_lock_and_boots_another(live):
     # sync leaves a Locked container with priority > 0 alone; runQueue creates an instance for it)
     assert lv.state(a)["lock_count"] == 1
     m = lv.metrics()
-    assert m[("arvados_dispatchcloud_boot_outcomes_total", (("outcome", "aborted"),))] == 1
-    assert m[("arvados_dispatchcloud_boot_outcomes_total", (("outcome", "success"),))] == 1
+    assert m[("arvados_dispatchcloud_boot_outcomes", (("outcome", "aborted"),))] == 1
+    assert m[("arvados_dispatchcloud_boot_outcomes", (("outcome", "success"),))] == 1
 
 
 def test_instance_booting_longer_than_timeout_idle_still_gets_its_container(live):
@@ -338,7 +337,7 @@ def test_instance_booting_longer_than_timeout_idle_still_gets_its_container(live
     a = lv.sim.submit(runtime_constraints=SMALL)
     lv.wait(lambda: lv.state(a)["state"] == "Complete", 200, step=5)
     m = lv.metrics()
-    assert m[("arvados_dispatchcloud_driver_operations_total", (("error", "0"), ("operation", "Create")))] == 1
+    assert m[("arvados_dispatchcloud_driver_operations", (("error", "0"), ("operation", "Create")))] == 1
 
 
 def test_kill_container_over_http(live, caplog):
@@ -455,8 +454,8 @@ def test_metrics_scrape_matches_the_simulation(live):
     assert lv.entry(q)["scheduling_status"] == AT_LIMITS.format(1)
     assert g("queue_entries", state="Queued", instance_type="type1") == 1
     assert g("queue_entries", state="Running", instance_type="type2") == 1
-    assert g("boot_outcomes_total", outcome="success") == 2
-    assert sum(g("boot_outcomes_total", outcome=o) for o in ("failure", "aborted", "disappeared")) == 0
+    assert g("boot_outcomes", outcome="success") == 2
+    assert sum(g("boot_outcomes", outcome=o) for o in ("failure", "aborted", "disappeared")) == 0
 
     # hold the type1 instance, then free it: it is "hold", q still cannot have it
     x = next(i for i in lv.instances() if i["arvados_instance_type"] == "type1")
@@ -478,10 +477,10 @@ def test_metrics_scrape_matches_the_simulation(live):
     lv.sim.step(c.cloud_vms.probe_interval)
     m = lv.metrics()
     assert g("containers_running") == 2 and g("at_quota") == 1
-    assert g("boot_outcomes_total", outcome="success") == 3
+    assert g("boot_outcomes", outcome="success") == 3
     for op in ("Create", "List", "Destroy", "SetTags"):
         for err in ("0", "1"):
-            assert g("driver_operations_total", operation=op, error=err) == ops.get(op, err), (op, err)
+            assert g("driver_operations", operation=op, error=err) == ops.get(op, err), (op, err)
     assert ops.get("Create", "0") == 3 and ops.get("Destroy", "0") == 1 and ops.get("List", "0") > 0
     assert ops.get("SetTags", "0") >= 2  # hold, then drain
 

@@ -9,8 +9,6 @@ import subprocess
 
 import pytest
 import requests
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from cloud.clock import FakeClock
 from actors.snapshot import INSTANCE_CATEGORIES, WORKER_STATES, Snapshot
@@ -20,16 +18,11 @@ from api.metrics import DispatchMetrics, WindowedSummary, instance_category, qua
 from api.server import ApiServer
 from cloud.base import InstrumentedInstanceSet
 from tests import api_data as d
+from tests.promtext import parse, samples
 
 NS = "arvados_dispatchcloud_"
 
 
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[s.name, tuple(sorted(s.labels.items()))] = s.value
-    return out
 
 
 @pytest.fixture
@@ -90,24 +83,30 @@ def test_scalar_gauges_follow_the_snapshot(scrape):
     assert s[NS + "probe_age_seconds_max", ()] == 0
     assert s[NS + "queue_entries", (("instance_type", "small"), ("state", "Queued"))] == 7
     assert not any(v for k, v in s.items() if k[0] == NS + "instances_total")
+    # series seen before stay, at 0, as Go keeps them (a dashboard shows 0, not "No data")
+    q = {(dict(k[1])["state"], dict(k[1])["instance_type"]): v for k, v in s.items() if k[0] == NS + "queue_entries"}
+    assert q == {("Running", "small"): 0, ("Locked", "small"): 0, ("Queued", "big"): 0, ("Queued", "gpu"): 0,
+                 ("Queued", "small"): 7}
+    scrape.backend.publish(Snapshot())
+    s = samples(scrape())
+    assert s[NS + "queue_entries", (("instance_type", "small"), ("state", "Queued"))] == 0
 
 
 def test_no_per_instance_labels(scrape):
     text = scrape()
     ids = {v.instance for v in d.INSTANCES if v.instance}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            assert not ids & set(smp.labels.values()), smp
+    for (name, labels) in samples(text):
+        assert not ids & {v for _, v in labels}, (name, labels)
 
 
 def test_event_counters_precreated_and_usable_by_the_driver_wrapper(scrape):
     m = scrape.metrics
     s = samples(scrape())
-    ops = {k: v for k, v in s.items() if k[0] == NS + "driver_operations_total"}
+    ops = {k: v for k, v in s.items() if k[0] == NS + "driver_operations"}
     assert len(ops) == 8 and not any(ops.values())
-    assert {dict(k[1])["outcome"] for k in s if k[0] == NS + "boot_outcomes_total"} == {
+    assert {dict(k[1])["outcome"] for k in s if k[0] == NS + "boot_outcomes"} == {
         "failure", "success", "aborted", "disappeared"}
-    assert {dict(k[1])["state"] for k in s if k[0] == NS + "instances_disappeared_total"} == set(WORKER_STATES)
+    assert {dict(k[1])["state"] for k in s if k[0] == NS + "instances_disappeared"} == set(WORKER_STATES)
     assert not any(k[0].endswith("_created") for k in s)
 
     class Inner:
@@ -125,13 +124,15 @@ def test_event_counters_precreated_and_usable_by_the_driver_wrapper(scrape):
     m.time_to_ssh.observe(12.5)
     m.run_probe_duration.labels(outcome="fail").observe(0.25)
     s = samples(scrape())
-    assert s[NS + "driver_operations_total", (("error", "0"), ("operation", "List"))] == 1
-    assert s[NS + "driver_operations_total", (("error", "1"), ("operation", "Create"))] == 1
-    assert s[NS + "boot_outcomes_total", (("outcome", "success"),)] == 1
+    assert s[NS + "driver_operations", (("error", "0"), ("operation", "List"))] == 1
+    assert s[NS + "driver_operations", (("error", "1"), ("operation", "Create"))] == 1
+    assert s[NS + "boot_outcomes", (("outcome", "success"),)] == 1
     assert s[NS + "instances_time_to_ssh_seconds", (("quantile", "0.5"),)] == 12.5
     assert s[NS + "instances_time_to_ssh_seconds_count", ()] == 1
     assert s[NS + "instances_run_probe_duration_seconds", (("outcome", "fail"), ("quantile", "0.99"))] == 0.25
-    assert math.isnan(s[NS + "instances_run_probe_duration_seconds", (("outcome", "success"), ("quantile", "0.5"))])
+    # a SummaryVec child appears with its first observation, as in Go
+    assert not any(dict(k[1]).get("outcome") == "success" for k in s if k[0].startswith(NS + "instances_run_probe"))
+    assert math.isnan(s[NS + "instances_time_to_ready_for_container_seconds", (("quantile", "0.5"),)])
 
 
 def test_broken_snapshot_source_is_logged_and_event_metrics_survive(caplog):
@@ -142,13 +143,13 @@ def test_broken_snapshot_source_is_logged_and_event_metrics_survive(caplog):
 
     m.set_snapshot_source(boom)
     with caplog.at_level(logging.ERROR, logger="api.metrics"):
-        text = generate_latest(m.registry).decode()
-    assert NS + "driver_operations_total" in text and NS + "instances_total" not in text
+        text = m.exposition().decode()
+    assert NS + "driver_operations" in text and NS + "instances_total" not in text
     assert any("snapshot" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 def test_no_source_yet_gives_zeros():
-    s = samples(generate_latest(DispatchMetrics(d.cluster()).registry).decode())
+    s = samples(DispatchMetrics(d.cluster()).exposition().decode())
     assert s[NS + "containers_running", ()] == 0
     assert s[NS + "instances_total", (("category", "idle"), ("instance_type", "gpu"))] == 0
 
@@ -211,10 +212,12 @@ def test_summary_label_errors():
 
 # -- promtool -------------------------------------------------------------------------------------
 
-# Go's own names for these gauges end in _total; we keep them so dashboards work, and promtool's
-# naming lint is the only complaint it may make.
+# Go's own names: three gauges end in _total and three counters do not; promtool's naming lint
+# says so for Go's output too, and that is the only complaint it may make.
 KNOWN_LINT = {f'{NS}{n} non-counter metrics should not have "_total" suffix'
-              for n in ("instances_total", "vcpus_total", "memory_bytes_total")}
+              for n in ("instances_total", "vcpus_total", "memory_bytes_total")} | {
+              f'{NS}{n} counter metrics should have "_total" suffix'
+              for n in ("driver_operations", "boot_outcomes", "instances_disappeared")}
 
 
 def test_promtool_check_metrics(scrape):
@@ -233,3 +236,80 @@ def test_promtool_check_metrics(scrape):
     bad = text + "# TYPE arvados_dispatchcloud_x_seconds gauge\narvados_dispatchcloud_x_seconds{a=} 1\n"
     assert subprocess.run([promtool, "check", "metrics"], input=bad, capture_output=True, text=True,
                           timeout=30).returncode == 1
+
+
+# -- Go's metrics, as registered in lib/dispatchcloud (scheduler, worker pool, container queue,
+# driver wrapper); the EC2 driver's own two are for a driver we do not implement ------------------
+
+GO_METRICS = {  # name: (type, label names, help)
+    "driver_operations": ("counter", ("error", "operation"),
+                          "Number of instance-create/destroy/list operations performed via cloud driver."),
+    "queue_entries": ("gauge", ("instance_type", "state"),
+                      "Number of active container entries in the controller database."),
+    "containers_allocated_not_started": ("gauge", (), "Number of containers allocated to a worker but not "
+                                         "started yet (worker is booting)."),
+    "containers_not_allocated_over_quota": ("gauge", (), "Number of containers not allocated to a worker because "
+                                            "the system has hit a quota."),
+    "containers_longest_wait_time_seconds": ("gauge", (), "Current longest wait time of any container since "
+                                             "queuing, and before the start of crunch-run."),
+    "last_503_time": ("gauge", (), "Time of most recent 503 error received from API."),
+    "max_concurrent_containers": ("gauge", (), "Dynamically assigned limit on number of containers scheduled "
+                                  "concurrency, set after receiving 503 errors from API."),
+    "at_quota": ("gauge", (), "Flag indicating the cloud driver is reporting an at-quota condition."),
+    "containers_running": ("gauge", (), "Number of containers reported running by cloud VMs."),
+    "probe_age_seconds_max": ("gauge", (), "Maximum number of seconds since an instance's most recent "
+                              "successful probe."),
+    "probe_age_seconds_median": ("gauge", (), "Median number of seconds since an instance's most recent "
+                                 "successful probe."),
+    "instances_total": ("gauge", ("category", "instance_type"), "Number of cloud VMs."),
+    "instances_price": ("gauge", ("category",), "Price of cloud VMs."),
+    "vcpus_total": ("gauge", ("category",), "Total VCPUs on all cloud VMs."),
+    "memory_bytes_total": ("gauge", ("category",), "Total memory on all cloud VMs."),
+    "boot_outcomes": ("counter", ("outcome",), "Boot outcomes by type."),
+    "instances_disappeared": ("counter", ("state",), "Number of occurrences of an instance disappearing from "
+                              "the cloud provider's list of instances."),
+    "instances_time_to_ssh_seconds": ("summary", (), "Number of seconds between instance creation and the "
+                                      "first successful SSH connection."),
+    "instances_time_to_ready_for_container_seconds": ("summary", (), "Number of seconds between the first "
+                                                      "successful SSH connection and ready to run a container."),
+    "instances_time_from_shutdown_request_to_disappearance_seconds": (
+        "summary", (), "Number of seconds between the first shutdown attempt and the disappearance of the worker."),
+    "containers_time_from_queue_to_crunch_run_seconds": ("summary", (), "Number of seconds between the queuing "
+                                                         "of a container and the start of crunch-run."),
+    "instances_run_probe_duration_seconds": ("summary", ("outcome",), "Number of seconds per runProbe call."),
+}
+# Label values Go creates at start (so they read 0, never "No data").
+GO_PRECREATED = {
+    "driver_operations": {(("error", e), ("operation", o)) for o in ("Create", "List", "Destroy", "SetTags")
+                          for e in ("0", "1")},
+    "boot_outcomes": {(("outcome", o),) for o in ("failure", "success", "aborted", "disappeared")},
+    "instances_disappeared": {(("state", s),) for s in ("unknown", "booting", "idle", "running", "shutdown")},
+    "instances_price": {(("category", c),) for c in ("inuse", "hold", "booting", "unknown", "idle")},
+}
+OURS = {"standby"}  # documented in README.rst
+
+
+def test_every_go_metric_with_go_name_type_labels_and_help(scrape):
+    scrape.metrics.run_probe_duration.labels(outcome="success").observe(0.1)
+    families, got = parse(scrape())
+    names = {n[len(NS):] for n in families}
+    assert names == set(GO_METRICS) | OURS
+    for name, (typ, labels, doc) in GO_METRICS.items():
+        full = NS + name
+        assert families[full] == (typ, doc), name
+        series = {lab for (n, lab) in got if n == full}
+        assert series, f"{name}: no series"
+        for lab in series:
+            assert tuple(k for k, _ in lab) == labels + (("quantile",) if typ == "summary" else ()), (name, lab)
+        if typ == "summary":
+            base = {tuple(p for p in lab if p[0] != "quantile") for lab in series}
+            for lab in base:
+                assert {dict(x).get("quantile") for x in series if tuple(p for p in x if p[0] != "quantile") == lab} \
+                    == {"0.5", "0.9", "0.95", "0.99"}
+                assert (full + "_sum", lab) in got and (full + "_count", lab) in got
+        else:
+            assert not any(n.startswith(full + "_") for n, _ in got if n != full and n[len(NS):] not in GO_METRICS)
+        assert GO_PRECREATED.get(name, set()) <= series, name
+    # the three counters have no _total twin; no *_created series anywhere
+    assert not any(n.endswith("_created") or n[len(NS):] in {c + "_total" for c in
+                   ("driver_operations", "boot_outcomes", "instances_disappeared")} for n, _ in got)
