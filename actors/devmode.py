@@ -144,6 +144,8 @@ def run_dev(args) -> int:
     except ConfigError as e:
         print(f"dispatch-cloud: {e}", file=sys.stderr)
         return 1
+    from conf import logsetup
+    logsetup.configure(cluster, level_override=getattr(args, "log_level", None), dev=True)
     store = ContainerStore(str(root / "containers.db"), cluster_id=cluster.cluster_id,
                            max_dispatch_attempts=cluster.containers.max_dispatch_attempts)
     if store.authenticate(cluster.system_root_token) is None:
@@ -163,7 +165,7 @@ def run_dev(args) -> int:
             threading.Thread(target=run_demo, args=(cluster,), name="demo", daemon=True).start()
 
     try:
-        rc = serve(cluster, on_ready=on_ready)
+        rc = serve(cluster, on_ready=on_ready, state_dir=str(root))
     finally:
         api.stop()
         if not getattr(args, "keep_vms", False):

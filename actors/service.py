@@ -13,10 +13,12 @@ import random
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import pykka
 
+from actors import dispatchlock
 from actors.base import BaseActor, dump_threads, small_thread_stacks
 from actors.inbox import InstanceSetInbox, QueueInbox, SchedulerAsks, SchedulerInbox, WorkerInbox, tell
 from actors.instance_set import InstanceSetActor
@@ -172,6 +174,9 @@ class ActorBackend:
     def kill_container(self, uuid: str, reason: str) -> None:
         self._ask(lambda s: s.kill_container(uuid, reason))
 
+    def dispatching(self) -> str:
+        return ""
+
     def health(self) -> dict:
         if self._d.crashed.is_set():
             return {"health": "ERROR", "error": f"actor crashed: {self._d.crash_error!r}"}
@@ -194,21 +199,94 @@ def build_real(cluster, clock):
     return driver_set, client, metrics
 
 
-def serve(cluster, *, on_ready=None) -> int:
-    """Run until SIGTERM/SIGINT; non-zero if a singleton actor crashed."""
+class RoleBackend:
+    """The management API's backend across dispatch terms: the running dispatcher's, or nothing
+    while this process is a standby (reads are empty, actions get 503, /_health/dispatch says why)."""
+
+    def __init__(self):
+        self.current: ActorBackend | None = None
+        self.standby_reason = "starting"
+
+    def snapshot(self):
+        cur = self.current
+        return cur.snapshot() if cur is not None else _EMPTY_SNAPSHOT
+
+    def _live(self) -> "ActorBackend":
+        from api.backend import BackendTimeout
+        cur = self.current
+        if cur is None:
+            raise BackendTimeout(f"this dispatcher is a standby ({self.standby_reason})")
+        return cur
+
+    def set_idle_behavior(self, instance_id: str, behavior: str) -> None:
+        self._live().set_idle_behavior(instance_id, behavior)
+
+    def kill_instance(self, instance_id: str, reason: str) -> None:
+        self._live().kill_instance(instance_id, reason)
+
+    def kill_container(self, uuid: str, reason: str) -> None:
+        self._live().kill_container(uuid, reason)
+
+    def health(self) -> dict:
+        cur = self.current
+        return cur.health() if cur is not None else {"health": "OK"}
+
+    def dispatching(self) -> str:
+        """"" while dispatching, else why not."""
+        return "" if self.current is not None else self.standby_reason
+
+
+def _empty_snapshot():
+    from actors.snapshot import Snapshot
+    return Snapshot()
+
+
+_EMPTY_SNAPSHOT = _empty_snapshot()
+
+
+def _wait_for_lock(lock, stop: threading.Event, role: RoleBackend) -> bool:
+    """Retry until this process holds ``lock`` (True) or ``stop`` is set (False). Logs who holds it
+    once per holder, as Go's dblock does."""
+    last_holder = None
+    while not stop.is_set():
+        try:
+            if lock.try_acquire():
+                log.info("acquired the dispatch lock", extra={"Lock": lock.describe()})
+                return True
+            holder = lock.holder()
+            role.standby_reason = f"waiting for the dispatch lock held by {holder or 'another process'}"
+            if holder != last_holder:
+                log.info("waiting for other process to release lock",
+                         extra={"Lock": lock.describe(), "DBClient": holder})
+                last_holder = holder
+        except Exception as e:
+            role.standby_reason = f"cannot take the dispatch lock: {e}"
+            log.info("error getting the dispatch lock", extra={"Lock": lock.describe(), "error": str(e)})
+        stop.wait(dispatchlock.RETRY_INTERVAL)
+    return False
+
+
+def serve(cluster, *, on_ready=None, state_dir=None) -> int:
+    """Serve the management API at once; dispatch only while holding the cluster's dispatch lock.
+
+    Runs until SIGTERM/SIGINT. Losing the lock stops dispatching at once and goes back to waiting
+    for it. Returns non-zero if a singleton actor crashed.
+    """
     from cloud.clock import SystemClock
     from api.app import make_app
     from api.server import ApiServer
+    from actors.statusline import INTERVAL, status
     sys.setswitchinterval(0.001)  # keep the API responsive while a pass holds the GIL
     clock = SystemClock()
     try:
         driver_set, client, metrics = build_real(cluster, clock)
+        lock = dispatchlock.for_cluster(cluster, dispatchlock.state_dir(state_dir))
     except Exception as e:
         log.error("cannot start: %s", e, extra={"error": str(e)})
         print(f"dispatch-cloud: cannot start: {e}", file=sys.stderr)
         return 1
-    d = Dispatcher(cluster, clock=clock, driver_set=driver_set, api_client=client, metrics=metrics)
     stop = threading.Event()
+    say_status = threading.Event()
 
     def on_signal(signum, frame):
         log.info("received signal, stopping", extra={"Signal": signum})
@@ -217,21 +295,54 @@ def serve(cluster, *, on_ready=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGUSR1, lambda s, f: log.info("thread dump", extra={"stacks": dump_threads()}))
-    d.start()
-    api = ApiServer(make_app(cluster, d.backend(), metrics), cluster.dispatch_urls).start()
-    if on_ready is not None:
-        on_ready(d, api)
+    signal.signal(signal.SIGUSR2, lambda s, f: say_status.set())
+    role = RoleBackend()
+    metrics.standby = True
+    api = ApiServer(make_app(cluster, role, metrics), cluster.dispatch_urls).start()
+    d = None
+    ready_called = False
     try:
-        while not stop.is_set() and not d.crashed.is_set():
-            stop.wait(0.5)
+        while _wait_for_lock(lock, stop, role):
+            d = Dispatcher(cluster, clock=clock, driver_set=driver_set, api_client=client, metrics=metrics)
+            d.start()
+            role.current, metrics.standby = d.backend(), False
+            if on_ready is not None and not ready_called:
+                ready_called = True
+                on_ready(d, api)
+            next_check = next_status = time.monotonic()
+            next_status += INTERVAL
+            lost = False
+            while not stop.is_set() and not d.crashed.is_set():
+                now = time.monotonic()
+                if now >= next_check:
+                    if not lock.check():
+                        lost = True
+                        break
+                    next_check = now + dispatchlock.CHECK_INTERVAL
+                if now >= next_status or say_status.is_set():
+                    say_status.clear()
+                    msg, fields = status(d.box.snapshot)
+                    log.info(msg, extra=fields)
+                    next_status = now + INTERVAL
+                stop.wait(0.25)
+            role.standby_reason = "lost the dispatch lock" if lost else "stopping"
+            role.current, metrics.standby = None, True
+            metrics.set_snapshot_source(lambda: None)
+            if lost:
+                log.error("lost the dispatch lock: stopped dispatching", extra={"Lock": lock.describe()})
+            d.stop()
+            if not lost:
+                break
     finally:
         api.stop()
-        d.stop()
+        if d is not None and role.current is not None:
+            d.stop()
+        lock.release()
         try:
             driver_set.stop()
         except Exception:
             log.warning("driver stop failed", exc_info=True)
-    if d.crashed.is_set():
+    if d is not None and d.crashed.is_set():
         log.error("exiting after an actor crash", extra={"error": repr(d.crash_error)})
         return 2
     return 0

@@ -258,9 +258,13 @@ class _Handlers:
 
     # GET /_health/<check>
     def health(self, check: str):
-        if check != "ping":
-            return error_response(404, f"unknown health check {check!r}")
-        return self._json(encode(self.backend.health()))
+        if check == "ping":
+            return self._json(encode(self.backend.health()))
+        if check == "dispatch":  # ours: is this process the one dispatching, or a standby?
+            why = self.backend.dispatching()
+            return self._json(encode({"health": "OK"} if not why else
+                                     {"health": "ERROR", "error": f"standby: {why}"}))
+        return error_response(404, f"unknown health check {check!r}")
 
 
 def _param(name: str) -> str:

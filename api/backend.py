@@ -42,6 +42,9 @@ class Backend(Protocol):
     def health(self) -> dict:
         """``{"health": "OK"}`` or ``{"health": "ERROR", "error": "..."}``."""
 
+    def dispatching(self) -> str:
+        """"" while this process dispatches; else why not (a standby waiting for the lock)."""
+
 
 class SnapshotBackend:
     """A Backend over an in-memory Snapshot: actions edit the snapshot as the dispatcher would.
@@ -54,6 +57,7 @@ class SnapshotBackend:
         self._snap = snapshot if snapshot is not None else Snapshot()
         self._lock = threading.Lock()  # serializes writers; readers take the reference as is
         self.health_error = health_error
+        self.standby_reason = ""
         self.busy = False
         self.calls: list[tuple] = []
 
@@ -84,6 +88,9 @@ class SnapshotBackend:
         if self.health_error:
             return {"health": "ERROR", "error": self.health_error}
         return {"health": "OK"}
+
+    def dispatching(self) -> str:
+        return self.standby_reason
 
     def _check_busy(self) -> None:
         if self.busy:

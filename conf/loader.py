@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from conf.drivers import IMPLEMENTED, NOT_IMPLEMENTED, local_default_instance_type
-from conf.model import GPU, CloudVMs, Cluster, Containers, InstanceType, freeze
+from conf.model import GPU, LOG_FORMATS, LOG_LEVELS, CloudVMs, Cluster, Containers, InstanceType, freeze
 from conf.units import parse_duration, parse_size
 
 DEFAULT_PATH = "/etc/arvados/config.yml"
@@ -386,6 +386,9 @@ class _Builder:
             controller_url=self._url(controller, "ExternalURL", empty_ok=True),
             dispatch_urls=self._internal_urls(dispatch),
             tls_insecure=tls.bool("Insecure"),
+            postgresql_connection=self._pg_connection(top.section("PostgreSQL")),
+            log_level=self._log_level(top.section("SystemLogs")),
+            log_format=self._log_format(top.section("SystemLogs")),
             containers=containers,
             instance_types=freeze(self._instance_types(top, containers)),
             source=self.source,
@@ -397,6 +400,38 @@ class _Builder:
         if not cluster.system_root_token:
             self.warn(top.key("SystemRootToken"), "is empty: the dispatcher cannot authenticate to the API server")
         return cluster
+
+    # -- PostgreSQL, SystemLogs -----------------------------------------------------------------
+
+    @staticmethod
+    def _pg_connection(sec: _Section) -> Mapping:
+        conn = sec.section("Connection")
+        out = {}
+        for k, v in conn.data.items():
+            if not isinstance(k, str):
+                conn.fail(str(k), "key must be a string")
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = str(v)  # port: 5432
+            if not isinstance(v, str):
+                conn.fail(k, _not_a_string(v))
+            if v:
+                out[k.lower()] = v  # Arvados lower-cases the keys and drops empty values
+        return freeze(out)
+
+    @staticmethod
+    def _log_level(sec: _Section) -> str:
+        v = sec.str("LogLevel").lower()
+        level = {"warn": "warning", "panic": "error", "fatal": "error", "trace": "debug"}.get(v, v)
+        if level not in LOG_LEVELS:
+            sec.fail("LogLevel", f"{_show(v)} is not a log level (expected one of {', '.join(LOG_LEVELS)})")
+        return level
+
+    @staticmethod
+    def _log_format(sec: _Section) -> str:
+        v = sec.str("Format").lower()
+        if v and v not in LOG_FORMATS:
+            sec.fail("Format", f"{_show(v)} is not a log format (expected json or text)")
+        return v
 
     # -- Services -------------------------------------------------------------------------------
 

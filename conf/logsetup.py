@@ -1,7 +1,9 @@
-"""JSON logs: one object per line on stderr, with the structured fields Arvados logs.
+"""Logs on stderr, with the structured fields Arvados logs, as JSON lines or as text for people.
 
 Callers pass fields through ``extra={...}`` (``logger.info("instance booted", extra={"Instance":
-iid})``); every non-standard LogRecord attribute becomes a JSON key.
+iid})``); every non-standard LogRecord attribute becomes a JSON key, or a ``Key=value`` pair in
+text. ``SystemLogs.Format``/``LogLevel`` choose; an empty Format means JSON for a service and text
+in dev mode or on a terminal.
 """
 
 from __future__ import annotations
@@ -31,12 +33,55 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup(level: str = "info", stream=None) -> None:
-    """Route every logger (pykka's included, so actor crashes are never silent) to JSON lines."""
+def _needs_quotes(v: str) -> bool:
+    return not v or any(c in v for c in ' ="\n')
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-29 06:47:31.123 INFO  instance booted  Instance=i-1 InstanceType=small``: local
+    time, level, message, then the structured fields (quoted when they hold spaces)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        level = _LEVELS.get(record.levelname, record.levelname.lower()).upper()
+        fields = []
+        for k, v in record.__dict__.items():
+            if k not in _STANDARD and not k.startswith("_"):
+                v = str(v)
+                fields.append(f"{k}={json.dumps(v) if _needs_quotes(v) else v}")
+        line = f"{t} {level:<7} {record.getMessage()}"
+        if fields:
+            line += "  " + " ".join(fields)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def choose_format(configured: str = "", *, dev: bool = False, stream=None) -> str:
+    """``json`` or ``text``: the configured one, else text in dev mode or on a terminal."""
+    if configured:
+        return configured
+    stream = stream or sys.stderr
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return "text" if dev or tty else "json"
+
+
+def setup(level: str = "info", stream=None, fmt: str = "json") -> None:
+    """Route every logger (pykka's included, so actor crashes are never silent) to stderr."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    level = {"warn": "warning", "fatal": "error", "panic": "error", "trace": "debug"}.get(level.lower(), level)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for noisy in ("paramiko", "azure", "urllib3", "waitress"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def configure(cluster, *, level_override: str | None = None, dev: bool = False, stream=None) -> None:
+    """Apply the loaded config's SystemLogs (a ``--log-level`` given on the command line wins)."""
+    setup(level_override or cluster.log_level, stream,
+          choose_format(cluster.log_format, dev=dev, stream=stream))

@@ -124,6 +124,10 @@ class Containers:
     local_keep_blob_buffers_per_vcpu: int = 1
 
 
+LOG_LEVELS = ("error", "warning", "info", "debug")
+LOG_FORMATS = ("json", "text")
+
+
 @dataclass(frozen=True)
 class Cluster:
     cluster_id: str = "zzzzz"
@@ -132,6 +136,9 @@ class Cluster:
     controller_url: str = ""  # Services.Controller.ExternalURL
     dispatch_urls: tuple[str, ...] = ("http://localhost:9006",)  # Services.DispatchCloud.InternalURLs
     tls_insecure: bool = False
+    postgresql_connection: Mapping = field(default_factory=lambda: EMPTY)  # libpq keyword -> value
+    log_level: str = "info"  # SystemLogs.LogLevel, normalized to LOG_LEVELS
+    log_format: str = ""  # SystemLogs.Format: json, text, or "" (json for a service, text on a tty/dev)
     containers: Containers = Containers()
     instance_types: Mapping = field(default_factory=lambda: EMPTY)  # name -> InstanceType
     source: str = ""  # the file this came from, for messages

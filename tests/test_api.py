@@ -257,6 +257,14 @@ def test_health(api):
     assert api.get("/_health/other").status_code == 404
 
 
+def test_health_dispatch_says_standby(api):
+    assert api.get("/_health/dispatch").json() == {"health": "OK"}
+    api.backend.standby_reason = "waiting for the dispatch lock held by 127.0.0.1:5555"
+    assert api.get("/_health/dispatch").json() == {
+        "health": "ERROR", "error": "standby: waiting for the dispatch lock held by 127.0.0.1:5555"}
+    assert api.get("/_health/ping").json() == {"health": "OK"}  # the process itself is fine
+
+
 def test_metrics_routes(api):
     for path in ("/metrics", "/metrics.json"):
         r = api.get(path)

@@ -44,7 +44,8 @@ def test_run_on_stub_cloud_in_real_time(tmp_path):
     }}}))
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
+                                           "DISPATCH_CLOUD_STATE": str(tmp_path / "state")},
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     try:
         client = ArvadosClient(api.url, TOKEN)
