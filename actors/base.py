@@ -64,6 +64,8 @@ def background(fn: Callable, *args) -> Callable[[], None]:
     def run():
         try:
             fn(*args)
+        except pykka.ActorDeadError as e:
+            log.debug("result dropped: its actor has stopped", extra={"error": str(e)})
         finally:
             ACTIVITY.end()
 
@@ -88,6 +90,11 @@ class BaseActor(pykka.ThreadingActor):
     def _handle_receive(self, message):
         try:
             return super()._handle_receive(message)
+        except pykka.ActorDeadError as e:
+            # A peer stopped first: the dispatcher is stopping (in order, but a message already in
+            # this inbox can outlive the peer it reports to). Not a crash of this actor.
+            log.info("message to a stopped actor dropped", extra={"actor": type(self).__name__, "error": str(e)})
+            return None
         finally:
             ACTIVITY.end()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import signal
 import sys
@@ -266,6 +267,18 @@ def _wait_for_lock(lock, stop: threading.Event, role: RoleBackend) -> bool:
     return False
 
 
+def listen_urls(cluster) -> tuple[str, ...]:
+    """Every InternalURL, or only ``$ARVADOS_SERVICE_INTERNAL_URL`` when set: as in Arvados, the
+    way two dispatchers on one host (an active one and a standby) share one config."""
+    want = os.environ.get("ARVADOS_SERVICE_INTERNAL_URL", "")
+    if not want:
+        return cluster.dispatch_urls
+    if want.rstrip("/") not in {u.rstrip("/") for u in cluster.dispatch_urls}:
+        log.warning("possible configuration error: listening on $ARVADOS_SERVICE_INTERNAL_URL even though "
+                    "Services.DispatchCloud.InternalURLs has no matching entry", extra={"URL": want})
+    return (want,)
+
+
 def serve(cluster, *, on_ready=None, state_dir=None) -> int:
     """Serve the management API at once; dispatch only while holding the cluster's dispatch lock.
 
@@ -298,7 +311,12 @@ def serve(cluster, *, on_ready=None, state_dir=None) -> int:
     signal.signal(signal.SIGUSR2, lambda s, f: say_status.set())
     role = RoleBackend()
     metrics.standby = True
-    api = ApiServer(make_app(cluster, role, metrics), cluster.dispatch_urls).start()
+    try:
+        api = ApiServer(make_app(cluster, role, metrics), listen_urls(cluster)).start()
+    except (OSError, ValueError) as e:
+        log.error("cannot start: %s", e, extra={"error": str(e)})
+        print(f"dispatch-cloud: cannot start: {e}", file=sys.stderr)
+        return 1
     d = None
     ready_called = False
     try:

@@ -599,3 +599,19 @@ def test_deploy_runner_binary_is_accepted_with_a_warning(tmp_path, caplog):
     c = load_doc(tmp_path, site(Containers={"CloudVMs": {"DeployRunnerBinary": "/proc/self/exe"}}))
     assert c.cloud_vms.deploy_runner_binary == "/proc/self/exe"
     assert any("DeployRunnerBinary: is not used" in w for w in config_warnings(caplog))
+
+
+def test_postgresql_connection_and_system_logs(tmp_path):
+    c = load_doc(tmp_path, site())
+    assert dict(c.postgresql_connection) == {} and c.log_level == "info" and c.log_format == ""
+    c = load_doc(tmp_path, site(PostgreSQL={"Connection": {"host": "db.example", "Port": 5432, "user": "arvados",
+                                                           "password": "", "dbname": "arvados_production"}},
+                                SystemLogs={"LogLevel": "warn", "Format": "text"}))
+    assert dict(c.postgresql_connection) == {"host": "db.example", "port": "5432", "user": "arvados",
+                                             "dbname": "arvados_production"}
+    assert (c.log_level, c.log_format) == ("warning", "text")
+    for key, value, words in (("LogLevel", "loud", "not a log level"), ("Format", "xml", "not a log format")):
+        with pytest.raises(ConfigError, match=f"SystemLogs.{key}: .*{words}"):
+            load_doc(tmp_path, site(SystemLogs={key: value}))
+    with pytest.raises(ConfigError, match="PostgreSQL.Connection.port"):
+        load_doc(tmp_path, site(PostgreSQL={"Connection": {"port": [1]}}))
