@@ -13,11 +13,14 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# System packages the tests use: OpenSSH's sshd (real-SSH tests) and promtool (metrics lint).
+# System packages the tests use: OpenSSH's sshd (real-SSH tests), Prometheus (promtool's lint and
+# a real server scraping the dispatcher) and PostgreSQL (the dispatch lock; tests start their own
+# server in a temp dir, so the package's default cluster is not needed).
 sysdeps:
-	@{ test -x /usr/sbin/sshd && command -v promtool >/dev/null 2>&1; } || { \
+	@{ test -x /usr/sbin/sshd && command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
+	   && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	    openssh-server prometheus; }
+	    openssh-server prometheus postgresql; }
 
 run: $(STAMP)
 	$(VENV)/bin/dispatch-cloud run --demo
