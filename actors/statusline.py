@@ -25,7 +25,7 @@ def status(snap: Snapshot) -> tuple[str, dict]:
     types = [v.arvados_instance_type for v in snap.instances]
     queue = snap.queue
     containers = [str(e.container.get("state", "")) for e in queue]
-    spend = sum(v.price for v in snap.instances)
+    spend = sum(v.price for v in workers)  # pending creates cost nothing yet
     wait = snap.containers_longest_wait_time_seconds
     fields = {
         "Instances": len(snap.instances),
