@@ -20,9 +20,20 @@ SUBCOMMANDS = (
 )
 
 
+def version() -> str:
+    """The installed distribution's version (a source checkout that was never installed: "unknown")."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("dispatch-cloud")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dispatch-cloud",
                                 description="Cloud dispatcher for Arvados container queues.")
+    p.add_argument("--version", action="version", version=f"dispatch-cloud {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMANDS:

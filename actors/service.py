@@ -267,6 +267,22 @@ def _wait_for_lock(lock, stop: threading.Event, role: RoleBackend) -> bool:
     return False
 
 
+def notify_ready() -> None:
+    """systemd ``Type=notify``: tell the service manager we serve (sd_notify ``READY=1``)."""
+    import socket
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(b"READY=1")
+    except OSError as e:
+        log.warning("cannot notify systemd", extra={"error": str(e)})
+
+
 def listen_urls(cluster) -> tuple[str, ...]:
     """Every InternalURL, or only ``$ARVADOS_SERVICE_INTERNAL_URL`` when set: as in Arvados, the
     way two dispatchers on one host (an active one and a standby) share one config."""
@@ -317,6 +333,7 @@ def serve(cluster, *, on_ready=None, state_dir=None) -> int:
         log.error("cannot start: %s", e, extra={"error": str(e)})
         print(f"dispatch-cloud: cannot start: {e}", file=sys.stderr)
         return 1
+    notify_ready()  # the management API answers, as a standby until the lock is ours
     d = None
     ready_called = False
     try:
