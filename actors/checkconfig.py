@@ -76,6 +76,14 @@ def _count(n: int, zero: str) -> str:
     return f"{n} ({zero})" if n == 0 else str(n)
 
 
+def _lock(c: Cluster) -> str:
+    p = c.postgresql_connection
+    if p.get("host") or p.get("dbname"):
+        return (f"PostgreSQL advisory lock 10005 on {p.get('host') or 'local socket'}:{p.get('port', '5432')}/"
+                f"{p.get('dbname', '')} (shared with arvados-dispatch-cloud)")
+    return "a lock file in the state directory (this host only: set PostgreSQL.Connection for the cluster)"
+
+
 def summary(c: Cluster) -> str:
     """The human summary ``check-config`` prints: a pure function of the loaded Cluster."""
     vms, ct = c.cloud_vms, c.containers
@@ -87,6 +95,8 @@ def summary(c: Cluster) -> str:
         + ("" if c.management_token else "  (ManagementToken is empty: API disabled)"),
         f"  controller URL:    {c.controller_url or '(not set)'}"
         + ("  (TLS verification off)" if c.tls_insecure else ""),
+        f"  dispatch lock:     {_lock(c)}",
+        f"  logs:              {c.log_format or 'json (text in dev mode or on a terminal)'}, level {c.log_level}",
         "",
     ]
     types = c.types_by_price()

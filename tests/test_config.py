@@ -605,11 +605,15 @@ def test_postgresql_connection_and_system_logs(tmp_path):
     c = load_doc(tmp_path, site())
     assert dict(c.postgresql_connection) == {} and c.log_level == "info" and c.log_format == ""
     c = load_doc(tmp_path, site(PostgreSQL={"Connection": {"host": "db.example", "Port": 5432, "user": "arvados",
-                                                           "password": "", "dbname": "arvados_production"}},
+                                                           "password": "", "dbname": "arvados_production",
+                                                           "sslmode": ""}},
                                 SystemLogs={"LogLevel": "warn", "Format": "text"}))
     assert dict(c.postgresql_connection) == {"host": "db.example", "port": "5432", "user": "arvados",
                                              "dbname": "arvados_production"}
     assert (c.log_level, c.log_format) == ("warning", "text")
+    assert "dispatch lock:     PostgreSQL advisory lock 10005 on db.example:5432/arvados_production" in summary(c)
+    c = load_doc(tmp_path, site(PostgreSQL={"Connection": {"host": "db", "password": "hunter2-secret"}}))
+    assert c.postgresql_connection["password"] == "hunter2-secret" and "hunter2" not in summary(c)
     for key, value, words in (("LogLevel", "loud", "not a log level"), ("Format", "xml", "not a log format")):
         with pytest.raises(ConfigError, match=f"SystemLogs.{key}: .*{words}"):
             load_doc(tmp_path, site(SystemLogs={key: value}))
