@@ -145,6 +145,7 @@ def test_one_dispatches_the_standby_takes_over_and_db_loss_stops_dispatching(clu
     t0 = time.monotonic()
     wait_for(lambda: b.role() == "active", 30, "b to take over")
     took = time.monotonic() - t0
+    print(f"failover after SIGKILL: {took:.1f} s")
     assert took < 15, took
     # b adopts a's VMs (found by their tags) and the container running on one of them
     wait_for(lambda: b.instances() >= vms, 30, "b to list a's instances")
