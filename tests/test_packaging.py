@@ -21,7 +21,7 @@ import yaml
 
 from api.arvados.server import serve
 from api.arvados.store import ContainerStore
-from tests.util import free_port
+from tests.util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "packaging" / "dispatch-cloud.service"
@@ -117,7 +117,9 @@ def test_unit_exec_start_runs_the_dispatcher_as_systemd_would(venv, tmp_path):
                             env=clean_env(NOTIFY_SOCKET=str(notify), STATE_DIRECTORY=str(state)))
     try:
         assert sock.recv(64) == b"READY=1"
-        assert (state / "dispatch-zzzzz.lock").exists()  # the lock file lives in StateDirectory
+        # READY comes as soon as the API listens; the lock is taken next, in StateDirectory
+        wait_for(lambda: f"pid {proc.pid}" in (state / "dispatch-zzzzz.lock").read_text()
+                 if (state / "dispatch-zzzzz.lock").exists() else False, 30, "the lock file")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(int(unit["Service"]["TimeoutStopSec"])) == 0
         assert "Traceback" not in log.read_text()
