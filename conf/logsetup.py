@@ -38,5 +38,5 @@ def setup(level: str = "info", stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    for noisy in ("paramiko", "azure", "urllib3", "waitress"):
+    for noisy in ("paramiko", "azure", "urllib3", "waitress", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
