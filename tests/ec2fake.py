@@ -13,6 +13,10 @@ document (``fail``). It also fills three gaps in moto:
   ``SHA256:<base64>=`` of the SSH key blob, so the proxy translates both ways;
 * paging: with ``page_size`` set, DescribeInstances requests without MaxResults get one, so a
   listing of a few instances spans several pages.
+
+And it keeps the dispatcher's traffic on this host: instances' private addresses (moto hands out
+172.31.x.y) are reported as 127.31.x.y, so an SSH attempt meets a closed loopback port instead of
+leaving the machine.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import re
 import subprocess
 import sys
 import threading
@@ -222,6 +227,8 @@ class Ec2Proxy:
             self._learn_fingerprint(params)
         if action in ("ImportKeyPair", "DescribeKeyPairs"):
             out = self._translate(out)
+        if action in ("RunInstances", "DescribeInstances"):
+            out = re.sub(rb"<privateIpAddress>\d+\.", b"<privateIpAddress>127.", out)
         self._reply(h, status, out, headers.get("Content-Type", "text/xml"))
 
     def _rewrite_request(self, action: str, pairs: list) -> list:
