@@ -105,7 +105,9 @@ def test_run_creates_for_the_queue_and_destroys_when_it_empties(tmp_path, ec2_en
         text = log.read_text()
         lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
         msgs = {x["msg"] for x in lines}
-        assert {"creating new instance", "instance appeared in cloud", "shutdown worker"} <= msgs, sorted(msgs)
+        shutdowns = [(x.get("Reason"), x.get("State")) for x in lines if x["msg"] == "shutting down"]
+        assert len(shutdowns) >= 2 and set(shutdowns) == {("unresponsive", "booting")}  # after TimeoutBooting
+        assert {"creating new instance", "instance appeared in cloud", "shutting down"} <= msgs, sorted(msgs)
         assert not [x for x in lines if x["level"] in ("error", "fatal")]
         assert "Traceback" not in text and SECRET_KEY not in text
     finally:
