@@ -530,7 +530,7 @@ def test_subnet_id_forms(value, expect):
     ({"Region": "Mars"}, "Region"),
 ])
 def test_bad_params_name_the_key(change, key, monkeypatch):
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     with pytest.raises(EC2ConfigError, match=re.escape(f"DriverParameters.{key}")):
         ec2.check_params({"Region": "us-east-1", **change})
 
@@ -633,3 +633,45 @@ Clusters:
     assert 'arvados_dispatchcloud_ec2_instance_starts_total{subnet_id="",success="1"} 1.0' in text
     assert re.search(r'^arvados_dispatchcloud_ec2_instances\{subnet_id="subnet-\w+"\} 1\.0$', text, re.M)  # moto's default subnet
     assert "arvados_dispatchcloud_driver_operations_total" in text  # the dispatcher's own, same registry
+
+
+# --- check-config on an Arvados EC2 config as the install docs write it ----------------------
+
+
+def _check_config(path, env_extra=None):
+    import os
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    return subprocess.run([sys.executable, "-m", "actors.cli", "check-config", "--config", str(path)], cwd=repo,
+                          capture_output=True, text=True, timeout=60,
+                          env={**env, "PYTHONPATH": str(repo), "AWS_CONFIG_FILE": "/nonexistent", **(env_extra or {})})
+
+
+def test_check_config_accepts_the_arvados_install_doc_config():
+    from pathlib import Path
+    from cloud.drivers import load_config
+    path = Path(__file__).parent / "data" / "arvados-ec2.yml"
+    r = _check_config(path)
+    assert r.returncode == 0, r.stderr
+    assert "driver:            ec2" in r.stdout and r.stderr == ""
+    cfg = parse(load_config(str(path)).cloud_vms.driver_parameters)
+    assert (cfg.region, cfg.subnet_ids, cfg.security_group_ids, cfg.admin_username) == (
+        "us-east-1", ("subnet-0123abcd",), ("sg-0123abcd",), "arvados")
+    assert cfg.static_credentials and "YYYY" not in r.stdout
+
+
+def test_check_config_bad_driver_parameter_is_one_line(tmp_path):
+    from pathlib import Path
+    text = (Path(__file__).parent / "data" / "arvados-ec2.yml").read_text()
+    path = tmp_path / "config.yml"
+    path.write_text(text.replace("EBSVolumeType: gp2", "EBSVolumeType: fast"))
+    r = _check_config(path)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"dispatch-cloud: {path}: DriverParameters.EBSVolumeType: unknown EBS volume type 'fast' "
+                        "(one of standard, io1, io2, gp2, sc1, st1, gp3)\n")
+    path.write_text(text.replace("Region: us-east-1", 'Region: ""'))
+    r = _check_config(path)
+    assert r.returncode == 1 and "DriverParameters.Region: is empty" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert _check_config(path, {"AWS_DEFAULT_REGION": "eu-west-1"}).returncode == 0  # the SDK's own default region

@@ -175,9 +175,9 @@ def parse(params: Mapping | None) -> EC2Config:
 
 
 def check_region(cfg: EC2Config, default_region: str | None) -> None:
-    """Region may be empty only when boto3's own configuration (AWS_REGION, ~/.aws/config) has one;
+    """Region may be empty only when boto3's own configuration (AWS_DEFAULT_REGION, ~/.aws/config) has one;
     it must look like an AWS region unless EndpointURL points somewhere else."""
     if not cfg.region and not default_region:
-        raise _err("Region", "is empty and no default region is configured (AWS_REGION or ~/.aws/config)")
+        raise _err("Region", "is empty and no default region is configured (AWS_DEFAULT_REGION or ~/.aws/config)")
     if cfg.region and not cfg.endpoint_url and not re.fullmatch(r"[a-z]{2}(-[a-z0-9]+)+-\d+", cfg.region):
         raise _err("Region", f"expected a region name like 'us-east-1', got {cfg.region!r}")

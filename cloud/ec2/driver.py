@@ -123,7 +123,7 @@ def _unix(t) -> float:
 
 
 def default_region() -> str | None:
-    """The region boto3 would use with none given (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws/config)."""
+    """The region boto3 would use with none given (AWS_DEFAULT_REGION, ~/.aws/config)."""
     try:
         return botocore.session.get_session().get_config_variable("region")
     except Exception:  # an unreadable ~/.aws/config: as good as none
