@@ -3,7 +3,7 @@
 
 No instance can boot (moto runs nothing; the proxy reports loopback addresses whose SSH port is
 closed), so this run stops at "instance appeared in cloud": the dispatcher creates instances of the
-right types for the queue, keeps them booting, and once the queue is empty nothing replaces them
+right types for the queue (a spot one priced from the spot price history), keeps them booting, and once the queue is empty nothing replaces them
 when TimeoutBooting shuts them down, so every instance it created ends terminated in EC2.
 """
 
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from api.arvados.client import ArvadosClient
 from api.arvados.server import serve
 from api.arvados.store import ContainerStore
-from tests.ec2fake import ACCESS_KEY, REGION, SECRET_KEY
+from tests.ec2fake import ACCESS_KEY, REGION, SECRET_KEY, SpotPrice
 from tests.util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +60,13 @@ def test_run_creates_for_the_queue_and_destroys_when_it_empties(tmp_path, ec2_en
             "DriverParameters": {"AccessKeyID": ACCESS_KEY, "SecretAccessKey": SECRET_KEY, "Region": REGION,
                                  "EndpointURL": proxy.url, "SubnetID": ""}}},
         "InstanceTypes": {"small": {"ProviderType": "t3.micro", "VCPUs": 1, "RAM": "1GiB", "Price": 0.02},
-                          "big": {"ProviderType": "m5.large", "VCPUs": 2, "RAM": "4GiB", "Price": 0.1}},
+                          "big": {"ProviderType": "m5.large", "VCPUs": 2, "RAM": "4GiB", "Price": 0.1},
+                          "small.spot": {"ProviderType": "t3.micro", "VCPUs": 1, "RAM": "1GiB", "Price": 0.05,
+                                         "Preemptible": True}},
     }}}))
+    now = time.time()  # spot prices in every AZ moto may choose; the newest is what a spot VM costs
+    proxy.serve_spot_prices([SpotPrice("t3.micro", f"{REGION}{z}", p, now - age) for z in "abcdef"
+                             for p, age in (("0.0123", 600), ("0.0456", 7200))])
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -71,21 +76,31 @@ def test_run_creates_for_the_queue_and_destroys_when_it_empties(tmp_path, ec2_en
     try:
         client = ArvadosClient(api.url, TOKEN)
         base = {"command": ["true"], "container_image": "img", "cwd": "/", "output_path": "/out", "priority": 1}
-        uuids = [client.create_container({**base, "runtime_constraints": {"vcpus": v, "ram": 256 << 20}})["uuid"]
-                 for v in (1, 2)]
+        uuids = [client.create_container({**base, "runtime_constraints": {"vcpus": v, "ram": 256 << 20},
+                                          "scheduling_parameters": {"preemptible": spot}})["uuid"]
+                 for v, spot in ((1, False), (2, False), (1, True))]
 
-        def both_types_created():
-            types = {i["InstanceType"] for i in _ec2_instances(moto)}
-            return {"t3.micro", "m5.large"} <= types
-        wait_for(both_types_created, 30, "instances of both types in EC2")
+        def all_types_created():
+            types = {(i["InstanceType"], i.get("InstanceLifecycle") == "spot") for i in _ec2_instances(moto)}
+            return {("t3.micro", False), ("m5.large", False), ("t3.micro", True)} <= types
+        wait_for(all_types_created, 30, "on-demand instances of both types and a spot one in EC2")
         for inst in _ec2_instances(moto):
             t = {x["Key"]: x["Value"] for x in inst["Tags"]}
             assert t["ArvadosInstanceSetID"] == set_id and t["team"] == "ec2-test"
-            assert t["ArvadosInstanceType"] == {"t3.micro": "small", "m5.large": "big"}[inst["InstanceType"]]
+            want = {("t3.micro", False): "small", ("m5.large", False): "big", ("t3.micro", True): "small.spot"}
+            assert t["ArvadosInstanceType"] == want[inst["InstanceType"], inst.get("InstanceLifecycle") == "spot"]
             assert inst["KeyName"].startswith("arvados-dispatch-keypair-SHA256:")
-        listed = requests.get(mgmt + "/arvados/v1/dispatch/instances", headers=auth, timeout=10).json()["items"]
-        assert {i["price"] for i in listed if i["instance"]} <= {0.02, 0.1}
+
+        def priced():  # the spot VM is reported at its spot price, not its configured 0.05 bid
+            items = requests.get(mgmt + "/arvados/v1/dispatch/instances", headers=auth, timeout=10).json()["items"]
+            return items if any(i["price"] == 0.0123 for i in items if i["arvados_instance_type"] == "small.spot"
+                                and i["instance"]) else None
+        listed = wait_for(priced, 30, "the spot price in /instances")
+        assert {i["price"] for i in listed if i["instance"]} <= {0.02, 0.1, 0.0123}
         assert all(i["worker_state"] in ("booting", "shutdown") for i in listed)
+        metrics = requests.get(mgmt + "/metrics", headers=auth, timeout=10).text
+        assert proxy.calls("DescribeSpotPriceHistory") and "arvados_dispatchcloud_ec2_instances" in metrics
+        assert 'arvados_dispatchcloud_ec2_instance_starts_total{subnet_id="",success="1"}' in metrics
 
         for u in uuids:  # the queue empties
             client.cancel(u)
