@@ -675,3 +675,19 @@ def test_check_config_bad_driver_parameter_is_one_line(tmp_path):
     r = _check_config(path)
     assert r.returncode == 1 and "DriverParameters.Region: is empty" in r.stderr and len(r.stderr.splitlines()) == 1
     assert _check_config(path, {"AWS_DEFAULT_REGION": "eu-west-1"}).returncode == 0  # the SDK's own default region
+
+
+def test_check_config_refuses_a_key_ec2_cannot_import(tmp_path):
+    from pathlib import Path
+    from cryptography.hazmat.primitives.asymmetric import ec
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+    (tmp_path / "ecdsa").write_text(pem)
+    text = (Path(__file__).parent / "data" / "arvados-ec2.yml").read_text()
+    text = re.sub(r"DispatchPrivateKey: \|\n(        .*\n)+", f"DispatchPrivateKey: file://{tmp_path}/ecdsa\n", text)
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    r = _check_config(path)
+    assert r.returncode == 1 and "DispatchPrivateKey: EC2 key pairs must be RSA or ed25519, got ecdsa" in r.stderr
+    path.write_text(text.replace("      CloudVMs:\n", "      CloudVMs:\n        DeployPublicKey: false\n"))
+    assert _check_config(path).returncode == 0

@@ -168,9 +168,17 @@ def check_params(params, cluster=None) -> None:
         raise EC2ConfigError(f"DriverParameters.{missing}: is empty while the other key is set "
                              "(set both, or neither to use the instance profile / environment credentials)")
     check_region(cfg, default_region())
-    for name, it in ((cluster.instance_types if cluster is not None else {}) or {}).items():
+    if cluster is None:
+        return
+    for name, it in (cluster.instance_types or {}).items():
         if not it.provider_type:
             raise EC2ConfigError(f"InstanceTypes.{name}.ProviderType: empty (the ec2 driver needs an EC2 type)")
+    if cluster.cloud_vms.deploy_public_key and cluster.containers.dispatch_private_key:
+        from cloud.ssh import public_key_line
+        kind = (public_key_line(cluster.containers.dispatch_private_key) or "").split(" ")[0]
+        if kind not in ("ssh-rsa", "ssh-ed25519"):
+            raise EC2ConfigError(f"Containers.DispatchPrivateKey: EC2 key pairs must be RSA or ed25519, got {kind} "
+                                 "(or set CloudVMs.DeployPublicKey: false and put the key on the image)")
 
 
 def driver(params, set_id: str, *, cluster=None, clock=None, logger=None, registry=None,
