@@ -671,10 +671,22 @@ def test_check_config_bad_driver_parameter_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == (f"dispatch-cloud: {path}: DriverParameters.EBSVolumeType: unknown EBS volume type 'fast' "
                         "(one of standard, io1, io2, gp2, sc1, st1, gp3)\n")
-    path.write_text(text.replace("Region: us-east-1", 'Region: ""'))
-    r = _check_config(path)
-    assert r.returncode == 1 and "DriverParameters.Region: is empty" in r.stderr and len(r.stderr.splitlines()) == 1
-    assert _check_config(path, {"AWS_DEFAULT_REGION": "eu-west-1"}).returncode == 0  # the SDK's own default region
+
+
+
+def test_empty_region_needs_the_sdks_default_region(tmp_path, monkeypatch):
+    from pathlib import Path
+    from cloud.drivers import load_config
+    from conf.loader import ConfigError
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    path = tmp_path / "config.yml"
+    path.write_text((Path(__file__).parent / "data" / "arvados-ec2.yml").read_text().replace(
+        "Region: us-east-1", 'Region: ""'))
+    with pytest.raises(ConfigError, match=f"^{path}: DriverParameters.Region: is empty"):
+        load_config(str(path))  # what check-config and run call
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    load_config(str(path))
 
 
 def test_check_config_refuses_a_key_ec2_cannot_import(tmp_path):
@@ -687,7 +699,9 @@ def test_check_config_refuses_a_key_ec2_cannot_import(tmp_path):
     text = re.sub(r"DispatchPrivateKey: \|\n(        .*\n)+", f"DispatchPrivateKey: file://{tmp_path}/ecdsa\n", text)
     path = tmp_path / "config.yml"
     path.write_text(text)
-    r = _check_config(path)
-    assert r.returncode == 1 and "DispatchPrivateKey: EC2 key pairs must be RSA or ed25519, got ecdsa" in r.stderr
+    from cloud.drivers import load_config
+    from conf.loader import ConfigError
+    with pytest.raises(ConfigError, match="DispatchPrivateKey: EC2 key pairs must be RSA or ed25519, got ecdsa"):
+        load_config(str(path))
     path.write_text(text.replace("      CloudVMs:\n", "      CloudVMs:\n        DeployPublicKey: false\n"))
-    assert _check_config(path).returncode == 0
+    load_config(str(path))
