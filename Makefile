@@ -13,11 +13,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# System packages the tests use: OpenSSH's sshd (real-SSH tests) and promtool (metrics lint).
+# System packages the tests use: OpenSSH's sshd (real-SSH tests), promtool (metrics lint) and the
+# openssl command (an independent check of EC2 key fingerprints).
 sysdeps:
-	@{ test -x /usr/sbin/sshd && command -v promtool >/dev/null 2>&1; } || { \
+	@{ test -x /usr/sbin/sshd && command -v promtool >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; } || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	    openssh-server prometheus; }
+	    openssh-server prometheus openssl; }
 
 run: $(STAMP)
 	$(VENV)/bin/dispatch-cloud run --demo
