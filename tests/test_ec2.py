@@ -113,7 +113,8 @@ def test_create_sends_arvados_run_instances_request(env, make_set):
     assert p["MetadataOptions.HttpEndpoint"] == "enabled" and p["MetadataOptions.HttpTokens"] == "required"
     assert base64.b64decode(p["UserData"]).decode() == "#!/bin/sh\n" + INIT + "\n"
     assert p["TagSpecification.1.ResourceType"] == "instance"
-    sent_tags = {p[k]: p[k.replace(".Key", ".Value")] for k in p if re.fullmatch(r"TagSpecification\.1\.Tag\.\d+\.Key", k)}
+    sent_tags = {p[k]: p[k.replace(".Key", ".Value")] for k in p
+                 if re.fullmatch(r"TagSpecification\.1\.Tag\.\d+\.Key", k)}
     assert sent_tags == {**tags(), "Name": "arvados-dispatch-tiny"}
     assert p["KeyName"] == "arvados-dispatch-keypair-" + aws_fingerprints(key)[0]
     assert not any(k.startswith(("BlockDeviceMapping", "InstanceMarketOptions", "IamInstanceProfile")) for k in p)
@@ -304,7 +305,8 @@ def test_capacity_error_wins_over_subnet_errors(env, make_set):
     moto, proxy = env
     full, other = subnets(moto)
     s = make_set(SubnetID=[full, other])
-    proxy.fail("RunInstances", "InsufficientFreeAddressesInSubnet", "subnet is full", times=None, match=_subnet_is(full))
+    proxy.fail("RunInstances", "InsufficientFreeAddressesInSubnet", "subnet is full", times=None,
+               match=_subnet_is(full))
     proxy.fail("RunInstances", "InsufficientInstanceCapacity", "insufficient capacity", times=None,
                match=_subnet_is(other))
     for _ in range(3):
@@ -392,7 +394,8 @@ def test_subnet_specific_table():
     assert ec2_errors.is_subnet_specific("InsufficientInstanceCapacity", "")
     assert ec2_errors.is_subnet_specific("InsufficientVolumeCapacity", "")
     assert ec2_errors.is_subnet_specific("InsufficientFreeAddressesInSubnet", "Not enough free addresses in subnet x")
-    assert ec2_errors.is_subnet_specific("InvalidParameterValue", "Not enough free addresses in subnet subnet-abc\n\tstatus")
+    assert ec2_errors.is_subnet_specific("InvalidParameterValue",
+                                         "Not enough free addresses in subnet subnet-abc\n\tstatus")
     assert ec2_errors.is_subnet_specific("Client.InvalidParameterValue", "There aren't sufficient free Ipv4 addresses")
     assert ec2_errors.is_subnet_specific("ClientInvalidParameterValue", "There aren't sufficient free Ipv6 addresses")
     assert not ec2_errors.is_subnet_specific("InvalidParameterValue", "Some other invalid parameter error")
@@ -631,7 +634,8 @@ Clusters:
         s.stop()
     text = generate_latest(metrics.registry).decode()
     assert 'arvados_dispatchcloud_ec2_instance_starts_total{subnet_id="",success="1"} 1.0' in text
-    assert re.search(r'^arvados_dispatchcloud_ec2_instances\{subnet_id="subnet-\w+"\} 1\.0$', text, re.M)  # moto's default subnet
+    # moto put the instance in its default subnet
+    assert re.search(r'^arvados_dispatchcloud_ec2_instances\{subnet_id="subnet-\w+"\} 1\.0$', text, re.M)
     assert "arvados_dispatchcloud_driver_operations_total" in text  # the dispatcher's own, same registry
 
 

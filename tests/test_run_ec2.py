@@ -3,8 +3,9 @@
 
 No instance can boot (moto runs nothing; the proxy reports loopback addresses whose SSH port is
 closed), so this run stops at "instance appeared in cloud": the dispatcher creates instances of the
-right types for the queue (a spot one priced from the spot price history), keeps them booting, and once the queue is empty nothing replaces them
-when TimeoutBooting shuts them down, so every instance it created ends terminated in EC2.
+right types for the queue (a spot one priced from the spot price history), keeps them booting, and
+once the queue is empty nothing replaces them when TimeoutBooting shuts them down, so every instance
+it created ends terminated in EC2.
 """
 
 from __future__ import annotations
