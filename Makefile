@@ -14,13 +14,14 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 # System packages the tests use: OpenSSH's sshd (real-SSH tests), Prometheus (promtool's lint and
-# a real server scraping the dispatcher) and PostgreSQL (the dispatch lock; tests start their own
-# server in a temp dir, so the package's default cluster is not needed).
+# a real server scraping the dispatcher), PostgreSQL (the dispatch lock; tests start their own
+# server in a temp dir, so the package's default cluster is not needed) and the openssl command (an
+# independent check of EC2 key fingerprints).
 sysdeps:
 	@{ test -x /usr/sbin/sshd && command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
-	   && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
+	   && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; } || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	    openssh-server prometheus postgresql; }
+	    openssh-server prometheus postgresql openssl; }
 
 run: $(STAMP)
 	$(VENV)/bin/dispatch-cloud run --demo

@@ -24,12 +24,15 @@ setup(
         "azure-identity>=1.15,<2",
         "azure-mgmt-compute>=30,<40",
         "azure-mgmt-network>=25,<34",
+        "boto3>=1.34,<2",
+        "botocore>=1.34,<2",
     ],
     extras_require={
         "test": [
             "pytest>=8,<10",
             "pytest-timeout>=2.2,<3",
             "hypothesis>=6.100,<7",
+            "moto[server]>=5.0,<6",  # a real EC2 endpoint on 127.0.0.1 (tests/ec2fake.py)
         ],
     },
     entry_points={

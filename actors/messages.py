@@ -106,6 +106,7 @@ class WorkerView:
     probed: float = 0.0  # last successful probe
     destroyed: float = 0.0
     probe_done: bool = False  # at least one probe attempt has completed
+    price: float | None = None  # the driver's latest price (spot); None: the type's configured Price
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ WAITING = ("Queued", "Locked")
 def instance_row(instance_id: str, v: WorkerView) -> InstanceView:
     it = v.instance_type
     return InstanceView(
-        instance=instance_id, address=v.address, price=it.price, arvados_instance_type=it.name,
-        provider_instance_type=v.provider_type, last_container_uuid=v.last_uuid, last_busy=v.busy,
-        running_container_uuids=v.running, worker_state=str(v.state),
+        instance=instance_id, address=v.address, price=it.price if v.price is None else v.price,
+        arvados_instance_type=it.name, provider_instance_type=v.provider_type,
+        last_container_uuid=v.last_uuid, last_busy=v.busy, running_container_uuids=v.running, worker_state=str(v.state),
         idle_behavior=str(v.idle_behavior), vcpus=it.vcpus, ram=it.ram, probed=v.probed)
 
 

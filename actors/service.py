@@ -192,9 +192,8 @@ def build_real(cluster, clock):
     from cloud.crunchrun import api_host
     metrics = DispatchMetrics(cluster)
     mod = drivers.load(cluster.cloud_vms.driver)
-    driver_set = mod.driver(cluster.cloud_vms.driver_parameters,
-                            instance_set_id(cluster.system_root_token), cluster=cluster,
-                            clock=clock, logger=logging.getLogger("dispatch.driver"))
+    driver_set = drivers.instance_set(mod, cluster, instance_set_id(cluster.system_root_token), clock=clock,
+                                      logger=logging.getLogger("dispatch.driver"), registry=metrics.registry)
     client = ArvadosClient(api_host(cluster.controller_url), cluster.system_root_token,
                            insecure=cluster.tls_insecure)
     return driver_set, client, metrics

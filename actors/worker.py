@@ -43,6 +43,23 @@ class _Runner:
     given_up: bool = False
 
 
+def price_history(instance: InstanceInfo, it: InstanceType) -> list:
+    """The driver's price history for this instance, newest first ([] if it keeps none: the
+    instance costs its type's configured Price). In-memory in the driver, so cheap to ask often."""
+    fn = getattr(instance.handle, "price_history", None)
+    if fn is None:
+        return []
+    try:
+        return list(fn(it) or ())
+    except Exception:  # a driver bug must not stop the probes; the configured price still holds
+        log.warning("price_history failed", extra={"Instance": instance.id}, exc_info=True)
+        return []
+
+
+def _current_price(history) -> float | None:
+    return history[0].price if history else None
+
+
 def _handler(fn):
     """A message handler: what it changed in the view is told to the scheduler once, at the end
     (or earlier by an explicit ``_publish``), then the Ticker gets the next deadline."""
@@ -83,7 +100,7 @@ class WorkerActor(TickedActor):
         self._view = WorkerView(
             instance_id=instance.id, instance_type=instance_type, state=state,
             idle_behavior=behavior, address=instance.address, provider_type=instance.provider_type,
-            busy=now, appeared=now, probed=now)
+            busy=now, appeared=now, probed=now, price=_current_price(price_history(instance, instance_type)))
         self._before = self._view  # what the scheduler last heard (see _handler)
         self._runner = cluster.containers.crunch_run_command
         self._sudo = crunchrun.needs_sudo(instance.remote_user)
@@ -176,6 +193,9 @@ class WorkerActor(TickedActor):
         self._exec.set_target(instance.handle)
         if instance.address != before.address:
             self._set(address=instance.address)
+        price = _current_price(price_history(instance, before.instance_type))
+        if price != before.price:
+            self._set(price=price)
         if before.state is State.SHUTDOWN:
             if now - before.destroyed > self._cfg.timeout_shutdown:
                 self._log.info("worker still listed after shutdown; retrying", extra=self._fields())
@@ -350,10 +370,13 @@ class WorkerActor(TickedActor):
         return True, ""
 
     def _probe_running(self, now: float, booted: bool) -> tuple[list[str], bool, bool]:
-        cmd = crunchrun.list_command(self._runner, self._sudo)
+        prices = price_history(self._instance, self._view.instance_type)
+        # as Arvados: crunch-run records the instance's price history for cost reports
+        cmd = crunchrun.list_command(self._runner, self._sudo, stdin_prices=bool(prices))
+        stdin = crunchrun.go_json([p.arvados_json() for p in prices]).encode() if prices else b""
         t0 = time.perf_counter()  # a duration for the metric only; decisions use ``now``
         try:
-            res = self._run(cmd)
+            res = self._run(cmd, stdin)
             err = "" if res.ok else res.stderr.decode(errors="replace")
         except ExecutorError as e:
             res, err = None, str(e)

@@ -328,8 +328,14 @@ def exposition(registry: CollectorRegistry) -> bytes:
     lines = []
     for m in sorted(registry.collect(), key=lambda m: m.name):
         typ = {"unknown": "untyped"}.get(m.type, m.type)
-        lines.append(f"# HELP {m.name} {_escape_help(m.documentation)}\n# TYPE {m.name} {typ}\n")
-        for smp in m.samples:
+        # A prometheus_client Counter (a driver's, e.g. EC2's ``ec2_instance_starts_total``) names
+        # its family without ``_total`` and adds ``_created`` samples Go has no equivalent of.
+        samples = [s for s in m.samples if not (typ == "counter" and s.name == m.name + "_created")]
+        name = m.name
+        if typ == "counter" and samples and all(s.name == m.name + "_total" for s in samples):
+            name = m.name + "_total"
+        lines.append(f"# HELP {name} {_escape_help(m.documentation)}\n# TYPE {name} {typ}\n")
+        for smp in samples:
             labels = ",".join(f'{k}="{_escape_value(str(v))}"' for k, v in smp.labels.items())
             lines.append(f"{smp.name}{{{labels}}} {floatToGoString(smp.value)}\n" if labels
                          else f"{smp.name} {floatToGoString(smp.value)}\n")

@@ -10,6 +10,7 @@ An InstanceSet that can run commands on its instances without SSH (the stub clou
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from conf.loader import ConfigError, load as load_file
 
@@ -17,12 +18,23 @@ DRIVERS = {
     "stub": "cloud.stub.driver",
     "local": "cloud.local.driver",
     "azure": "cloud.azure.driver",
+    "ec2": "cloud.ec2.driver",
 }
 
 
 def load(name: str):
     """The driver module for ``name``; KeyError if unknown."""
     return importlib.import_module(DRIVERS[name])
+
+
+def instance_set(mod, cluster, set_id: str, *, clock, logger, registry=None):
+    """``mod.driver(...)`` for this cluster; a driver with metrics of its own (Go registers them in
+    the dispatcher's registry) gets ``registry`` too."""
+    extra = {}
+    if registry is not None and "registry" in inspect.signature(mod.driver).parameters:
+        extra["registry"] = registry
+    return mod.driver(cluster.cloud_vms.driver_parameters, set_id, cluster=cluster, clock=clock,
+                      logger=logger, **extra)
 
 
 def check(cluster) -> None:

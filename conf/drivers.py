@@ -11,9 +11,9 @@ import os
 import shutil
 from collections.abc import Mapping
 
-IMPLEMENTED = ("azure", "local", "stub")
+IMPLEMENTED = ("azure", "ec2", "local", "stub")
 # Arvados driver names this dispatcher recognizes but does not implement.
-NOT_IMPLEMENTED = ("ec2", "loopback")
+NOT_IMPLEMENTED = ("loopback",)
 
 LOCAL_PROVIDER_TYPE = "local"
 

@@ -77,7 +77,7 @@ def setup(level: str = "info", stream=None, fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     level = {"warn": "warning", "fatal": "error", "panic": "error", "trace": "debug"}.get(level.lower(), level)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    for noisy in ("paramiko", "azure", "urllib3", "waitress"):
+    for noisy in ("paramiko", "azure", "urllib3", "waitress", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -36,3 +36,23 @@ def actor_hygiene(request):
         pytest.fail(f"test leaked {len(leaked)} actors: {sorted({r.actor_class.__name__ for r in leaked})}")
     if catcher.records and request.node.get_closest_marker("allow_actor_errors") is None:
         pytest.fail("actor error logged: " + "; ".join(r.getMessage() for r in catcher.records[:3]))
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's EC2 endpoint on 127.0.0.1, started once per session (in a child process) and only
+    for sessions that use it; tests reset its state through ``ec2_endpoint``."""
+    from tests.ec2fake import MotoServer
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ec2_endpoint(moto_server):
+    """A fresh (reset) moto behind a new fault proxy: ``(moto, proxy)``."""
+    from tests.ec2fake import Ec2Proxy
+    moto_server.reset()
+    proxy = Ec2Proxy(moto_server.url)
+    yield moto_server, proxy
+    proxy.stop()

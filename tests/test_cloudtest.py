@@ -285,3 +285,30 @@ def test_azure_create_tags_and_destroy_with_unreachable_vm(tmp_path):
         assert arm.of_kind("virtualMachines") == []  # destroyed in the "cloud" itself
         assert len(arm.sent("DELETE", "virtualMachines")) >= 1
         assert "ClientSecret" not in err and vm["tags"]["ArvadosInstanceSecret"] not in err
+
+
+# --- ec2 driver through boto3, against moto's server (behind the proxy, in this process) -------
+
+
+def test_ec2_create_tags_and_destroy_with_unreachable_vm(tmp_path, ec2_endpoint):
+    """No SSH is possible to a moto instance; cloudtest still checks tags and terminates it in EC2."""
+    from tests.ec2fake import ACCESS_KEY, REGION, SECRET_KEY
+    moto, proxy = ec2_endpoint
+    cfg = write_config(tmp_path, driver="ec2", ptype="t3.micro", timeout_booting="1s", ssh_port="1",
+                       params={"AccessKeyID": ACCESS_KEY, "SecretAccessKey": SECRET_KEY, "Region": REGION,
+                               "EndpointURL": proxy.url})
+    rc, out, err = run_to_end("--config", str(cfg), "--image-id", "ami-12c6146b")
+    assert rc == 1, out + err
+    assert steps(out) == ["[ok] initialize cloud driver", "[ok] check for existing instances",
+                          "[ok] create instance", "[ok] instance listed with its tags", "[FAIL] boot probe",
+                          "[ok] destroy instance"]
+    [run] = proxy.calls("RunInstances")
+    sent = {run.params[k]: run.params[k.replace(".Key", ".Value")] for k in run.params
+            if k.startswith("TagSpecification.1.Tag.") and k.endswith(".Key")}
+    assert run.params["ImageId"] == "ami-12c6146b"
+    assert sent["ArvadosInstanceSetID"] == "zzzzz-zzzzz-zzzzzzcloudtest"
+    assert sent["team"] == "tests" and sent["ArvadosCloudTestPID"].isdigit() and len(sent["ArvadosInstanceSecret"]) == 40
+    [term] = proxy.calls("TerminateInstances")
+    [inst] = [i for r in moto.client().describe_instances()["Reservations"] for i in r["Instances"]]
+    assert term.params["InstanceId.1"] == inst["InstanceId"] and inst["State"]["Name"] == "terminated"
+    assert SECRET_KEY not in out + err and sent["ArvadosInstanceSecret"] not in err

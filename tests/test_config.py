@@ -311,8 +311,8 @@ def test_full_arvados_default_file_as_site_config(tmp_path, caplog):
     # every key the Arvados defaults hold is known here; the one warning says the runner is not
     # deployed (Arvados' default DeployRunnerBinary is /proc/self/exe)
     assert [w.split(":")[0] for w in config_warnings(caplog)] == ["Clusters.zzzzz.Containers.CloudVMs.DeployRunnerBinary"]
-    with pytest.raises(ConfigError, match=r'Driver: driver "ec2" is not supported'):
-        cluster["Containers"]["CloudVMs"]["Driver"] = "ec2"
+    with pytest.raises(ConfigError, match=r'Driver: driver "loopback" is not supported'):
+        cluster["Containers"]["CloudVMs"]["Driver"] = "loopback"
         load_doc(tmp_path, doc)
 
 
@@ -380,9 +380,8 @@ BAD = [
     (_vms(ResourceTags={"team": 5}), f"{VMS}.ResourceTags.team", "expected a string, got the number 5 (put it in quotes)"),
     (_vms(ResourceTags=["a"]), f"{VMS}.ResourceTags", "expected a mapping, got a list"),
     (_vms(DriverParameters="x"), f"{VMS}.DriverParameters", "expected a mapping, got a string"),
-    (_vms(Driver="ec2"), f"{VMS}.Driver", 'driver "ec2" is not supported by this dispatcher (supported: azure, local, stub)'),
-    (_vms(Driver="loopback"), f"{VMS}.Driver", 'driver "loopback" is not supported by this dispatcher (supported: azure, local, stub)'),
-    (_vms(Driver="Azure"), f"{VMS}.Driver", 'unknown driver "Azure" (supported: azure, local, stub)'),
+    (_vms(Driver="loopback"), f"{VMS}.Driver", 'driver "loopback" is not supported by this dispatcher (supported: azure, ec2, local, stub)'),
+    (_vms(Driver="Azure"), f"{VMS}.Driver", 'unknown driver "Azure" (supported: azure, ec2, local, stub)'),
     ({"Containers": {"MaximumPriceFactor": -1}}, f"{C}.Containers.MaximumPriceFactor", "-1 is out of range (must be at least 0)"),
     ({"Containers": {"PreemptiblePriceFactor": -0.5}}, f"{C}.Containers.PreemptiblePriceFactor", "-0.5 is out of range (must be at least 0)"),
     ({"Containers": {"ReserveExtraRAM": -1}}, f"{C}.Containers.ReserveExtraRAM", "-1 is negative"),
@@ -425,7 +424,6 @@ def test_bad_values_give_one_line_naming_file_and_key(tmp_path, overlay, key, re
     ("Clusters: {zzzz: {}}\n", 'Clusters.zzzz: cluster id "zzzz" must be 5 lowercase letters or digits'),
     ("Clusters: {aaaaa: {}, bbbbb: {}}\n", "Clusters: holds 2 clusters (aaaaa, bbbbb): choose one (check-config --cluster ID)"),
     ("Clusters: {zzzzz: [1]}\n", "Clusters.zzzzz: expected a mapping, got a list"),
-    ("Clusters: {zzzzz: }\n", f'{VMS}.Driver: driver "ec2" is not supported by this dispatcher (supported: azure, local, stub)'),
 ])
 def test_bad_files(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -1,4 +1,5 @@
-"""The driver conformance suite on every driver we ship: stub, azure (via the fake ARM), local."""
+"""The driver conformance suite on every driver we ship: stub, azure (via the fake ARM), ec2 (via
+moto's server), local."""
 
 from __future__ import annotations
 
@@ -127,6 +128,36 @@ def test_azure_passes():
         s.instances({})
         s.stop()
         assert arm.of_kind("networkInterfaces") == []
+
+
+# --- ec2 (through boto3, against moto's server behind the fault proxy) ----------------------
+
+
+def test_ec2_passes(ec2_endpoint):
+    from cloud.ec2 import driver as ec2
+    from tests.ec2fake import ACCESS_KEY, REGION, SECRET_KEY
+    moto, proxy = ec2_endpoint
+    clock = FakeClock()
+    params = {"AccessKeyID": ACCESS_KEY, "SecretAccessKey": SECRET_KEY, "Region": REGION, "EndpointURL": proxy.url}
+    it = dataclasses.replace(IT, provider_type="t3.micro")
+
+    def make(set_id):
+        return ec2.driver(params, set_id, clock=clock)
+    cases = [
+        ErrorCase("RequestLimitExceeded", RateLimitError,
+                  lambda: proxy.fail("RunInstances", "RequestLimitExceeded", "Request limit exceeded.", status=503)),
+        ErrorCase("InstanceLimitExceeded", QuotaError,
+                  lambda: proxy.fail("RunInstances", "InstanceLimitExceeded", "instance limit exceeded")),
+        ErrorCase("InsufficientInstanceCapacity", CapacityError,
+                  lambda: proxy.fail("RunInstances", "InsufficientInstanceCapacity", "no t3.micro capacity")),
+    ]
+    results = run_conformance(make, it, wait=stepping_wait(clock), image_id="ami-12c6146b", error_cases=cases,
+                              public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIuSmmbQ9V9MbNDnBtGFL8QfbzVLpxT2EXgcCEdEY9fT test")
+    _assert_all_ok(results)
+    live = [i for r in moto.client().describe_instances()["Reservations"] for i in r["Instances"]
+            if i["State"]["Name"] not in ("shutting-down", "terminated")]
+    assert live == []  # everything it made is gone from the "cloud"
+    assert len(proxy.calls("TerminateInstances")) >= 1
 
 
 # --- local (real processes and SSH servers on 127.0.0.0/8) ----------------------------------

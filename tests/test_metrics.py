@@ -313,3 +313,19 @@ def test_every_go_metric_with_go_name_type_labels_and_help(scrape):
     # the three counters have no _total twin; no *_created series anywhere
     assert not any(n.endswith("_created") or n[len(NS):] in {c + "_total" for c in
                    ("driver_operations", "boot_outcomes", "instances_disappeared")} for n, _ in got)
+
+
+def test_a_driver_counter_is_exposed_under_its_go_name_without_created_samples():
+    """A driver's own prometheus_client Counter (EC2's ``ec2_instance_starts_total``) keeps the
+    name Go gives it, on the HELP/TYPE lines too, and no ``_created`` series Go does not have."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from api.metrics import exposition
+    reg = CollectorRegistry()
+    c = Counter("arvados_dispatchcloud_ec2_instance_starts", "Number of attempts to start a new instance",
+                ["subnet_id", "success"], registry=reg)
+    c.labels(subnet_id="s-1", success="1").inc(2)
+    text = exposition(reg).decode()
+    assert text == ("# HELP arvados_dispatchcloud_ec2_instance_starts_total Number of attempts to start a new instance\n"
+                    "# TYPE arvados_dispatchcloud_ec2_instance_starts_total counter\n"
+                    'arvados_dispatchcloud_ec2_instance_starts_total{subnet_id="s-1",success="1"} 2.0\n')

@@ -677,3 +677,41 @@ def test_the_scheduler_double_is_the_declared_inbox():
         w._scheduler.container_ended(UUID, "i-1")  # missing ``at``
     w._scheduler.container_ended(UUID, "i-1", T0)
     w._scheduler.container_ended.assert_called_once_with(UUID, "i-1", T0)
+
+
+class _PricedHandle:
+    """A driver instance that keeps a price history (as EC2 spot instances do)."""
+
+    def __init__(self, prices):
+        self.prices = prices
+        self.asked = []
+
+    def price_history(self, it):
+        self.asked.append(it.name)
+        return list(self.prices)
+
+
+def test_price_history_goes_to_crunch_run_and_into_the_view():
+    from cloud.base import InstancePrice
+    import json
+    w, ex = make_worker(State.BOOTING, {BOOT: OK, LIST: RUNNING})
+    handle = _PricedHandle([InstancePrice(T0 - 60, 0.031), InstancePrice(T0 - 3600, 0.02)])
+    w.update_instance(InstanceInfo(id="i-1", address="10.0.0.1", provider_type="providertype1",
+                                   remote_user="root", tags={}, handle=handle), T0)
+    assert w.view.price == 0.031  # the newest point: what the instance costs now
+    w.tick(T0)
+    [i] = [n for n, c in enumerate(ex.calls) if c.startswith(LIST)]
+    assert ex.calls[i] == LIST + " --stdin-prices"
+    assert json.loads(ex.stdin[i]) == [p.arvados_json() for p in handle.prices]
+    assert json.loads(ex.stdin[i])[0]["StartTime"].endswith("Z")
+    handle.prices = []
+    w.update_instance(InstanceInfo(id="i-1", address="10.0.0.1", provider_type="providertype1",
+                                   remote_user="root", tags={}, handle=handle), T0 + 1)
+    assert w.view.price is None  # back to the configured Price
+
+
+def test_no_price_history_means_plain_list_probe():
+    w, ex = make_worker(State.BOOTING, {BOOT: OK, LIST: RUNNING})
+    w.tick(T0)
+    assert LIST in ex.calls and not any("--stdin-prices" in c for c in ex.calls)
+    assert w.view.price is None
