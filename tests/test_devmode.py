@@ -107,16 +107,17 @@ def test_dev_cluster_end_to_end(dev, tmp_path):
     # two sizes, with output and exit codes, through the CLI
     p = submit(dev, "--vcpus", "1", "--ram", "256MiB", "--", "sh", "-c", "echo small-out; exit 0", wait=True)
     assert p.returncode == 0 and "small-out" in p.stdout and "Complete" in p.stderr
+    # hold the small one now: booting the medium one may take longer than TimeoutIdle (8 s)
+    small = next(r[0] for r in dev.instances() if r[4] == "small")
+    cli(dev.env, "instance", "hold", small)
     p = submit(dev, "--vcpus", "2", "--ram", "1GiB", "--", "sh", "-c", "echo big-err >&2; exit 3", wait=True)
     assert p.returncode == 3 and "big-err" in p.stderr and "exit code 3" in p.stderr
     rows = dev.instances()
     assert {r[4] for r in rows} == {"small", "medium"}  # config-type column
     assert all(r[2] in ("idle", "running", "booting") for r in rows)
 
-    # hold the small one, drain the medium one
-    small = next(r[0] for r in rows if r[4] == "small")
+    # drain the medium one
     medium = next(r[0] for r in rows if r[4] == "medium")
-    cli(dev.env, "instance", "hold", small)
     cli(dev.env, "instance", "drain", medium)
     wait_for(lambda: medium not in [r[0] for r in dev.instances()], 30, "the drained instance to go")
     # the held one outlives TimeoutIdle (8 s) and gets nothing new
