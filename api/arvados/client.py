@@ -11,6 +11,7 @@ dev SQLite store.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -157,11 +158,24 @@ class ContainerApi:
 # ---------------------------------------------------------------------------------------------
 # Over HTTP
 
-_LOOPBACK = ("localhost", "::1")
+def _is_loopback(host: str) -> bool:
+    """Loopback by the parsed address (127.0.0.0/8, ::1) or the name ``localhost`` itself; never
+    by a prefix, so ``127.0.0.1.example.com`` is a remote name."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def base_url(api_host: str) -> str:
-    """``"host:port"`` or a URL -> ``scheme://host:port``; https unless loopback or explicit http."""
+    """A URL or ``"host:port"`` -> ``scheme://host:port``.
+
+    A URL keeps its scheme, whatever the host: https stays https (the token must never go out in
+    clear because a name looks local). A bare ``host:port`` (ARVADOS_API_HOST, as crunch-run gets
+    it) is https unless the host is a loopback address.
+    """
     if not isinstance(api_host, str) or not api_host.strip():
         raise ValueError("api_host: expected host:port or a URL, got an empty value")
     api_host = api_host.strip()
@@ -172,8 +186,7 @@ def base_url(api_host: str) -> str:
         return f"{parts.scheme}://{parts.netloc}"
     api_host = api_host.rstrip("/")
     host = urlsplit("//" + api_host).hostname or ""
-    loopback = host in _LOOPBACK or host.startswith("127.")
-    return f"{'http' if loopback else 'https'}://{api_host}"
+    return f"{'http' if _is_loopback(host) else 'https'}://{api_host}"
 
 
 def encode_params(params: Mapping) -> dict[str, str]:
