@@ -199,12 +199,19 @@ def _wsgi_bytes(value: str) -> bytes:
     return value.encode("latin-1", "replace")
 
 
-def query_params(environ) -> dict[str, str]:
-    """The query string, parsed from its raw bytes (first value of each name wins)."""
+def _parse_form(raw: bytes) -> dict[str, str]:
+    """``a=1&b=%ff`` -> {"a": "1", "b": "\udcff"}: percent-decoded to bytes, then to text without
+    loss (first value of each name wins). parse_qsl on bytes cannot do this: it re-encodes
+    non-ASCII results as ASCII and raises."""
     out: dict[str, str] = {}
-    for k, v in parse_qsl(_wsgi_bytes(environ.get("QUERY_STRING", "")), keep_blank_values=True):
-        out.setdefault(_text(k), _text(v))
+    for k, v in parse_qsl(raw.decode("latin-1"), keep_blank_values=True, encoding="latin-1"):
+        out.setdefault(_text(k.encode("latin-1")), _text(v.encode("latin-1")))
     return out
+
+
+def query_params(environ) -> dict[str, str]:
+    """The query string, parsed from its raw bytes."""
+    return _parse_form(_wsgi_bytes(environ.get("QUERY_STRING", "")))
 
 
 def form_params(req: bottle.BaseRequest) -> dict[str, str]:
@@ -230,8 +237,7 @@ def form_params(req: bottle.BaseRequest) -> dict[str, str]:
             raw = environ["wsgi.input"].read(length) if length else b""
         except Exception:  # noqa: BLE001 - a client that hangs up mid-body
             raise MalformedRequest("unreadable body") from None
-        for k, v in parse_qsl(raw, keep_blank_values=True):
-            out.setdefault(_text(k), _text(v))
+        out = _parse_form(raw)
     environ["dispatch.form"] = out
     return out
 
