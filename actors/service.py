@@ -193,8 +193,11 @@ def build_real(cluster, clock):
     mod = drivers.load(cluster.cloud_vms.driver)
     driver_set = drivers.instance_set(mod, cluster, instance_set_id(cluster.system_root_token), clock=clock,
                                       logger=logging.getLogger("dispatch.driver"), registry=metrics.registry)
+    # No retry pause longer than PollInterval: after an API outage, a poll sleeping in its
+    # backoff must not hold dispatch back past the next PollInterval.
     client = ArvadosClient(cluster.controller_url, cluster.system_root_token,
-                           insecure=cluster.tls_insecure)
+                           insecure=cluster.tls_insecure,
+                           max_delay=max(0.1, cluster.cloud_vms.poll_interval))
     return driver_set, client, metrics
 
 

@@ -224,13 +224,15 @@ class ArvadosClient(ContainerApi):
     """The container API over HTTP, with retries on connection errors and 5xx.
 
     ``timeout`` is (connect, read) seconds. A call is tried ``1 + retries`` times with
-    exponential backoff (``backoff * 2**attempt``) between; 4xx answers are never retried.
+    exponential backoff (``backoff * 2**attempt``, at most ``max_delay``) between; 4xx answers
+    are never retried.
     ``last_503`` is the time of the last 503 seen, which the scheduler uses to shrink
     concurrency. The token is sent only in the Authorization header and never logged.
     """
 
     def __init__(self, api_host: str, token: str, *, insecure: bool = False,
                  timeout: tuple[float, float] = (5.0, 30.0), retries: int = 4, backoff: float = 0.5,
+                 max_delay: float | None = None,
                  session: requests.Session | None = None,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.time):
         super().__init__()
@@ -241,6 +243,7 @@ class ArvadosClient(ContainerApi):
         self._timeout = timeout
         self._retries = max(0, int(retries))
         self._backoff = float(backoff)
+        self._max_delay = max_delay
         self._sleep = sleep
         self._clock = clock
         self._session = session or requests.Session()
@@ -305,6 +308,8 @@ class ArvadosClient(ContainerApi):
 
     def _pause(self, method: str, url: str, attempt: int, cause: str) -> None:
         delay = self._backoff * (2 ** attempt)
+        if self._max_delay is not None:
+            delay = min(delay, self._max_delay)
         log.info("retrying Arvados API request", extra={
             "method": method, "url": url, "attempt": attempt + 1, "delay": delay, "error": cause})
         self._sleep(delay)
