@@ -159,16 +159,20 @@ def test_numeric_secret_is_not_echoed(tmp_path, caplog, key):
     assert str(NUMERIC_SECRET) not in caplog.text
 
 
-def _azure_site(secret) -> str:
-    return yaml.safe_dump(site(Containers={"CloudVMs": {"Driver": "azure", "DriverParameters": {
-        "SubscriptionID": "sub", "ClientID": "cid", "ClientSecret": secret, "TenantID": "tid",
-        "ResourceGroup": "rg", "Location": "eastus", "Network": "net", "Subnet": "sn",
-        "ImageResourceGroup": "img"}}}))
+def _cloud_site(driver, secret) -> str:
+    if driver == "azure":
+        params = {"SubscriptionID": "sub", "ClientID": "cid", "ClientSecret": secret, "TenantID": "tid",
+                  "ResourceGroup": "rg", "Location": "eastus", "Network": "net", "Subnet": "sn",
+                  "ImageResourceGroup": "img"}
+    else:
+        params = {"AccessKeyID": "AKIAEXAMPLE", "SecretAccessKey": secret, "Region": "us-east-1"}
+    return yaml.safe_dump(site(Containers={"CloudVMs": {"Driver": driver, "DriverParameters": params}}))
 
 
-def test_check_config_rejects_numeric_azure_client_secret_without_echoing_it(tmp_path):
+@pytest.mark.parametrize("driver,key", [("azure", "ClientSecret"), ("ec2", "SecretAccessKey")])
+def test_check_config_rejects_a_numeric_cloud_secret_without_echoing_it(tmp_path, driver, key):
     """What `run` rejects, `check-config` rejects first, and neither shows the secret."""
-    path = write(tmp_path, _azure_site(NUMERIC_SECRET))
+    path = write(tmp_path, _cloud_site(driver, NUMERIC_SECRET))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     outs = []
     for cmd in (["check-config", "--config", path], ["run", "--config", path]):
@@ -176,10 +180,10 @@ def test_check_config_rejects_numeric_azure_client_secret_without_echoing_it(tmp
                            capture_output=True, text=True, timeout=60)
         assert p.returncode != 0, p.stdout
         outs.append(p.stdout + p.stderr)
-        assert "ClientSecret: expected a string" in p.stderr, p.stderr
+        assert f"{key}: expected a string" in p.stderr, p.stderr
         assert "Traceback" not in p.stderr
     assert all(str(NUMERIC_SECRET) not in o for o in outs), outs
-    good = write(tmp_path, _azure_site("a-quoted-secret"), "good.yml")
+    good = write(tmp_path, _cloud_site(driver, "a-quoted-secret"), "good.yml")
     p = subprocess.run([sys.executable, "-m", "actors.cli", "check-config", "--config", good], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
