@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud import base, ssh
+from cloud import base, crunchrun, ssh
 from conf.loader import load_text
 from tests import g5
 from tests.sshd import sshd, sshd_factory  # noqa: F401  (fixtures)
@@ -54,9 +54,9 @@ def mismatch(key, transport):
 def start(ex: ssh.SSHExecutor, cluster):
     """What a worker sends to start a container: the real command line and stdin."""
     it = cluster.instance_types["small"]
-    payload = ssh.crunch_run_config(cluster, it, ex._target.address, UUID)
+    payload = crunchrun.config_data(cluster, it, ex._target.address, UUID)
     assert TOKEN.encode() in payload  # the token does travel in it
-    cmd = ssh.crunch_run_start_command("crunch-run", ssh.crunch_run_args(cluster), UUID, False)
+    cmd = crunchrun.detach_command("crunch-run", crunchrun.runner_args(cluster), UUID, False)
     return ex.execute(cmd, stdin=payload)
 
 
