@@ -163,3 +163,38 @@ def test_the_service_raises_its_open_file_limit_and_says_so():
     assert p.returncode == 0, p.stderr
     import resource
     assert p.stdout.strip() == f"open file limit {resource.getrlimit(resource.RLIMIT_NOFILE)[1]}"
+
+
+def test_out_of_descriptors_is_a_logged_probe_failure_not_a_crash():
+    """With no descriptor left, an SSH connect fails as an ExecutorError (what a probe handles)
+    and the log says why. In a subprocess: it exhausts its own descriptors."""
+    import subprocess
+    import sys
+    code = """
+import logging, os, resource, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+from cloud import base, ssh
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+pem = ed25519.Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM,
+      serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+class T:
+    id = "i-1"; address = "127.0.0.1:1"; remote_user = "root"
+ex = ssh.SSHExecutor(T(), private_key=ssh.load_private_key(pem), connect_timeout=1)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    ex.execute("true")
+except base.ExecutorError as e:
+    print("EXECUTOR-ERROR", type(e).__name__, e)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr
+    assert "EXECUTOR-ERROR ConnectError ssh 127.0.0.1:1: cannot connect: Too many open files" in p.stdout, p.stdout
+    assert "ERROR out of file descriptors: cannot open an SSH connection" in p.stdout
