@@ -10,7 +10,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
@@ -24,7 +23,6 @@ from api.arvados.store import ContainerStore, TokenInfo
 from tests.util import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-P = "/arvados/v1/dispatch"
 
 
 class Cluster:
@@ -168,10 +166,3 @@ def assert_no_secrets(text: str, secrets_: list[str], where: str) -> None:
     leaked = [s[:6] + "…" for s in secrets_ if s and s in text]
     assert not leaked, f"secrets found in {where}: {leaked}"
 
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.1):
-    return wait_for(cond, timeout, what, interval)
-
-
-def now() -> float:
-    return time.monotonic()

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 import random
+import resource
+import subprocess
+import sys
 import time
 
 import pytest
@@ -150,8 +153,6 @@ def test_1100_descriptors_held_the_api_answers_and_a_vm_runs_a_container(cluster
 
 
 def test_the_service_raises_its_open_file_limit_and_says_so():
-    import subprocess
-    import sys
     code = ("import resource, logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, "
             "format='%(message)s %(RLIMIT_NOFILE)s'); "
             "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
@@ -161,15 +162,12 @@ def test_the_service_raises_its_open_file_limit_and_says_so():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stderr
-    import resource
     assert p.stdout.strip() == f"open file limit {resource.getrlimit(resource.RLIMIT_NOFILE)[1]}"
 
 
 def test_out_of_descriptors_is_a_logged_probe_failure_not_a_crash():
     """With no descriptor left, an SSH connect fails as an ExecutorError (what a probe handles)
     and the log says why. In a subprocess: it exhausts its own descriptors."""
-    import subprocess
-    import sys
     code = """
 import logging, os, resource, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")

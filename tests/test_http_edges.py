@@ -25,7 +25,6 @@ from api.metrics import DispatchMetrics
 from api.server import ApiServer
 from api.wsgi import Limits, WsgiServer
 from tests import api_data as d
-from tests.util import wait_for
 
 P = "/arvados/v1/dispatch"
 AUTH = {"Authorization": "Bearer " + d.TOKEN}
