@@ -13,6 +13,10 @@ lives in ``<state>/dev/`` (``$DISPATCH_CLOUD_STATE``, default ``~/.local/state/d
 
 Ctrl-C stops the dispatcher and the API server and shuts the dev VMs down, so nothing is left
 running; SIGKILL leaves the VMs up (as a cloud would) and the next ``run`` adopts them.
+
+config.yml decides which commands run as this user (CrunchRunCommand, BootProbeCommand), so an
+existing state dir or config that another user owns, or that others may write, is refused
+(:class:`UnsafeState`) rather than loaded.
 """
 
 from __future__ import annotations
@@ -45,6 +49,21 @@ def _token() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(48))
 
 
+class UnsafeState(Exception):
+    """The dev state dir or a file in it could have been written by someone else."""
+
+
+def check_private(path: Path) -> None:
+    """Refuse ``path`` unless the current user owns it and neither group nor others may write it."""
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise UnsafeState(f"{path} is owned by uid {st.st_uid}, not by the current user ({os.geteuid()}): "
+                          "refusing to use it")
+    if st.st_mode & 0o022:
+        raise UnsafeState(f"{path} is writable by group or others (mode {st.st_mode & 0o777:04o}): "
+                          f"refusing to use it (chmod go-w {path} if you trust its contents)")
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -63,10 +82,14 @@ def ensure_state(root: Path) -> Path:
     import yaml
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
+    if root.exists():
+        check_private(root)
+    else:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700)
     cfg = root / "config.yml"
     if cfg.exists():
+        check_private(cfg)
         return cfg
     key = root / "dispatch_key"
     pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
@@ -116,8 +139,14 @@ def ensure_state(root: Path) -> Path:
 
 
 def find_config(explicit_state: str | None = None) -> Path | None:
-    p = state_root(explicit_state) / "config.yml"
-    return p if p.exists() else None
+    """The dev cluster's config.yml if there is one (UnsafeState if it is not safe to read)."""
+    root = state_root(explicit_state)
+    p = root / "config.yml"
+    if not p.exists():
+        return None
+    check_private(root)
+    check_private(p)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +167,11 @@ def run_dev(args) -> int:
     from api.arvados.store import ContainerStore
     from conf.loader import ConfigError, load
     root = state_root(getattr(args, "state_dir", None))
-    cfg_path = ensure_state(root)
+    try:
+        cfg_path = ensure_state(root)
+    except UnsafeState as e:
+        print(f"dispatch-cloud: {e}", file=sys.stderr)
+        return 1
     try:
         cluster = load(str(cfg_path))
     except ConfigError as e:
@@ -211,8 +244,7 @@ def shutdown_vms(cluster) -> None:
 def run_demo(cluster) -> None:
     """Queue a few containers of two sizes and report how each ends."""
     from api.arvados.client import ArvadosClient
-    from cloud.crunchrun import api_host
-    client = ArvadosClient(api_host(cluster.controller_url), cluster.system_root_token)
+    client = ArvadosClient(cluster.controller_url, cluster.system_root_token)
     uuids = {}
     for name, vcpus, ram, cmd in DEMO:
         ctr = client.create_container(container_fields(cmd, vcpus, ram << 20, 1, name))
@@ -264,10 +296,13 @@ def register(sub) -> None:
 
 def submit_command(args) -> int:
     from api.arvados.client import ApiError, ArvadosClient
-    from cloud.crunchrun import api_host
     from conf.loader import ConfigError, load
     from conf.units import parse_size
-    path = args.config or find_config(args.state_dir)
+    try:
+        path = args.config or find_config(args.state_dir)
+    except UnsafeState as e:
+        print(f"dispatch-cloud: {e}", file=sys.stderr)
+        return 1
     if path is None:
         print("dispatch-cloud: no dev cluster found (start one with `dispatch-cloud run`) "
               "and no --config given", file=sys.stderr)
@@ -282,7 +317,7 @@ def submit_command(args) -> int:
     except ValueError as e:
         print(f"dispatch-cloud: bad --ram or --env: {e}", file=sys.stderr)
         return 2
-    client = ArvadosClient(api_host(cluster.controller_url), cluster.system_root_token, retries=1)
+    client = ArvadosClient(cluster.controller_url, cluster.system_root_token, retries=1)
     try:
         ctr = client.create_container(container_fields(args.cmd, args.vcpus, ram, args.priority,
                                                        env=env, cwd=args.cwd))

@@ -13,6 +13,7 @@ whole copies of a 10,000-entry queue.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ QUEUED_TARGET = 100  # like Arvados: stop listing Queued pages once this many no
 PAGE = 1000
 MISSING_BATCH = 20
 FINAL = ("Complete", "Cancelled")
+# A container UUID goes into URLs and crunch-run command lines: anything else is refused at the door.
+UUID_RE = re.compile(r"[a-z0-9]{5}-dz642-[a-z0-9]{15}")
+
+
+def valid_uuid(uuid) -> bool:
+    return isinstance(uuid, str) and UUID_RE.fullmatch(uuid) is not None
 
 
 def parse_time(v) -> float:
@@ -72,6 +79,7 @@ class QueueActor(TickedActor):
         self._me = ""
         self._polling = False
         self._dontupdate: set[str] = set()
+        self._skipped: set[str] = set()  # malformed UUIDs already logged
         self._next_poll = first_now
         self._loaded = False
 
@@ -104,7 +112,8 @@ class QueueActor(TickedActor):
             self._me = c.current_token_uuid()
         seen: dict[str, dict] = {}
         for ctr in c.iter_containers(filters=[["locked_by_uuid", "=", self._me]], select=SELECT):
-            seen[ctr["uuid"]] = ctr
+            if self._acceptable(ctr):
+                seen[ctr["uuid"]] = ctr
         offset, nonsuper = 0, 0
         while nonsuper < QUEUED_TARGET:
             page = c.list_containers(filters=[["state", "=", "Queued"], ["priority", ">", "0"]],
@@ -114,6 +123,8 @@ class QueueActor(TickedActor):
                 break
             offset += len(page)
             for ctr in page:
+                if not self._acceptable(ctr):
+                    continue
                 seen.setdefault(ctr["uuid"], ctr)
                 if not (ctr.get("scheduling_parameters") or {}).get("supervisor"):
                     nonsuper += 1
@@ -137,6 +148,18 @@ class QueueActor(TickedActor):
                 except Exception as e:
                     log.warning("error getting mounts", extra={"ContainerUUID": uuid, "error": str(e)})
         return PollResult(started, tuple(seen.values()), mounts, tuple(deleted))
+
+    def _acceptable(self, ctr) -> bool:
+        """Skip (and log once) a record whose uuid is not a container UUID (a malicious or
+        broken API server): it would end up in a URL and a shell command line on a VM."""
+        uuid = ctr.get("uuid") if isinstance(ctr, dict) else None
+        if valid_uuid(uuid):
+            return True
+        shown = repr(uuid)[:80]
+        if shown not in self._skipped and len(self._skipped) < 1000:
+            self._skipped.add(shown)  # only the poll thread touches this set (one poll at a time)
+            log.warning("skipping a container with a malformed UUID", extra={"ContainerUUID": shown})
+        return False
 
     # -- applying results (actor thread) -----------------------------------------------------------
 

@@ -189,13 +189,15 @@ def build_real(cluster, clock):
     from api.metrics import DispatchMetrics
     from cloud import drivers
     from api.arvados.client import ArvadosClient
-    from cloud.crunchrun import api_host
     metrics = DispatchMetrics(cluster)
     mod = drivers.load(cluster.cloud_vms.driver)
     driver_set = drivers.instance_set(mod, cluster, instance_set_id(cluster.system_root_token), clock=clock,
                                       logger=logging.getLogger("dispatch.driver"), registry=metrics.registry)
-    client = ArvadosClient(api_host(cluster.controller_url), cluster.system_root_token,
-                           insecure=cluster.tls_insecure)
+    # No retry pause longer than PollInterval: after an API outage, a poll sleeping in its
+    # backoff must not hold dispatch back past the next PollInterval.
+    client = ArvadosClient(cluster.controller_url, cluster.system_root_token,
+                           insecure=cluster.tls_insecure,
+                           max_delay=max(0.1, cluster.cloud_vms.poll_interval))
     return driver_set, client, metrics
 
 
@@ -304,7 +306,9 @@ def serve(cluster, *, on_ready=None, state_dir=None) -> int:
     from api.app import make_app
     from api.server import ApiServer
     from actors.statusline import INTERVAL, status
+    from actors.fdlimit import raise_nofile_limit
     sys.setswitchinterval(0.001)  # keep the API responsive while a pass holds the GIL
+    raise_nofile_limit()
     clock = SystemClock()
     try:
         driver_set, client, metrics = build_real(cluster, clock)

@@ -14,14 +14,17 @@ import hmac
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from urllib.parse import parse_qsl
 
 import bottle
 
 from actors.snapshot import InstanceView, QueueEntryView, Snapshot
 from api.backend import Backend, BackendTimeout, NotFound
 from api.metrics import CONTENT_TYPE
+from api.wsgi import MANAGEMENT_LIMITS
 from conf.model import Cluster, InstanceType
 
 log = logging.getLogger(__name__)
@@ -145,27 +148,134 @@ def error_response(status: int, message: str, headers: dict | None = None) -> bo
 
 # -- auth ------------------------------------------------------------------------------------------
 
+class _RequestLog:
+    """One warning line per client per ``every`` seconds for requests we cannot even read.
+
+    Undecodable headers and malformed bodies are the client's problem: they get a JSON 400, and
+    the log gets a line naming the client and the kind of problem (never a value, never a
+    traceback), at most once a minute per client, so no client can grow the log at will.
+    """
+
+    def __init__(self, every: float = 60.0, clock=time.monotonic, max_clients: int = 10000):
+        self._every, self._clock, self._max = every, clock, max_clients
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def should_log(self, client: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(client)
+            if last is not None and now - last < self._every:
+                return False
+            if len(self._last) >= self._max:  # forget the old ones rather than grow without bound
+                self._last = {k: t for k, t in self._last.items() if now - t < self._every}
+            self._last[client] = now
+            return True
+
+    def bad_request(self, req: bottle.BaseRequest, what: str) -> None:
+        client = req.environ.get("REMOTE_ADDR", "")
+        if self.should_log(client):
+            log.warning("management API: malformed request",
+                        extra={"RemoteAddr": client, "method": _latin1(req.environ.get("REQUEST_METHOD", "")),
+                               "problem": what})
+
+
+class MalformedRequest(Exception):
+    """The request's headers or body cannot be read; the message says which part, never a value."""
+
+
+def _latin1(s: str) -> str:
+    return s.encode("latin-1", "replace").decode("utf-8", "replace")
+
+
+def _text(raw: bytes) -> str:
+    """Request bytes as str without loss: undecodable bytes survive as surrogates, so a token
+    compares byte for byte and nothing raises."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _wsgi_bytes(value: str) -> bytes:
+    """A WSGI environ string is the raw bytes decoded as latin-1 (PEP 3333)."""
+    return value.encode("latin-1", "replace")
+
+
+def _parse_form(raw: bytes) -> dict[str, str]:
+    """``a=1&b=%ff`` -> {"a": "1", "b": "\udcff"}: percent-decoded to bytes, then to text without
+    loss (first value of each name wins). parse_qsl on bytes cannot do this: it re-encodes
+    non-ASCII results as ASCII and raises."""
+    out: dict[str, str] = {}
+    for k, v in parse_qsl(raw.decode("latin-1"), keep_blank_values=True, encoding="latin-1"):
+        out.setdefault(_text(k.encode("latin-1")), _text(v.encode("latin-1")))
+    return out
+
+
+def query_params(environ) -> dict[str, str]:
+    """The query string, parsed from its raw bytes."""
+    return _parse_form(_wsgi_bytes(environ.get("QUERY_STRING", "")))
+
+
+def form_params(req: bottle.BaseRequest) -> dict[str, str]:
+    """A urlencoded POST body (Go's r.FormValue); other bodies carry no parameters here.
+
+    The body is at most :data:`api.wsgi.MANAGEMENT_LIMITS`.max_body bytes (Waitress refuses a
+    larger one before reading it). Parsed once per request; MalformedRequest if unreadable.
+    """
+    environ = req.environ
+    cached = environ.get("dispatch.form")
+    if cached is not None:
+        return cached
+    out: dict[str, str] = {}
+    ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    if environ.get("REQUEST_METHOD") == "POST" and ctype == "application/x-www-form-urlencoded":
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise MalformedRequest("bad Content-Length") from None
+        if length < 0 or length > MANAGEMENT_LIMITS.max_body:
+            raise MalformedRequest("body too large")
+        try:
+            raw = environ["wsgi.input"].read(length) if length else b""
+        except Exception:  # noqa: BLE001 - a client that hangs up mid-body
+            raise MalformedRequest("unreadable body") from None
+        out = _parse_form(raw)
+    environ["dispatch.form"] = out
+    return out
+
+
 def request_tokens(req: bottle.BaseRequest) -> list[str]:
     """Every token the request offers, where Arvados looks: Bearer/OAuth2 header, Basic password,
-    ``api_token`` parameter, ``arvados_api_token`` cookie (base64url)."""
+    ``api_token`` parameter, ``arvados_api_token`` cookie (base64url).
+
+    Headers are read from their raw bytes, so no header value can make this raise. The body is
+    only looked at when nothing else offered a token.
+    """
+    environ = req.environ
     found = []
-    auth = req.headers.get("Authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme in ("Bearer", "OAuth2") and value.strip():
-        found.append(value.strip())
-    elif scheme == "Basic" and req.auth and req.auth[1]:
-        found.append(req.auth[1])
-    param = req.query.getunicode("api_token") or ""
-    if not param and req.method == "POST":
-        param = req.forms.getunicode("api_token") or ""
+    auth = _wsgi_bytes(environ.get("HTTP_AUTHORIZATION", ""))
+    scheme, _, value = auth.partition(b" ")
+    if scheme in (b"Bearer", b"OAuth2") and value.strip():
+        found.append(_text(value.strip()))
+    elif scheme == b"Basic" and value.strip():
+        try:
+            _, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+        except ValueError:
+            raise MalformedRequest("bad Basic authorization header") from None
+        if password:
+            found.append(_text(password))
+    param = query_params(environ).get("api_token", "")
     if param:
         found.append(param)
-    cookie = req.get_cookie("arvados_api_token")
-    if cookie:
-        try:
-            found.append(base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4)).decode())
-        except (ValueError, UnicodeDecodeError):
-            found.append(cookie)
+    for part in _wsgi_bytes(environ.get("HTTP_COOKIE", "")).split(b";"):
+        name, eq, cookie = part.strip().partition(b"=")
+        if eq and name == b"arvados_api_token" and cookie:
+            try:
+                found.append(_text(base64.urlsafe_b64decode(cookie + b"=" * (-len(cookie) % 4))))
+            except ValueError:
+                found.append(_text(cookie))
+    if not found:
+        param = form_params(req).get("api_token", "")
+        if param:
+            found.append(param)
     return found
 
 
@@ -179,7 +289,7 @@ def check_token(expected: str, offered: list[str]) -> tuple[int, str] | None:
     # Compare against every offered token so timing does not depend on which one matched.
     ok = False
     for tok in offered:
-        ok |= hmac.compare_digest(tok.encode(), want)
+        ok |= hmac.compare_digest(tok.encode("utf-8", "surrogateescape"), want)
     return None if ok else (403, "Forbidden: management token does not match")
 
 
@@ -270,10 +380,14 @@ class _Handlers:
 def _param(name: str) -> str:
     """A parameter from the query string or a urlencoded POST body (Go's r.FormValue)."""
     req = bottle.request
-    value = req.query.getunicode(name)
-    if value is None and req.method == "POST":
-        value = req.forms.getunicode(name)
-    return value or ""
+    value = query_params(req.environ).get(name)
+    if value is None:
+        value = form_params(req).get(name)
+    # A value that is not UTF-8 names nothing we have (ids and uuids are ASCII): keep it harmless.
+    return (value or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+_bad_requests = _RequestLog()
 
 
 def _log_action(msg: str, **fields) -> None:
@@ -289,6 +403,9 @@ def _guard(callback):
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
+        except MalformedRequest as e:
+            _bad_requests.bad_request(bottle.request, str(e))
+            return error_response(400, f"malformed request: {e}")
         except BackendTimeout as e:
             log.warning("management API: dispatcher did not answer in time",
                         extra={"path": bottle.request.path, "method": bottle.request.method, "error": str(e)})
@@ -329,9 +446,9 @@ def make_app(cluster: Cluster, backend: Backend, metrics) -> bottle.Bottle:
         # A hook, not a route plugin: it runs before routing, so unknown paths need a token too.
         try:
             denied = check_token(token, request_tokens(bottle.request))
-        except Exception:
-            log.exception("management API: token check failed", extra={"path": bottle.request.path})
-            denied = 400, "malformed request"
+        except MalformedRequest as e:
+            _bad_requests.bad_request(bottle.request, str(e))
+            denied = 400, f"malformed request: {e}"
         if denied is not None:
             status, message = denied
             headers = {"WWW-Authenticate": 'Bearer realm="dispatch-cloud"'} if status == 401 else None

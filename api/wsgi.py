@@ -5,6 +5,12 @@ loop (EBADF), so :class:`WsgiServer` drives the loop itself: :meth:`WsgiServer.s
 server's trigger with a thunk that raises a flag, and the loop thread — the one that owns the
 sockets — closes the listener, the open connections and the trigger, then stops the worker
 threads. The API server of the dev cluster and the management API both use this.
+
+Hostile or unlucky clients (:class:`Limits`): Waitress' defaults (100 connections, 120 s idle
+timeout, 1 GiB bodies spooled to /tmp, ``select()``) let 100 half-open connections lock every
+operator out, and make the server drop its listener for good once the process holds a file
+descriptor above 1023. Here the loop uses ``poll()``, connections are many and short-lived when
+idle, and a body over the cap is refused from its Content-Length before it is read.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from waitress import wasyncore
@@ -22,6 +29,41 @@ log = logging.getLogger(__name__)
 # Waitress resolves "localhost" to every address it has (IPv4 and IPv6) and then builds a
 # multi-socket server with a different shape; one loopback socket is what callers mean.
 _ALIASES = {"localhost": "127.0.0.1", "": "127.0.0.1"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost the server (Waitress adjustments, see the module doc).
+
+    ``idle_timeout`` closes a connection that sends nothing for that long (a half-sent request
+    included); ``max_connections`` is far above what operators and Prometheus need so that many
+    such connections cannot starve them in the meantime; ``max_body`` is refused with 413 before
+    the body is read (a chunked body is cut off at the cap); nothing larger than ``max_body`` is
+    ever buffered, and nothing goes to a temporary file.
+    """
+
+    max_connections: int = 1000
+    idle_timeout: float = 10.0
+    max_body: int = 4 << 10
+    max_header: int = 16 << 10
+
+    def adjustments(self) -> dict:
+        return {
+            "connection_limit": self.max_connections,
+            "channel_timeout": self.idle_timeout,
+            # how often idle connections are looked for; bounded by the loop's poll timeout
+            "cleanup_interval": max(1, int(self.idle_timeout / 4)),
+            "max_request_body_size": self.max_body,
+            "max_request_header_size": self.max_header,
+            "inbuf_overflow": max(self.max_body, self.max_header) + 1,  # never spool to disk
+            "asyncore_use_poll": True,
+            "asyncore_loop_timeout": 1,
+        }
+
+
+MANAGEMENT_LIMITS = Limits()
+# The dev container API takes container records (mounts, runtime_status) and POST-as-GET filters.
+CONTAINER_API_LIMITS = Limits(max_body=1 << 20, max_header=64 << 10)
 
 
 def parse_listen_url(url: str) -> tuple[str, int]:
@@ -50,7 +92,7 @@ class WsgiServer:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
-                 *, name: str = "wsgi"):
+                 *, name: str = "wsgi", limits: Limits = MANAGEMENT_LIMITS):
         if "://" in host:
             host, port = parse_listen_url(host)
         self._app = app
@@ -58,6 +100,7 @@ class WsgiServer:
         self._want_port = int(port)
         self._threads = int(threads)
         self._name = name
+        self._limits = limits
         self._server = None
         self._loop_thread: threading.Thread | None = None
         self._stop_requested = False
@@ -72,7 +115,7 @@ class WsgiServer:
         # create_server binds and listens before returning, so the port is usable at once.
         self._server = create_server(self._app, host=self._host, port=self._want_port,
                                      threads=self._threads, clear_untrusted_proxy_headers=True,
-                                     ident=None)
+                                     ident=None, **self._limits.adjustments())
         self._wait_for_idle_workers(self._server.task_dispatcher)
         self._loop_thread = threading.Thread(target=self._loop, name=f"{self._name}-loop:{self.port}",
                                              daemon=True)
@@ -140,7 +183,7 @@ class WsgiServer:
         timeout = server.adj.asyncore_loop_timeout
         try:
             while not self._stop_requested and socket_map:
-                wasyncore.loop(timeout=timeout, map=socket_map, count=1)
+                wasyncore.loop(timeout=timeout, use_poll=True, map=socket_map, count=1)
         except Exception:
             log.exception("wsgi server loop failed", extra={"url": self.url})
         finally:
@@ -164,7 +207,7 @@ class WsgiServer:
         stopper = threading.Thread(target=stop_workers, name="wsgi-shutdown", daemon=True)
         stopper.start()
         while stopper.is_alive():
-            wasyncore.loop(timeout=0.05, map=socket_map, count=1)
+            wasyncore.loop(timeout=0.05, use_poll=True, map=socket_map, count=1)
         for channel in list(socket_map.values()):
             if channel is not server.trigger:
                 try:

@@ -20,6 +20,7 @@ transports cheap (see bench/bench_ssh.py).
 
 from __future__ import annotations
 
+import errno
 import heapq
 import io
 import itertools
@@ -292,6 +293,9 @@ class SSHExecutor:
         except TimeoutError:
             raise ConnectError(f"ssh {where}: connect timed out after {self._connect_timeout:g}s") from None
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self._log.error("out of file descriptors: cannot open an SSH connection",
+                                extra=self._fields(error=e.strerror or str(e)))
             raise ConnectError(f"ssh {where}: cannot connect: {e.strerror or e}") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -402,7 +406,10 @@ def _exchange(chan: paramiko.Channel, command: str, stdin: bytes, deadline: floa
     """Exec, stream stdin while draining stdout and stderr (no window deadlock), collect status."""
     chan.exec_command(command)
     chan.settimeout(0.0)
-    rfd = chan.fileno()  # readable while stdout or stderr has data (or the channel closed)
+    # readable while stdout or stderr has data (or the channel closed); poll(), not select(),
+    # which raises ValueError once the process holds more than 1024 descriptors
+    poller = select.poll()
+    poller.register(chan.fileno(), select.POLLIN)
     out: list[bytes] = []
     err: list[bytes] = []
     view = memoryview(stdin)
@@ -425,7 +432,7 @@ def _exchange(chan: paramiko.Channel, command: str, stdin: bytes, deadline: floa
         if remaining <= 0:
             raise _Deadline()
         # Writable-readiness has no fd: poll briefly while stdin is blocked on the window.
-        select.select([rfd], [], [], min(remaining, 0.02) if not eof_sent else remaining)
+        poller.poll(1000 * (min(remaining, 0.02) if not eof_sent else remaining))
     # EOF closed both buffers: drain what is left, then wait for the exit status.
     while chan.recv_ready():
         out.append(chan.recv(_CHUNK * 2))

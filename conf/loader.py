@@ -23,7 +23,12 @@ Deliberate differences from Arvados:
 * Negative counts, sizes and durations are errors (Go would accept some, then misbehave).
 * ``Services.DispatchCloud.InternalURLs`` defaults to ``http://localhost:9006``; URLs a site lists
   replace that default instead of being added to it.
-* ``DispatchPrivateKey`` is stored as PEM text: a ``file:///`` URL is read at load time.
+* ``DispatchPrivateKey`` is stored as PEM text: a ``file:///`` URL is read at load time, and
+  refused if the file is larger than a key can be or readable by group or others.
+* YAML aliases may not expand the document past :data:`MAX_EXPANDED_NODES` nodes (a "billion
+  laughs" file is refused instead of hanging the loader).
+* No message ever holds the value of a key that holds a secret (:func:`is_secret_key`), whatever
+  its YAML type.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import logging
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping
 from importlib import resources
 from urllib.parse import urlsplit
@@ -72,6 +78,16 @@ _GPU_KEYS = ("Stack", "DriverVersion", "HardwareTarget", "DeviceCount", "VRAM")
 # Maps whose site value replaces the default instead of merging into it (when non-empty).
 _REPLACED = {("Services", "DispatchCloud", "InternalURLs")}
 _REQUIRED = object()
+# A real cluster config is a few thousand nodes; aliases may not blow it up past this.
+MAX_EXPANDED_NODES = 100_000
+# A private key file is a few KiB; anything larger (or /dev/zero) is not one.
+MAX_KEY_FILE = 64 << 10
+_SECRET_KEY = re.compile(r"(Token|Secret|SecretKey|AccessKey|PrivateKey|SigningKey|Password|Passphrase)$")
+
+
+def is_secret_key(key) -> bool:
+    """Whether a config key holds a secret (ManagementToken, ClientSecret, SecretAccessKey, ...)."""
+    return isinstance(key, str) and bool(_SECRET_KEY.search(key))
 
 
 class ConfigError(Exception):
@@ -111,16 +127,73 @@ def load(path: str | None = None, cluster_id: str | None = None) -> Cluster:
 def load_text(text: str, source: str = "<string>", cluster_id: str | None = None) -> Cluster:
     """Like :func:`load`, for config text already in memory; ``source`` names it in messages."""
     try:
-        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        doc = _parse_yaml(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise ConfigError(source, where, f"invalid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(source, "", f"invalid YAML: {e}") from None
+    except _TooBig as e:
+        raise ConfigError(source, "", str(e)) from None
+    except (ValueError, OverflowError, RecursionError) as e:  # e.g. a 30,000-digit integer
+        raise ConfigError(source, "", f"invalid YAML: a value cannot be read ({type(e).__name__})") from None
     cid, site = _pick_cluster(doc, source, cluster_id)
     merged = merge(_defaults(), clean(site))
     return _Builder(source, cid).build(merged)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _parse_yaml(text: str):
+    """safe_load, refusing a document whose aliases expand it past MAX_EXPANDED_NODES.
+
+    Aliases share nodes, so the composed graph stays small while everything that walks the
+    loaded value (merging, freezing, JSON) would visit each alias's target again; the expanded
+    size is counted on the graph, once per node (memoised), before anything is constructed.
+    """
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root) -> int:
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in on_path:
+            raise _TooBig("YAML alias refers to itself (a recursive document is not a config)")
+        on_path.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += size(k) + size(v)
+                if total > MAX_EXPANDED_NODES:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for v in node.value:
+                total += size(v)
+                if total > MAX_EXPANDED_NODES:
+                    break
+        on_path.discard(key)
+        if total > MAX_EXPANDED_NODES:
+            raise _TooBig(f"YAML aliases expand the document past {MAX_EXPANDED_NODES} nodes")
+        sizes[key] = total
+        return total
+
+    return size(root)
 
 
 class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
@@ -229,9 +302,10 @@ def _kind(v) -> str:
     return type(v).__name__
 
 
-def _not_a_string(v) -> str:
-    hint = " (put it in quotes)" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
-    return f"expected a string, got {_kind(v)}{hint}"
+def _not_a_string(v, secret: bool = False) -> str:
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    hint = " (put it in quotes)" if number else ""
+    return f"expected a string, got {'a number' if number and secret else _kind(v)}{hint}"
 
 
 def _show(v, limit: int = 60) -> str:
@@ -263,6 +337,11 @@ class _Section:
         return f"{self.path}.{k}"
 
     def fail(self, k: str, reason: str):
+        if is_secret_key(k):
+            v = self.data.get(k) if isinstance(self.data, Mapping) else None
+            if (isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v)
+                    and not str(v).startswith("file://")):  # a path to a secret is not one
+                reason = reason.replace(str(v), "(secret)")
         raise ConfigError(self.b.source, self.key(k), reason)
 
     def _get(self, k, default):
@@ -293,7 +372,7 @@ class _Section:
         if numbers_ok and isinstance(v, int) and not isinstance(v, bool):
             return str(v)
         if not isinstance(v, str):
-            self.fail(k, _not_a_string(v))
+            self.fail(k, _not_a_string(v, secret=is_secret_key(k)))
         return v
 
     def bool(self, k: str, default=_REQUIRED) -> bool:
@@ -545,13 +624,7 @@ class _Builder:
             path = value[len("file://"):]
             if not path.startswith("/"):
                 sec.fail(k, f"{_show(value)} must be file:///absolute/path")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    pem = f.read()
-            except UnicodeDecodeError:
-                sec.fail(k, f"{path} is not a valid SSH private key")
-            except OSError as e:
-                sec.fail(k, f"cannot read {path}: {e.strerror or e}")
+            pem = self._read_key_file(sec, k, path)
             what = path
         else:
             what = "the value"
@@ -559,6 +632,27 @@ class _Builder:
         if reason:
             sec.fail(k, f"{what} is not a valid SSH private key ({reason})")
         return pem
+
+    @staticmethod
+    def _read_key_file(sec: _Section, k: str, path: str) -> str:
+        """At most MAX_KEY_FILE bytes of a regular file that only its owner can read."""
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    sec.fail(k, f"{path} is not a regular file")
+                if st.st_mode & 0o044:
+                    sec.fail(k, f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                f"run: chmod 600 {path}")
+                data = f.read(MAX_KEY_FILE + 1)
+        except OSError as e:
+            sec.fail(k, f"cannot read {path}: {e.strerror or e}")
+        if len(data) > MAX_KEY_FILE:
+            sec.fail(k, f"{path} is larger than {MAX_KEY_FILE // 1024} KiB: not an SSH private key")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            sec.fail(k, f"{path} is not a valid SSH private key")
 
     # -- InstanceTypes --------------------------------------------------------------------------
 

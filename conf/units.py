@@ -27,7 +27,11 @@ _NS_PER = {
 _MAX_NS = 2**63 - 1  # Go's time.Duration is an int64 of nanoseconds
 # one component: a number (at least one digit, optional fraction) then its unit (anything up to
 # the next digit or dot, so that "1d" reports the unknown unit "d", as Go does)
-_COMPONENT = re.compile(r"(\d+\.?\d*|\.\d+)([^\d.]*)")
+# (no nested or overlapping repeats, so no input can make it backtrack)
+_COMPONENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([^\d.]*)")
+# Longer than any real value (a 64-bit count of nanoseconds or bytes with a unit): refused
+# before parsing, so a 30,000-digit value costs nothing.
+MAX_TEXT = 64
 
 
 def parse_duration(v) -> float:
@@ -43,6 +47,8 @@ def parse_duration(v) -> float:
         raise ValueError("missing unit")
     if not isinstance(v, str):
         raise ValueError("not a duration")
+    if len(v) > MAX_TEXT:
+        raise ValueError("too long")
     s = v
     sign = 1
     if s[:1] in ("-", "+"):
@@ -116,7 +122,7 @@ for _i, _p in enumerate(_PREFIXES, start=1):
     _MULTIPLIER[_p + "i"] = 1024**_i
 _MAX_BYTES = 2**63 - 1  # Arvados' ByteSize is an int64
 _SIZE = re.compile(
-    r"(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"  # int, float or exponent form
+    r"(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"  # int, float or exponent form
     r" *(?P<unit>[KMGTPE]i?)?B?"
 )
 
@@ -136,10 +142,15 @@ def parse_size(v) -> int:
             raise ValueError("not a finite number")
         n = int(v)
     elif isinstance(v, str):
+        if len(v) > MAX_TEXT:
+            raise ValueError("too long")
         m = _SIZE.fullmatch(v.strip())
         if not m:
             unit = re.sub(r"^[-+\d.eE ]*", "", v.strip())
             raise ValueError(f'unknown unit "{unit}"' if unit and unit != v.strip() else "not a size")
+        mantissa, _, exponent = m["num"].lower().partition("e")
+        if exponent and abs(int(exponent)) > 40:  # 1e999999999 would take forever to expand
+            raise ValueError("out of range")
         n = int(Fraction(m["num"]) * _MULTIPLIER[m["unit"] or ""])
     else:
         raise ValueError("not a size")

@@ -7,6 +7,8 @@ import logging
 import pykka
 import pytest
 
+from tests.g5 import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (G5 log scan hooks)
+
 
 class _ErrorCatcher(logging.Handler):
     def __init__(self):

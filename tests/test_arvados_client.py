@@ -369,6 +369,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_retry_pauses_are_capped_by_max_delay():
+    """The service caps pauses at PollInterval, so a poll in backoff cannot hold dispatch back
+    for more than one PollInterval after an API outage ends."""
+    port = free_port()
+    delays = []
+    client = ArvadosClient(f"127.0.0.1:{port}", TOKEN_A, retries=4, backoff=0.5, max_delay=1.0,
+                           sleep=delays.append, timeout=(1.0, 1.0))
+    with pytest.raises(ApiUnavailable):
+        client.list_containers()
+    assert delays == [0.5, 1.0, 1.0, 1.0]
+
+
 def test_dead_port_raises_api_unavailable_quickly(caplog):
     port = free_port()
     client = ArvadosClient(f"127.0.0.1:{port}", TOKEN_A, retries=2, backoff=0.05, timeout=(1.0, 1.0))

@@ -484,6 +484,7 @@ def test_private_key_inline_and_from_file(tmp_path, kind):
     assert c.containers.dispatch_private_key == pem
     keyfile = tmp_path / "dispatch.key"
     keyfile.write_text(pem)
+    keyfile.chmod(0o600)
     c = load_doc(tmp_path, site(Containers={"DispatchPrivateKey": f"file://{keyfile}"}))
     assert c.containers.dispatch_private_key == pem
     assert c.raw["Containers"]["DispatchPrivateKey"] == f"file://{keyfile}"
@@ -498,6 +499,7 @@ def test_bad_private_keys_are_not_echoed(tmp_path):
                             "(not an Ed25519, ECDSA or RSA key in PEM/OpenSSH form)")
     keyfile = tmp_path / "locked.key"
     keyfile.write_text(_pem("ed25519", password=b"hunter2"))
+    keyfile.chmod(0o600)
     path = write(tmp_path, site(Containers={"DispatchPrivateKey": f"file://{keyfile}"}))
     with pytest.raises(ConfigError) as e:
         load(path)

@@ -699,6 +699,7 @@ def test_check_config_refuses_a_key_ec2_cannot_import(tmp_path):
     pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
     (tmp_path / "ecdsa").write_text(pem)
+    (tmp_path / "ecdsa").chmod(0o600)  # a key file others can read is refused first
     text = (Path(__file__).parent / "data" / "arvados-ec2.yml").read_text()
     text = re.sub(r"DispatchPrivateKey: \|\n(        .*\n)+", f"DispatchPrivateKey: file://{tmp_path}/ecdsa\n", text)
     path = tmp_path / "config.yml"

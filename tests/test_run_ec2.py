@@ -45,6 +45,7 @@ def test_run_creates_for_the_queue_and_destroys_when_it_empties(tmp_path, ec2_en
     key = tmp_path / "dispatch.key"
     key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    key.chmod(0o600)
     store = ContainerStore(str(tmp_path / "c.db"), cluster_id="zzzzz")
     store.add_token(TOKEN, admin=True)
     api = serve(store)

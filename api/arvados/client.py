@@ -11,6 +11,7 @@ dev SQLite store.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -157,11 +158,24 @@ class ContainerApi:
 # ---------------------------------------------------------------------------------------------
 # Over HTTP
 
-_LOOPBACK = ("localhost", "::1")
+def _is_loopback(host: str) -> bool:
+    """Loopback by the parsed address (127.0.0.0/8, ::1) or the name ``localhost`` itself; never
+    by a prefix, so ``127.0.0.1.example.com`` is a remote name."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def base_url(api_host: str) -> str:
-    """``"host:port"`` or a URL -> ``scheme://host:port``; https unless loopback or explicit http."""
+    """A URL or ``"host:port"`` -> ``scheme://host:port``.
+
+    A URL keeps its scheme, whatever the host: https stays https (the token must never go out in
+    clear because a name looks local). A bare ``host:port`` (ARVADOS_API_HOST, as crunch-run gets
+    it) is https unless the host is a loopback address.
+    """
     if not isinstance(api_host, str) or not api_host.strip():
         raise ValueError("api_host: expected host:port or a URL, got an empty value")
     api_host = api_host.strip()
@@ -172,8 +186,7 @@ def base_url(api_host: str) -> str:
         return f"{parts.scheme}://{parts.netloc}"
     api_host = api_host.rstrip("/")
     host = urlsplit("//" + api_host).hostname or ""
-    loopback = host in _LOOPBACK or host.startswith("127.")
-    return f"{'http' if loopback else 'https'}://{api_host}"
+    return f"{'http' if _is_loopback(host) else 'https'}://{api_host}"
 
 
 def encode_params(params: Mapping) -> dict[str, str]:
@@ -211,13 +224,15 @@ class ArvadosClient(ContainerApi):
     """The container API over HTTP, with retries on connection errors and 5xx.
 
     ``timeout`` is (connect, read) seconds. A call is tried ``1 + retries`` times with
-    exponential backoff (``backoff * 2**attempt``) between; 4xx answers are never retried.
+    exponential backoff (``backoff * 2**attempt``, at most ``max_delay``) between; 4xx answers
+    are never retried.
     ``last_503`` is the time of the last 503 seen, which the scheduler uses to shrink
     concurrency. The token is sent only in the Authorization header and never logged.
     """
 
     def __init__(self, api_host: str, token: str, *, insecure: bool = False,
                  timeout: tuple[float, float] = (5.0, 30.0), retries: int = 4, backoff: float = 0.5,
+                 max_delay: float | None = None,
                  session: requests.Session | None = None,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.time):
         super().__init__()
@@ -228,6 +243,7 @@ class ArvadosClient(ContainerApi):
         self._timeout = timeout
         self._retries = max(0, int(retries))
         self._backoff = float(backoff)
+        self._max_delay = max_delay
         self._sleep = sleep
         self._clock = clock
         self._session = session or requests.Session()
@@ -292,6 +308,8 @@ class ArvadosClient(ContainerApi):
 
     def _pause(self, method: str, url: str, attempt: int, cause: str) -> None:
         delay = self._backoff * (2 ** attempt)
+        if self._max_delay is not None:
+            delay = min(delay, self._max_delay)
         log.info("retrying Arvados API request", extra={
             "method": method, "url": url, "attempt": attempt + 1, "delay": delay, "error": cause})
         self._sleep(delay)

@@ -23,7 +23,7 @@ import threading
 
 import bottle
 
-from api.wsgi import WsgiServer
+from api.wsgi import CONTAINER_API_LIMITS, WsgiServer
 from api.arvados.store import (BadRequest, ContainerStore, NotLoggedIn, StoreError, TokenInfo,
                                   check_select)
 
@@ -47,7 +47,20 @@ def _decode(value: str):
 
 
 def _params() -> dict:
-    """Request parameters: query string, then form body (POST-as-GET, PUT forms), JSON-decoded."""
+    """Request parameters: query string, then form body (POST-as-GET, PUT forms), JSON-decoded.
+
+    A token in the Authorization header is checked before the body is read (``before_request``);
+    the body itself is capped by :data:`api.wsgi.CONTAINER_API_LIMITS` before it reaches us.
+    """
+    try:
+        return _read_params()
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - undecodable bytes, a malformed multipart body, ...
+        raise BadRequest(f"malformed request ({type(e).__name__})") from None
+
+
+def _read_params() -> dict:
     out = {k: _decode(v) for k, v in bottle.request.query.decode().allitems()}
     if bottle.request.method in ("POST", "PUT", "PATCH"):
         ctype = bottle.request.content_type.split(";")[0].strip().lower()
@@ -71,11 +84,19 @@ def _is_get_override(params: dict) -> bool:
     return hdr.upper() == "GET" or str(params.get("_method", "")).upper() == "GET"
 
 
+def _header_token() -> str | None:
+    """The Authorization header's token, from the raw bytes (an undecodable one cannot match)."""
+    auth = bottle.request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+    scheme, _, value = auth.partition(b" ")
+    if scheme.lower() in (b"bearer", b"oauth2") and value.strip():
+        return value.strip().decode("utf-8", "replace")
+    return None
+
+
 def _token(params: dict) -> str | None:
-    auth = bottle.request.get_header("Authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() in ("bearer", "oauth2") and value.strip():
-        return value.strip()
+    tok = _header_token()
+    if tok is not None:
+        return tok
     tok = params.get("api_token")
     return tok if isinstance(tok, str) and tok else None
 
@@ -113,6 +134,13 @@ def make_app(store: ContainerStore) -> bottle.Bottle:
         return wrapper
 
     app.install(errors_as_json)
+
+    @app.hook("before_request")
+    def header_token_first():
+        # A request whose header token is wrong is refused before its body is parsed.
+        tok = _header_token()
+        if tok is not None and store.authenticate(tok) is None:
+            raise _json_error(401, "Not logged in")
 
     def list_containers(params: dict) -> dict:
         who = caller(params)
@@ -198,7 +226,8 @@ def make_app(store: ContainerStore) -> bottle.Bottle:
 
 def serve(store: ContainerStore, host: str = "127.0.0.1", port: int = 0, threads: int = 8) -> WsgiServer:
     """Start the API server on ``host:port`` (0 = any free port) and return it, listening."""
-    return WsgiServer(make_app(store), host, port, threads, name="arvados-api").start()
+    return WsgiServer(make_app(store), host, port, threads, name="arvados-api",
+                      limits=CONTAINER_API_LIMITS).start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import sqlite3
 import string
@@ -194,6 +195,18 @@ _COMPARE = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 FILTER_OPS = tuple(_COMPARE) + ("in", "not in", "like", "ilike", "is_a")
 
 
+_INT64 = (-(2**63), 2**63 - 1)  # what SQLite (and Postgres' bigint) can hold
+
+
+def _in_range(n, what: str):
+    """An integer SQLite can store, or a finite float; Unprocessable (422) otherwise, not a 500."""
+    if isinstance(n, int) and not _INT64[0] <= n <= _INT64[1]:
+        raise Unprocessable(f"{what}: integer out of range")
+    if isinstance(n, float) and not math.isfinite(n):
+        raise Unprocessable(f"{what}: number out of range")
+    return n
+
+
 def _coerce(attr: str, value, where: str):
     kind = FIELDS[attr]
     if value is None:
@@ -202,14 +215,14 @@ def _coerce(attr: str, value, where: str):
         if isinstance(value, bool):
             raise Unprocessable(f"{where}: operand {value!r} is not a number")
         if isinstance(value, (int, float)):
-            return value
+            return _in_range(value, where)
         if isinstance(value, str):
             # The Go dispatcher sends ["priority", ">", "0"]: compare numerically, as Postgres does.
             try:
-                return int(value)
+                return _in_range(int(value), where)
             except ValueError:
                 try:
-                    return float(value)
+                    return _in_range(float(value), where)
                 except ValueError:
                     pass
         raise Unprocessable(f"{where}: operand {value!r} is not a number")
@@ -332,7 +345,7 @@ def check_select(select) -> tuple[str, ...]:
         raise Unprocessable(f"select: expected a list of attribute names, got {select!r}")
     out = []
     for name in select:
-        if name not in FIELDS:
+        if not isinstance(name, str) or name not in FIELDS:
             raise Unprocessable(f"select: unknown attribute {name!r}")
         if name not in out:
             out.append(name)
@@ -348,9 +361,11 @@ def _int_param(value, name: str, default: int) -> int:
         n = int(value)
     except (TypeError, ValueError):
         raise Unprocessable(f"{name}: expected a non-negative integer, got {value!r}") from None
+    except OverflowError:  # int(inf)
+        raise Unprocessable(f"{name}: integer out of range") from None
     if n < 0 or (isinstance(value, float) and value != n):
         raise Unprocessable(f"{name}: expected a non-negative integer, got {value!r}")
-    return n
+    return _in_range(n, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +391,8 @@ def _check_value(name: str, value):
             bad = "a list of strings"
     if bad:
         raise Unprocessable(f"{name}: expected {bad}, got {value!r}")
+    if kind in (INT, FLOAT) and value is not None:
+        _in_range(value, name)
     if name == "priority" and (value is None or value < 0):
         raise Unprocessable(f"priority: must be an integer >= 0, got {value!r}")
     if name == "environment" and not all(isinstance(v, str) for v in value.values()):

@@ -164,7 +164,9 @@ def parse(params: Mapping | None) -> AzureConfig:
         elif v is None:
             v = _DEFAULTS[name]
         elif not isinstance(v, str):
-            raise AzureConfigError(f"DriverParameters.{key}: expected a string, got {v!r}")
+            # never the value: ClientSecret written as a bare number is still a secret
+            raise AzureConfigError(f"DriverParameters.{key}: expected a string, got "
+                                   f"{type(v).__name__} (put it in quotes)")
         if isinstance(v, str) and v == "" and _DEFAULTS[name] != "":
             v = _DEFAULTS[name]  # an explicit "" keeps the Arvados default, as the merged defaults do
         values[name] = v

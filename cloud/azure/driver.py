@@ -159,6 +159,12 @@ def make_clients(cfg: AzureConfig, *, polling_interval: float = DEFAULT_POLLING_
 # The driver
 
 
+def check_params(params, cluster) -> None:
+    """:mod:`cloud.drivers` hook, so check-config rejects what :func:`driver` would."""
+    from conf.model import thaw
+    parse(thaw(params or {}))
+
+
 def driver(params, set_id: str, *, cluster=None, clock=None, logger=None,
            polling_interval: float = DEFAULT_POLLING_INTERVAL, op_timeout: float = DEFAULT_OP_TIMEOUT,
            clients=None) -> "AzureInstanceSet":

@@ -68,7 +68,8 @@ def _string(v, key: str) -> str:
     if v is None:
         return ""
     if not isinstance(v, str):
-        raise _err(key, f"expected a string, got {v!r}")
+        # never the value: SecretAccessKey written as a bare number is still a secret
+        raise _err(key, f"expected a string, got {type(v).__name__} (put it in quotes)")
     return v
 
 

@@ -32,7 +32,7 @@ from cloud.base import (CapacityError, CloudError, ExecResult, ExecutorError, Qu
 from cloud.stub.vm import (ExecRecord, FakeCrunchRun, Phase, StubParams,
                           StubParamsError, StubVM, container_field, list_output,
                           parse_config_data, parse_runner_args, runner_args, split_command)
-from conf.model import InstanceType
+from conf.model import InstanceType, thaw
 
 __all__ = ["StubCloud", "StubInstanceSet", "StubInstance", "StubExecutor", "StubParams",
            "StubParamsError", "StubVM", "driver"]
@@ -676,6 +676,11 @@ class StubInstanceSet:
         self._stopped = True
         if self._owns_cloud:
             self.cloud.stop()
+
+
+def check_params(params: Mapping | None, cluster) -> None:
+    """:mod:`cloud.drivers` hook: raise :class:`StubParamsError` naming the key."""
+    StubParams.from_driver_parameters(thaw(params) if params is not None else None)
 
 
 def driver(params: Mapping | None, set_id: str, *, cluster, clock, logger=None, cloud=None,

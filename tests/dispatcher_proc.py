@@ -1,0 +1,168 @@
+"""A real ``dispatch-cloud run --config`` process on the local driver, against the SQLite container
+API server on loopback in the test process (so a test can stop it, restart it on the same port,
+and read the store directly). Used by the process-level guarantee tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from actors.devmode import crunch_run_path
+from api.arvados.server import serve
+from api.arvados.store import ContainerStore, TokenInfo
+from tests.util import free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Cluster:
+    """The config, the API server and the dispatcher process(es) of one test."""
+
+    def __init__(self, tmp: Path, *, poll: str = "1s", probe: str = "2s", idle: str = "3s", max_instances: int = 3,
+                 vcpus: int = 4, extra_fds: list[int] | None = None):
+        self.tmp = tmp
+        self.token = "sys" + secrets.token_hex(20)
+        self.mgmt_token = "mgmt" + secrets.token_hex(20)
+        key = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+        self.key_pem = key
+        keyfile = tmp / "dispatch_key"
+        keyfile.write_text(key)
+        keyfile.chmod(0o600)
+        self.store = ContainerStore(str(tmp / "containers.db"), cluster_id="zzzzz", max_dispatch_attempts=10)
+        self.store.add_token(self.token, admin=True)
+        self.admin = TokenInfo(uuid=self.store.authenticate(self.token).uuid, admin=True)
+        self.api_port = free_port()
+        self.api = serve(self.store, "127.0.0.1", self.api_port)
+        self.mgmt = f"http://127.0.0.1:{free_port()}"
+        self.state_dir = tmp / "vms"
+        self.marks = tmp / "marks"
+        self.marks.mkdir()
+        self.poll = poll
+        doc = {"Clusters": {"zzzzz": {
+            "SystemRootToken": self.token, "ManagementToken": self.mgmt_token,
+            "Services": {"Controller": {"ExternalURL": f"http://127.0.0.1:{self.api_port}"},
+                         "DispatchCloud": {"InternalURLs": {self.mgmt: {}}}},
+            "Containers": {
+                "DispatchPrivateKey": f"file://{keyfile}", "CrunchRunCommand": crunch_run_path(),
+                "RuntimeEngine": "process", "ReserveExtraRAM": 0, "LocalKeepBlobBuffersPerVCPU": 0,
+                "StaleLockTimeout": "10s", "MaxDispatchAttempts": 10,
+                "CloudVMs": {
+                    "Driver": "local", "BootProbeCommand": "true", "SSHPort": str(free_port()),
+                    "DriverParameters": {"StateDir": str(self.state_dir), "BootDelay": "0s",
+                                         "AddressBase": "127.1.%d.2" % (os.getpid() % 250)},
+                    "PollInterval": poll, "ProbeInterval": probe, "SyncInterval": "2s", "TimeoutIdle": idle,
+                    "TimeoutBooting": "30s", "TimeoutProbe": "30s", "TimeoutShutdown": "10s",
+                    "MaxInstances": max_instances, "MaxConcurrentInstanceCreateOps": max_instances},
+            },
+            # (ProbeInterval also bounds SSH command timeouts: 80% of it, so 1.6 s for --detach)
+            "InstanceTypes": {"small": {"ProviderType": "local-small", "VCPUs": vcpus, "RAM": "4GiB",
+                                        "IncludedScratch": "1GB", "Price": 0.01}},
+        }}}
+        self.cfg = tmp / "config.yml"
+        self.cfg.write_text(yaml.safe_dump(doc))
+        self.cfg.chmod(0o600)
+        self.log = tmp / "dispatcher.log"
+        self.extra_fds = extra_fds or []
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    # -- the dispatcher process
+
+    def start(self, wait: bool = True) -> None:
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "actors.cli", "run", "--config", str(self.cfg)], cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=err,
+                pass_fds=self.extra_fds)
+        self.starts += 1
+        if wait:
+            wait_for(lambda: self.mgmt_get("/_health/ping") is not None, 30, "the management API")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def mgmt_get(self, path: str, timeout: float = 2.0):
+        try:
+            r = requests.get(self.mgmt + path, headers={"Authorization": "Bearer " + self.mgmt_token},
+                             timeout=timeout)
+        except requests.RequestException:
+            return None
+        return r.json() if r.status_code == 200 else None
+
+    # -- containers
+
+    def submit(self, i: int, seconds: float = 1.0) -> str:
+        """Container ``i``: appends one line to marks/i each time it runs, then sleeps."""
+        cmd = ["sh", "-c", f"echo ran >> {self.marks}/{i}; sleep {seconds}"]
+        rec = self.store.create({"command": cmd, "container_image": "local", "cwd": "/tmp", "output_path": "/tmp",
+                                 "priority": 1, "runtime_constraints": {"vcpus": 1, "ram": 64 << 20},
+                                 "mounts": {}, "environment": {}}, caller=self.admin)
+        return rec["uuid"]
+
+    def containers(self, uuids) -> dict[str, dict]:
+        return {u: self.store.get(u, caller=self.admin) for u in uuids}
+
+    def runs(self, i: int) -> int:
+        p = self.marks / str(i)
+        return len(p.read_text().splitlines()) if p.exists() else 0
+
+    def vm_dirs(self) -> list[Path]:
+        return [p for p in self.state_dir.iterdir() if p.is_dir()] if self.state_dir.exists() else []
+
+    def log_lines(self) -> list[dict]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"msg": line})
+        return out
+
+    def secrets(self) -> list[str]:
+        """Every secret this cluster's config holds (the key by its base64 lines)."""
+        lines = [ln for ln in self.key_pem.splitlines() if ln and not ln.startswith("-----")]
+        return [self.token, self.mgmt_token, *lines]
+
+    # -- cleanup
+
+    def close(self) -> None:
+        self.stop()
+        self.api.stop()
+        if self.vm_dirs():  # a failed test may leave VMs: destroy them by the driver, by pid
+            from cloud.local import driver as local
+            from conf.loader import load
+            cluster = load(str(self.cfg))
+            iset = local.driver(cluster.cloud_vms.driver_parameters, "cleanup", cluster=cluster)
+            for inst in iset.instances({}):
+                inst.destroy()
+            iset.stop()
+        self.store.close()
+
+
+def assert_no_secrets(text: str, secrets_: list[str], where: str) -> None:
+    """G5: no configured secret appears in captured output."""
+    leaked = [s[:6] + "…" for s in secrets_ if s and s in text]
+    assert not leaked, f"secrets found in {where}: {leaked}"
+
