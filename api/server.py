@@ -6,20 +6,13 @@ the loop's own thread (no EBADF race), so ApiServer only has to start all or non
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Iterable
 
 from api.wsgi import WsgiServer, parse_listen_url
+from conf.hosts import is_loopback_host
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ApiServer:
@@ -35,7 +28,7 @@ class ApiServer:
         self._addrs: list[tuple[str, str, int]] = []
         for url in listen_urls:
             host, port = parse_listen_url(url)
-            if loopback_only and not is_loopback(host):
+            if loopback_only and not is_loopback_host(host):
                 raise ValueError(f"listen URL {url!r}: host {host!r} is not a loopback address")
             self._addrs.append((url, host, port))
         if not self._addrs:

@@ -11,7 +11,6 @@ dev SQLite store.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import time
@@ -20,6 +19,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 from urllib3.exceptions import NewConnectionError
+from conf.hosts import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +158,6 @@ class ContainerApi:
 # ---------------------------------------------------------------------------------------------
 # Over HTTP
 
-def _is_loopback(host: str) -> bool:
-    """Loopback by the parsed address (127.0.0.0/8, ::1) or the name ``localhost`` itself; never
-    by a prefix, so ``127.0.0.1.example.com`` is a remote name."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def base_url(api_host: str) -> str:
     """A URL or ``"host:port"`` -> ``scheme://host:port``.
@@ -186,7 +176,7 @@ def base_url(api_host: str) -> str:
         return f"{parts.scheme}://{parts.netloc}"
     api_host = api_host.rstrip("/")
     host = urlsplit("//" + api_host).hostname or ""
-    return f"{'http' if _is_loopback(host) else 'https'}://{api_host}"
+    return f"{'http' if is_loopback_host(host) else 'https'}://{api_host}"
 
 
 def encode_params(params: Mapping) -> dict[str, str]:

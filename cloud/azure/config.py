@@ -6,12 +6,12 @@ Keys are matched case-insensitively (Go's encoding/json does, and Arvados' own t
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
 from conf import units
+from conf.hosts import is_loopback_host
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,6 @@ REQUIRED = ("SubscriptionID", "ResourceGroup", "Network", "Subnet")
 _DEFAULTS = {f.name: f.default for f in fields(AzureConfig)}
 
 
-
 def parse_duration(value, key: str) -> float:
     """Seconds from a Go duration string (``20s``, ``1m30s``) or a plain number of seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -122,15 +121,6 @@ def parse_duration(value, key: str) -> float:
     except ValueError as e:
         raise AzureConfigError(f"DriverParameters.{key}: {e}: expected a duration like '20s', "
                                f"got {value!r}") from None
-
-
-def is_loopback_host(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_endpoint(url: str, key: str) -> None:

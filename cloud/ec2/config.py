@@ -6,13 +6,13 @@ Keys are matched case-insensitively (Go's encoding/json does), defaults are Arva
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from conf import units
+from conf.hosts import is_loopback_host
 
 # Arvados' default InstanceTypeQuotaGroups; a site map is merged over it, as Arvados' loader does.
 DEFAULT_QUOTA_GROUPS = {**dict.fromkeys("acdhimrtz", "standard"), "vt": "g", "p5": "p5"}
@@ -108,15 +108,6 @@ def _quota_groups(v, key: str) -> dict[str, str]:
             raise _err(f"{key}.{prefix}", f"expected a quota group name, got {group!r}")
         out[prefix] = group
     return out
-
-
-def is_loopback_host(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _endpoint(url: str, key: str) -> str:
