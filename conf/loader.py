@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from conf.gotypes import GoTypeError, to_go_json
 from conf.drivers import IMPLEMENTED, NOT_IMPLEMENTED, local_default_instance_type
 from conf.model import GPU, LOG_FORMATS, LOG_LEVELS, CloudVMs, Cluster, Containers, InstanceType, freeze
 from conf.units import parse_duration, parse_size
@@ -226,6 +227,24 @@ def _defaults_text() -> str:
 def _defaults() -> dict:
     """The default cluster section (``xxxxx``), parsed afresh so callers may mutate it."""
     return yaml.safe_load(_defaults_text())["Clusters"]["xxxxx"]
+
+
+@functools.cache
+def _arvados_defaults_json() -> str:
+    text = resources.files("conf").joinpath("arvados_defaults.yml").read_text(encoding="utf-8")
+    return json.dumps(yaml.load(text, Loader=_StrictLoader)["Clusters"]["xxxxx"])  # noqa: S506
+
+
+def arvados_defaults() -> dict:
+    """Every key of Arvados' config.default.yml with its value (SAMPLE entries included); a fresh copy."""
+    return json.loads(_arvados_defaults_json())
+
+
+def remove_sample_keys(v):
+    """Drop ``SAMPLE`` keys at every level, as Go's loader does to its defaults."""
+    if isinstance(v, Mapping):
+        return {k: remove_sample_keys(x) for k, x in v.items() if k != "SAMPLE"}
+    return v
 
 
 def clean(v):
@@ -469,9 +488,9 @@ class _Builder:
             log_level=self._log_level(top.section("SystemLogs")),
             log_format=self._log_format(top.section("SystemLogs")),
             containers=containers,
-            instance_types=freeze(self._instance_types(top, containers)),
+            instance_types=freeze(types := self._instance_types(top, containers)),
             source=self.source,
-            raw=freeze(_jsonable(merged)),
+            raw=freeze(self._go_cluster(merged, types)),
         )
         if not cluster.management_token:
             self.warn(top.key("ManagementToken"),
@@ -511,6 +530,25 @@ class _Builder:
         if v and v not in LOG_FORMATS:
             sec.fail("Format", f"{_show(v)} is not a log format (expected json or text)")
         return v
+
+    def _go_cluster(self, merged: dict, types: Mapping) -> dict:
+        """The whole cluster config as Go's loader holds it and crunch-run decodes it: Arvados'
+        defaults (SAMPLE entries dropped) under ours and the site's, the instance types as loaded
+        (preemptible variants and the local default included), implicit storage classes, every
+        value in its Go JSON type (:mod:`conf.gotypes`)."""
+        full = merge(remove_sample_keys(arvados_defaults()), _jsonable(merged))
+        full["InstanceTypes"] = {name: it.arvados_json() for name, it in types.items()}
+        volumes = full.get("Volumes") if isinstance(full.get("Volumes"), Mapping) else {}
+        if not full.get("StorageClasses") and not any(
+                isinstance(v, Mapping) and v.get("StorageClasses") for v in volumes.values()):
+            # Go's setImplicitStorageClasses
+            full["StorageClasses"] = {"default": {"Default": True, "Priority": 0}}
+            full["Volumes"] = {k: {**v, "StorageClasses": {"default": True}} if isinstance(v, Mapping) else v
+                               for k, v in volumes.items()}
+        try:
+            return to_go_json(full)
+        except GoTypeError as e:
+            raise ConfigError(self.source, f"Clusters.{self.cluster_id}.{e.key}", e.reason) from None
 
     # -- Services -------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ from conf.loader import ConfigError, clean, load, load_text
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
-ARVADOS_DEFAULTS = REPO.parent / "shared" / "reference" / "arvados-config.default.yml"
+ARVADOS_DEFAULTS = next((p / "shared" / "reference" / "arvados-config.default.yml" for p in (REPO.parent, REPO.parent.parent)
+                         if (p / "shared" / "reference").is_dir()), REPO.parent / "shared" / "reference" / "arvados-config.default.yml")
 C = "Clusters.zzzzz"
 VMS = f"{C}.Containers.CloudVMs"
 
