@@ -26,9 +26,13 @@ from actors.lifecycle import (after_probe, eligible_for_shutdown, next_wake, pro
 from actors.messages import BOOTED, Behavior, InstanceInfo, QueueEntry, State, WorkerView
 from cloud import crunchrun
 from cloud.base import ExecResult, ExecutorError, NoAddress
+from cloud.ssh import LONG_COMMAND_TIMEOUT
 from conf.model import Cluster, InstanceType
 
 log = logging.getLogger("dispatch.worker")
+
+BOOT_PROBE_MIN_TIMEOUT = 10.0  # even a probe that starts at the end of TimeoutBooting gets this
+
 
 @dataclass
 class _Runner:
@@ -142,8 +146,11 @@ class WorkerActor(TickedActor):
         if self._metrics is not None:
             self._metrics.boot_outcomes.labels(outcome=outcome).inc()
 
-    def _run(self, command: str, stdin: bytes = b"") -> ExecResult:
-        return self._exec.execute(command, stdin)
+    def _run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
+        """``timeout`` None: the executor's short default, for ``--list`` probes."""
+        if timeout is None:
+            return self._exec.execute(command, stdin)
+        return self._exec.execute(command, stdin, timeout=timeout)
 
     def on_ssh_verified(self) -> None:
         """Called by the executor (in this thread) when the host proves its identity."""
@@ -228,7 +235,7 @@ class WorkerActor(TickedActor):
                                        sudo=crunchrun.needs_sudo(self._instance.remote_user))
         stdin = crunchrun.config_data(self._cluster, v.instance_type, self._instance.address, uuid)
         try:
-            res = self._run(cmd, stdin)
+            res = self._run(cmd, stdin, LONG_COMMAND_TIMEOUT)
             if res.ok:
                 self._log.info("crunch-run process started", extra=self._fields(ContainerUUID=uuid))
             else:
@@ -341,7 +348,8 @@ class WorkerActor(TickedActor):
             self._log.info("sending signal", extra=self._fields(ContainerUUID=r.uuid, Signal=15,
                                                                Reason=r.kill_reason))
             try:
-                res = self._run(crunchrun.kill_command(self._runner, r.uuid, self._sudo))
+                res = self._run(crunchrun.kill_command(self._runner, r.uuid, self._sudo),
+                                timeout=LONG_COMMAND_TIMEOUT)
                 ok = res.ok
             except ExecutorError as e:
                 ok, res = False, None
@@ -354,8 +362,11 @@ class WorkerActor(TickedActor):
 
     def _probe_booted(self) -> tuple[bool, str]:
         cmd = crunchrun.boot_probe_command(self._cfg.boot_probe_command)
+        # Go sets no deadline: a boot probe may wait (cloud-init status --wait); what is left of
+        # TimeoutBooting bounds it, since after that the instance goes anyway
+        left = self._view.appeared + self._cfg.timeout_booting - self._now
         try:
-            res = self._run(cmd)
+            res = self._run(cmd, timeout=max(BOOT_PROBE_MIN_TIMEOUT, left))
         except ExecutorError as e:
             level = logging.DEBUG if isinstance(e, NoAddress) or "refused" in str(e) or "timed out" in str(e) else logging.WARNING
             self._log.log(level, "boot probe failed", extra=self._fields(Command=cmd, error=str(e)))
