@@ -53,7 +53,8 @@ class Recorded:
 @dataclass
 class Fault:
     method: str
-    kind: str  # "virtualMachines", "networkInterfaces", "disks"
+    kind: str  # "virtualMachines", "networkInterfaces", "disks"; "operations" (status polls), or
+    # "operations:virtualMachines" (status polls of operations on VMs)
     status: int
     code: str
     message: str
@@ -280,7 +281,7 @@ class FakeArm:
         error = None
         if ctx.fault is not None:  # an async fault: the operation fails after polling
             error = {"code": ctx.fault.code, "message": ctx.fault.message}
-        self._ops[op] = {"left": self.polls, "resource": resource, "error": error}
+        self._ops[op] = {"left": self.polls, "resource": resource, "error": error, "kind": ctx.kind}
         if resource is not None:
             resource.setdefault("properties", {})["provisioningState"] = state
         url = f"{ctx.base}/fakearm/operations/{op}?api-version={ctx.api_version}"
@@ -293,17 +294,22 @@ class FakeArm:
         op = self._ops.get(op_id)
         if op is None:
             return _error(404, "OperationNotFound", op_id)
+        fault = self._take_fault("GET", "operations:" + op["kind"]) or self._take_fault("GET", "operations")
+        if fault is not None:  # a throttled or failing status poll; the operation goes on
+            return _error(fault.status, fault.code, fault.message, fault.headers)
         if op["left"] > 0:
             op["left"] -= 1
             return 200, {"Retry-After": self.lro_retry_after}, {"status": "InProgress"}
         res = op["resource"]
+        # ARM sends Retry-After on every operation-status answer, the final one included
+        hdrs = {"Retry-After": self.lro_retry_after}
         if op["error"]:
             if res is not None:
                 res["properties"]["provisioningState"] = "Failed"
-            return 200, {}, {"status": "Failed", "error": op["error"]}
+            return 200, hdrs, {"status": "Failed", "error": op["error"]}
         if res is not None:
             res["properties"]["provisioningState"] = "Succeeded"
-        return 200, {}, {"status": "Succeeded"}
+        return 200, hdrs, {"status": "Succeeded"}
 
     def _by_id(self, rid: str) -> dict | None:
         for r in self.resources.values():

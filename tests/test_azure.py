@@ -479,3 +479,62 @@ def test_created_at_round_trips(t):
 def test_retry_after_seconds(n):
     assert azure_errors.retry_after(str(n), 1000.0) == 1000.0 + n
     assert azure_errors.retry_after("soon", 1000.0) is None
+
+
+# --- polling through throttled and failing status polls (Go keeps polling; never deletes) ----------
+
+
+def test_throttled_status_polls_are_retried_and_the_create_succeeds(arm, make_set):
+    arm.polls = 2
+    arm.fail("GET", "operations", status=429, code="TooManyRequests", message="slow down",
+             headers={"Retry-After": "0"}, times=3)
+    s = make_set()
+    inst = s.create(IT, "img", tags(), INIT, None)
+    assert arm.get("virtualMachines", "rg", inst.name)["properties"]["provisioningState"] == "Succeeded"
+    assert arm.sent("DELETE") == []
+    assert not [f for f in arm.faults if f.kind == "operations"]  # all three were met
+
+
+def test_failing_status_polls_are_retried(arm, make_set):
+    arm.fail("GET", "operations", status=503, code="ServiceUnavailable", message="busy", times=4)
+    inst = make_set().create(IT, "img", tags(), INIT, None)
+    assert arm.get("virtualMachines", "rg", inst.name) is not None and arm.sent("DELETE") == []
+
+
+def test_polls_failing_until_the_deadline_leave_the_vm_for_the_next_listing(arm, make_set, clock):
+    arm.polls = 1
+    s = azure.driver(params(arm), SET_ID, clock=clock, polling_interval=0.01, op_timeout=1.5)
+    s.create(IT, "img", tags(), INIT, None)
+    arm.fail("GET", "operations:virtualMachines", status=429, code="TooManyRequests", message="slow down",
+             times=10**6)
+    try:
+        with pytest.raises(CloudError):
+            s.create(IT, "img", tags(), INIT, None)
+        assert arm.sent("DELETE") == []  # nothing ARM may still be building is deleted
+        arm.faults.clear()
+        names = {i.name for i in s.instances({})}
+        assert len(names) == 2 and len(arm.of_kind("networkInterfaces")) == 2  # adopted, NIC kept
+    finally:
+        s.stop()
+
+
+def test_terminal_failed_status_still_cleans_up(arm, make_set):
+    arm.fail("PUT", "virtualMachines", status=409, code="AllocationFailed", message="no", async_=True)
+    arm.lro_retry_after = "0"
+    with pytest.raises(CapacityError):
+        make_set().create(IT, "img", tags(), INIT, None)
+    assert arm.of_kind("virtualMachines") == [] and arm.of_kind("networkInterfaces") == []
+
+
+def test_default_polling_delay_is_gos():
+    assert azure.DEFAULT_POLLING_INTERVAL == 60.0
+
+
+@pytest.mark.parametrize("status,header,expect", [
+    (200, "30", CapacityError),    # the final status of a failed operation carries Retry-After
+    (409, "30", RateLimitError),   # an error answer with Retry-After is a rate limit
+    (429, None, RateLimitError),
+])
+def test_retry_after_counts_only_on_error_answers(status, header, expect):
+    err = azure_errors.classify(status, "AllocationFailed", "no capacity", header, 1000.0)
+    assert isinstance(err, expect)

@@ -64,7 +64,9 @@ def classify(status: int | None, code: str, message: str, retry_after_header: st
     text = f"{code}: {message}" if code else message
     if status is not None:
         text = f"HTTP {status}: {text}"
-    if status == 429 or retry_after_header:
+    # Retry-After means "slow down" only on an error answer: ARM also sends it on every status poll,
+    # including the 200 that reports a failed operation (an AllocationFailed is not a rate limit)
+    if status == 429 or (retry_after_header and status is not None and status >= 400):
         at = retry_after(retry_after_header, now)
         return AzureRateLimitError(text, at if at is not None else now + DEFAULT_RATE_LIMIT_DELAY)
     if code.lower() in CAPACITY_CODES:
