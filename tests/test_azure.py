@@ -144,11 +144,9 @@ def test_gallery_and_vhd_image_forms(arm, make_set):
     s.create(IT, "def", tags(), INIT, None)
     assert vm_body(arm)["properties"]["storageProfile"]["imageReference"]["id"] == (
         "/subscriptions/sub/resourceGroups/images/providers/Microsoft.Compute/galleries/gal/images/def/versions/1.0.0")
-    v = make_set(StorageAccount="acct", BlobContainer="vhds")
-    inst = v.create(IT, "https://acct.blob.core.windows.net/system/img.vhd", tags(), INIT, None)
-    disk = vm_body(arm)["properties"]["storageProfile"]["osDisk"]
-    assert disk["image"] == {"uri": "https://acct.blob.core.windows.net/system/img.vhd"}
-    assert disk["vhd"] == {"uri": f"https://acct.blob.core.windows.net/vhds/{inst.name}-os.vhd"}
+    with pytest.raises(CloudError, match="retired"):  # unmanaged VHDs: retired by Azure
+        s.create(IT, "https://acct.blob.core.windows.net/system/img.vhd", tags(), INIT, None)
+    assert len(arm.sent("PUT", "virtualMachines")) == 1
 
 
 def test_create_refuses_added_scratch_and_missing_image(arm, make_set):
@@ -159,7 +157,7 @@ def test_create_refuses_added_scratch_and_missing_image(arm, make_set):
         s.create(big, "img", tags(), INIT, None)
     with pytest.raises(CloudError, match="ImageID"):
         s.create(IT, "", tags(), INIT, None)
-    with pytest.raises(CloudError, match="StorageAccount"):
+    with pytest.raises(CloudError, match="VHD URI"):
         s.create(IT, "https://x/y.vhd", tags(), INIT, None)
     assert arm.sent("PUT") == []
 
@@ -393,7 +391,9 @@ def _req():
     ({"ResourceManagerEndpoint": "http://arm.example.com"}, "ResourceManagerEndpoint"),
     ({"ResourceManagerEndpoint": "ftp://127.0.0.1"}, "ResourceManagerEndpoint"),
     ({"AuthorityHost": "http://login.example.com"}, "AuthorityHost"),
-    ({"StorageAccount": "a"}, "BlobContainer"),
+    ({"StorageAccount": "a"}, "StorageAccount"),
+    ({"BlobContainer": "b"}, "BlobContainer"),
+    ({"DeleteDanglingResourcesAfter": 30}, "DeleteDanglingResourcesAfter"),  # Go: missing unit
     ({"SharedImageGalleryName": "g"}, "SharedImageGalleryImageVersion"),
 ])
 def test_bad_params_name_the_key(change, key):
@@ -538,3 +538,65 @@ def test_default_polling_delay_is_gos():
 def test_retry_after_counts_only_on_error_answers(status, header, expect):
     err = azure_errors.classify(status, "AllocationFailed", "no capacity", header, 1000.0)
     assert isinstance(err, expect)
+
+
+# --- spot quota, retired modes and settings Azure would refuse -------------------------------------
+
+SPOT_QUOTA = ("Operation could not be completed as it results in exceeding approved Low Priority Cores "
+              "quota. Additional details - Deployment Model: Resource Manager, Location: eastus, "
+              "Current Limit: 10, Current Usage: 8, Additional Required: 4")
+
+
+def test_spot_quota_error_blocks_only_the_spot_quota_group(arm, make_set):
+    s = make_set()
+    arm.fail("PUT", "virtualMachines", status=409, code="OperationNotAllowed", message=SPOT_QUOTA)
+    with pytest.raises(CapacityError) as ei:
+        s.create(SPOT, "img", tags(), INIT, PUBKEY)
+    err = ei.value
+    assert not is_quota_error(err)
+    assert capacity_scope(err, SPOT, s.instance_quota_group(SPOT)) == ("group", "spot")
+    # a regular family quota stays what Go makes of it: a quota error for everything
+    _, family = _create_error(arm, make_set, status=409, code="OperationNotAllowed",
+                              message="Operation could not be completed as it results in exceeding approved "
+                                      "standardDSv3Family Cores quota.")
+    assert is_quota_error(family) and not isinstance(family, CapacityError)
+
+
+def _cluster(tmp_path, **vms):
+    from conf.loader import load_text
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+    keyfile = tmp_path / "key"
+    keyfile.write_text(pem)
+    keyfile.chmod(0o600)
+    lines = "".join(f"        {k}: {v}\n" for k, v in vms.items())
+    return load_text(f"""
+Clusters:
+  zzzzz:
+    SystemRootToken: xyzzy
+    Containers:
+      DispatchPrivateKey: "file://{keyfile}"
+      CloudVMs:
+        Driver: azure
+{lines}        DriverParameters: {{SubscriptionID: s, ResourceGroup: r, Network: n, Subnet: x, TenantID: t,
+                            ClientID: c, ClientSecret: z}}
+    InstanceTypes:
+      small: {{ProviderType: Standard_D2s_v3, VCPUs: 2, RAM: 8GiB, Price: 0.1}}
+""", source="site.yml")
+
+
+@pytest.mark.parametrize("vms,key,words", [
+    ({"DeployPublicKey": "false", "ImageID": "img"}, "Containers.CloudVMs.DeployPublicKey", "password login"),
+    ({"ImageID": "https://acct.blob.core.windows.net/system/img.vhd"}, "Containers.CloudVMs.ImageID",
+     "September 2025"),
+])
+def test_check_config_rejects_what_azure_would_refuse(tmp_path, vms, key, words):
+    from cloud import drivers
+    from conf.loader import ConfigError
+    cluster = _cluster(tmp_path, **vms)
+    with pytest.raises(ConfigError) as ei:
+        drivers.check(cluster)
+    assert key in str(ei.value) and words in str(ei.value)
+    drivers.check(_cluster(tmp_path, ImageID="img"))  # the same with a managed image and the key: fine

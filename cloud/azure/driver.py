@@ -14,7 +14,11 @@ these deliberate differences:
   attached. Throttled (429) or failing (5xx) status polls are retried until the operation's
   timeout, as go-autorest does (Retry-After, else 60 s), and a create whose polling gave up deletes
   nothing: the VM carries its tags, so the next listing adopts it (cloud/azure/polling.py);
-* unmanaged-VHD blobs are not garbage-collected (deprecated mode; only the create path exists);
+* the unmanaged-VHD image mode (an ``https://`` ImageID, StorageAccount/BlobContainer) is rejected
+  by ``check-config``: Azure retired unmanaged disks in September 2025;
+* spot quota errors ("Low Priority Cores quota") block only the ``spot`` quota group;
+* ``check-config`` rejects ``DeployPublicKey: false`` and a missing DispatchPrivateKey: Azure
+  creates Linux VMs with password login disabled, so a VM without the key fails with 400;
 * stop() abandons in-flight waits: a create then raises CloudError, and a VM ARM still finishes
   carries its tags, so the next dispatcher adopts it like any VM it did not create itself.
 
@@ -41,12 +45,12 @@ from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.network import models as nm
 
 from cloud.azure import errors as azure_errors
-from cloud.azure.config import AzureConfig, AzureConfigError, parse
+from cloud.azure.config import RETIRED_VHD, AzureConfig, AzureConfigError, parse
 from cloud.azure.polling import GO_POLLING_DELAY, PatientARMPolling
 from cloud.base import CloudError, NotSupported
 from conf.model import InstanceType
 
-__all__ = ["driver", "AzureInstanceSet", "AzureInstance", "AzureConfigError", "custom_data",
+__all__ = ["driver", "check_params", "AzureInstanceSet", "AzureInstance", "AzureConfigError", "custom_data",
            "rfc3339nano", "parse_rfc3339"]
 
 NAME_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -93,6 +97,25 @@ def _timestamp(v) -> float | None:
     if isinstance(v, datetime):
         return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).timestamp()
     return parse_rfc3339(str(v))
+
+
+def is_vhd_uri(image_id: str) -> bool:
+    return bool(re.match(r"^https?://", image_id or ""))
+
+
+def check_params(params, cluster) -> None:
+    """:mod:`cloud.drivers` hook, run by ``check-config``, ``cloudtest`` and ``run``: the
+    DriverParameters, and the parts of CloudVMs a VM create depends on. ValueError naming the key."""
+    parse(params)
+    vms = cluster.cloud_vms
+    if not vms.deploy_public_key or not cluster.containers.dispatch_private_key:
+        key = "DeployPublicKey" if not vms.deploy_public_key else "DispatchPrivateKey"
+        where = "Containers.CloudVMs.DeployPublicKey" if key == "DeployPublicKey" else "Containers.DispatchPrivateKey"
+        raise AzureConfigError(f"{where}: the azure driver needs DeployPublicKey: true and a DispatchPrivateKey "
+                               "(Azure creates Linux VMs with password login disabled, so a VM without the "
+                               "dispatcher's SSH key is refused with HTTP 400)")
+    if is_vhd_uri(vms.image_id):
+        raise AzureConfigError(f"Containers.CloudVMs.ImageID: is a VHD URI: {RETIRED_VHD}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,10 +223,6 @@ class AzureInstanceSet:
         self._lock = threading.Lock()
         self._creating: set[str] = set()  # names whose NIC may legitimately be unattached
         self._next_disk_gc = clock.now()
-        if cfg.storage_account:
-            self._log.warning("unmanaged VHD mode (StorageAccount/BlobContainer) is deprecated; "
-                              "orphan VHD blobs are not garbage-collected by this driver",
-                              extra={"StorageAccount": cfg.storage_account})
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -261,14 +280,8 @@ class AzureInstanceSet:
     def _image_profile(self, name: str, image_id: str) -> cm.StorageProfile:
         cfg = self.cfg
         os_disk = {"os_type": "Linux", "name": name + "-os", "create_option": "FromImage"}
-        if re.match(r"^https?://", image_id):
-            if not cfg.blob_container:
-                raise CloudError(f"ImageID {image_id!r} is a VHD URI, which needs DriverParameters."
-                                 "StorageAccount and BlobContainer")
-            vhd = (f"https://{cfg.storage_account}.blob.{cfg.environment.storage_suffix}/"
-                   f"{cfg.blob_container}/{name}-os.vhd")
-            return cm.StorageProfile(os_disk=cm.OSDisk(image=cm.VirtualHardDisk(uri=image_id),
-                                                       vhd=cm.VirtualHardDisk(uri=vhd), **os_disk))
+        if is_vhd_uri(image_id):
+            raise CloudError(f"ImageID {image_id!r} is a VHD URI: {RETIRED_VHD}")
         base = f"/subscriptions/{cfg.subscription_id}/resourceGroups/{cfg.effective_image_resource_group}"
         if cfg.shared_image_gallery_name:
             image = (f"{base}/providers/Microsoft.Compute/galleries/{cfg.shared_image_gallery_name}/"
