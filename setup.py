@@ -20,9 +20,10 @@ setup(
         "pyyaml>=6,<7",
         "requests>=2.31,<3",
         "psycopg[binary]>=3.1,<4",  # the dispatch lock on the cluster database
-        "azure-core>=1.30,<2",
+        "azure-core>=1.32,<2",
         "azure-identity>=1.15,<2",
-        "azure-mgmt-compute>=30,<40",
+        "azure-mgmt-core>=1.6,<2",
+        "azure-mgmt-compute>=38,<40",
         "azure-mgmt-network>=25,<34",
         "boto3>=1.34,<2",
         "botocore>=1.34,<2",
