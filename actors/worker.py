@@ -24,7 +24,7 @@ from actors.base import TickedActor
 from actors.lifecycle import (after_probe, eligible_for_shutdown, next_wake, probe_failed, stale_lock,
                               unresponsive, wants_run_probe)
 from actors.messages import BOOTED, Behavior, InstanceInfo, QueueEntry, State, WorkerView
-from cloud import crunchrun
+from cloud import crunchrun, runner_deploy
 from cloud.base import ExecResult, ExecutorError, NoAddress
 from cloud.ssh import LONG_COMMAND_TIMEOUT
 from conf.model import Cluster, InstanceType
@@ -106,7 +106,7 @@ class WorkerActor(TickedActor):
             idle_behavior=behavior, address=instance.address, provider_type=instance.provider_type,
             busy=now, appeared=now, probed=now, price=_current_price(price_history(instance, instance_type)))
         self._before = self._view  # what the scheduler last heard (see _handler)
-        self._runner = cluster.containers.crunch_run_command
+        self._runner = cluster.containers.crunch_run_command  # or the deployed binary's path
         self._sudo = crunchrun.needs_sudo(instance.remote_user)
         self._log = log
 
@@ -380,6 +380,37 @@ class WorkerActor(TickedActor):
         self.on_ssh_verified()  # executors without SSH never call it; first success is as good
         return True, ""
 
+    def _deploy_runner(self) -> tuple[bool, str]:
+        """Go's copyRunnerData: with DeployRunnerBinary set, make sure the VM has that exact
+        binary at ``<DeployRunnerDirectory>/crunch-run~<md5>`` and use it as the runner command.
+        (False, reason) fails the boot probe, as in Go."""
+        vms = self._cfg
+        if not runner_deploy.deploy_source(vms.deploy_runner_binary):
+            return True, ""
+        try:
+            rb = runner_deploy.load(vms.deploy_runner_binary, vms.deploy_runner_directory)
+        except OSError as e:
+            self._log.warning("cannot boot worker: error loading runner binary",
+                              extra=self._fields(error=f"{vms.deploy_runner_binary}: {e.strerror or e}"))
+            return False, str(e)
+        self._runner = rb.path
+        fields = self._fields(hash=rb.md5, path=rb.path)
+        try:
+            res = self._run(crunchrun.runner_md5sum_command(rb.path), timeout=LONG_COMMAND_TIMEOUT)
+            if crunchrun.runner_installed(rb.md5, rb.path, res.stdout, res.stderr, res.exit_status):
+                self._log.info("runner binary already exists on worker, with correct hash", extra=fields)
+                return True, ""
+            self._log.info("installing runner binary on worker", extra=fields)
+            res = self._run(crunchrun.runner_install_command(rb.path, self._sudo), rb.data, LONG_COMMAND_TIMEOUT)
+        except ExecutorError as e:
+            self._log.warning("error copying runner binary", extra={**fields, "error": str(e)})
+            return False, str(e)
+        if not res.ok:
+            stderr = res.stderr.decode(errors="replace")
+            self._log.warning("error copying runner binary", extra={**fields, "stderr": stderr[-2000:]})
+            return False, stderr
+        return True, ""
+
     def _probe_running(self, now: float, booted: bool) -> tuple[list[str], bool, bool]:
         prices = price_history(self._instance, self._view.instance_type)
         # as Arvados: crunch-run records the instance's price history for cost reports
@@ -428,6 +459,10 @@ class WorkerActor(TickedActor):
         boot_err = ""
         if not booted:
             booted, boot_err = self._probe_booted()
+            if booted or initial is State.UNKNOWN:
+                copied, copy_err = self._deploy_runner()
+                if not copied:
+                    booted, boot_err = False, copy_err
             if booted:
                 self._log.info("instance booted; will try probeRunning", extra=self._fields())
         uuids, broken, ok = [], False, False

@@ -9,7 +9,8 @@ conformance suite all take them from here, so a change to the protocol is a chan
 * the boot probe (``BootProbeCommand``, ``true`` if empty; never under sudo);
 * ``R --list`` and the parsing of its output;
 * ``R --detach --stdin-config 'arg'... 'uuid'`` with its stdin ``ConfigData`` JSON;
-* ``R --kill 15 uuid``.
+* ``R --kill 15 uuid``;
+* with DeployRunnerBinary, ``md5sum`` of the deployed runner and the script that installs it.
 
 ``R`` is ``Containers.CrunchRunCommand``, prefixed with ``sudo `` when the remote user is not
 root. Every value placed in a command is quoted: with Go's own single-quoting where Go quotes
@@ -103,6 +104,25 @@ def list_command(runner: str, sudo: bool, stdin_prices: bool = False) -> str:
 def kill_command(runner: str, uuid: str, sudo: bool, signal: int = 15) -> str:
     """Go sends the UUID bare; shlex.quote leaves a well-formed UUID exactly so."""
     return _sudo(f"{runner} --kill {int(signal)} {shlex.quote(uuid)}", sudo)
+
+
+def runner_md5sum_command(path: str) -> str:
+    """DeployRunnerBinary's check (cloud/runner_deploy.py): run as is, without sudo, as Go does."""
+    return "md5sum " + path
+
+
+def runner_installed(md5: str, path: str, stdout: bytes, stderr: bytes, exit_status: int) -> bool:
+    """Did :func:`runner_md5sum_command` show the binary with this md5 in place?"""
+    return exit_status == 0 and not stderr and stdout == f"{md5}  {path}\n".encode()
+
+
+def runner_install_command(path: str, sudo: bool) -> str:
+    """Go's install script (stdin: the binary): touch and chmod come before the data, so a correct
+    md5 never goes with a wrong mode; ``sudo sh -c '...'`` when the remote user is not root."""
+    dstdir = path.rsplit("/", 1)[0] + "/"
+    cmd = (f'set -e; dstdir="{dstdir}"; dstfile="{path}"; mkdir -p "$dstdir"; touch "$dstfile"; '
+           f'chmod 0755 "$dstdir" "$dstfile"; cat >"$dstfile"')
+    return "sudo sh -c " + go_quote(cmd) if sudo else cmd
 
 
 # ---------------------------------------------------------------------------------------------

@@ -608,9 +608,17 @@ class _Builder:
 
     def _cloud_vms(self, sec: _Section) -> CloudVMs:
         durations = {k: sec.duration(k) or fallback for k, fallback in _DURATION_FALLBACKS.items()}
-        if sec.str("DeployRunnerBinary"):
-            self.warn(sec.key("DeployRunnerBinary"), "is not used by this dispatcher: the runner is "
-                      "not deployed over SSH, so CrunchRunCommand must be installed on the image")
+        runner_binary = sec.str("DeployRunnerBinary")
+        if runner_binary == "/proc/self/exe":
+            self.warn(sec.key("DeployRunnerBinary"), "/proc/self/exe (Arvados' default: its own binary) "
+                      "holds no crunch-run here and is ignored: CrunchRunCommand on the image is used; "
+                      "name a crunch-run file to deploy it")
+            runner_binary = ""
+        elif runner_binary:
+            if not runner_binary.startswith("/"):
+                sec.fail("DeployRunnerBinary", f"{_show(runner_binary)} must be an absolute path")
+            if not os.path.isfile(runner_binary) or not os.access(runner_binary, os.R_OK):
+                sec.fail("DeployRunnerBinary", f"{_show(runner_binary)} is not a readable file on this host")
         return CloudVMs(
             enable=sec.bool("Enable"),
             driver=self._driver(sec, "Driver"),
@@ -636,7 +644,7 @@ class _Builder:
             timeout_shutdown=durations["TimeoutShutdown"],
             image_id=sec.str("ImageID"),
             instance_init_command=sec.str("InstanceInitCommand"),
-            deploy_runner_binary=sec.str("DeployRunnerBinary"),
+            deploy_runner_binary=runner_binary,
             deploy_runner_directory=sec.str("DeployRunnerDirectory"),
             deploy_public_key=sec.bool("DeployPublicKey"),
             resource_tags=sec.str_map("ResourceTags"),
