@@ -12,7 +12,10 @@ not a size (unknown unit "gigs")`` instead of a traceback. Secrets (tokens, the 
 never echoed.
 
 The Cluster holds *effective* values: the Go pool's fallbacks for zero durations, and ``true`` for
-an empty BootProbeCommand, are applied here so no consumer has to repeat them.
+an empty BootProbeCommand, are applied here so no consumer has to repeat them. ``Cluster.raw`` is
+the other view: the whole config as Go's loader would hold it (Arvados' complete defaults from
+``arvados_defaults.yml`` under ours and the site's, in Go's JSON types, see :mod:`conf.gotypes`),
+which is what crunch-run receives on stdin.
 
 Deliberate differences from Arvados:
 
