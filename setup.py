@@ -19,7 +19,7 @@ setup(
         "prometheus-client>=0.20,<1",
         "pyyaml>=6,<7",
         "requests>=2.31,<3",
-        "psycopg[binary]>=3.1,<4",  # the dispatch lock on the cluster database
+        "psycopg[binary]>=3.1.4,<4",  # the dispatch lock on the cluster database
         "azure-core>=1.32,<2",
         "azure-identity>=1.15,<2",
         "azure-mgmt-core>=1.6,<2",
