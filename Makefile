@@ -12,7 +12,8 @@ LOWEST_TESTS := tests/test_azure.py tests/test_fakearm_strict.py tests/test_conf
 	tests/test_config.py tests/test_stdin_config.py tests/test_units.py tests/test_ssh.py \
 	tests/test_ssh_timeouts.py tests/test_worker.py tests/test_planner.py tests/test_instancetype.py \
 	tests/test_base.py tests/test_stub.py tests/test_api.py tests/test_metrics.py \
-	tests/test_actorbase.py tests/test_ticker.py tests/test_sim.py tests/test_dispatchlock.py
+	tests/test_actorbase.py tests/test_ticker.py tests/test_sim.py tests/test_dispatchlock.py \
+	tests/test_ec2.py
 
 .PHONY: run test test-lowest bench sysdeps clean
 

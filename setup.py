@@ -13,7 +13,7 @@ setup(
     package_data={"conf": ["*.yml"]},
     install_requires=[
         "pykka>=4.4,<5",
-        "paramiko>=3.4,<6",
+        "paramiko>=3.5,<6",
         "bottle>=0.13,<0.14",
         "waitress>=3.0,<4",
         "prometheus-client>=0.20,<1",
@@ -33,7 +33,7 @@ setup(
             "pytest>=8,<10",
             "pytest-timeout>=2.2,<3",
             "hypothesis>=6.100,<7",
-            "moto[server]>=5.0,<6",  # a real EC2 endpoint on 127.0.0.1 (tests/ec2fake.py)
+            "moto[server]>=5.0.19,<6",  # a real EC2 endpoint on 127.0.0.1 (tests/ec2fake.py)
         ],
     },
     entry_points={
