@@ -105,8 +105,10 @@ def is_vhd_uri(image_id: str) -> bool:
 
 def check_params(params, cluster) -> None:
     """:mod:`cloud.drivers` hook, run by ``check-config``, ``cloudtest`` and ``run``: the
-    DriverParameters, and the parts of CloudVMs a VM create depends on. ValueError naming the key."""
-    parse(params)
+    DriverParameters (so check-config rejects what :func:`driver` would), and the parts of CloudVMs
+    a VM create depends on. ValueError naming the key."""
+    from conf.model import thaw
+    parse(thaw(params or {}))
     vms = cluster.cloud_vms
     if not vms.deploy_public_key or not cluster.containers.dispatch_private_key:
         key = "DeployPublicKey" if not vms.deploy_public_key else "DispatchPrivateKey"
@@ -183,12 +185,6 @@ def make_clients(cfg: AzureConfig, *, polling_interval: float = DEFAULT_POLLING_
 
 # ---------------------------------------------------------------------------------------------
 # The driver
-
-
-def check_params(params, cluster) -> None:
-    """:mod:`cloud.drivers` hook, so check-config rejects what :func:`driver` would."""
-    from conf.model import thaw
-    parse(thaw(params or {}))
 
 
 def driver(params, set_id: str, *, cluster=None, clock=None, logger=None,
