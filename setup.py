@@ -13,16 +13,17 @@ setup(
     package_data={"conf": ["*.yml"]},
     install_requires=[
         "pykka>=4.4,<5",
-        "paramiko>=3.4,<6",
+        "paramiko>=3.5,<6",
         "bottle>=0.13,<0.14",
         "waitress>=3.0,<4",
         "prometheus-client>=0.20,<1",
         "pyyaml>=6,<7",
         "requests>=2.31,<3",
-        "psycopg[binary]>=3.1,<4",  # the dispatch lock on the cluster database
-        "azure-core>=1.30,<2",
+        "psycopg[binary]>=3.1.4,<4",  # the dispatch lock on the cluster database
+        "azure-core>=1.32,<2",
         "azure-identity>=1.15,<2",
-        "azure-mgmt-compute>=30,<40",
+        "azure-mgmt-core>=1.6,<2",
+        "azure-mgmt-compute>=38,<40",
         "azure-mgmt-network>=25,<34",
         "boto3>=1.34,<2",
         "botocore>=1.34,<2",
@@ -32,7 +33,7 @@ setup(
             "pytest>=8,<10",
             "pytest-timeout>=2.2,<3",
             "hypothesis>=6.100,<7",
-            "moto[server]>=5.0,<6",  # a real EC2 endpoint on 127.0.0.1 (tests/ec2fake.py)
+            "moto[server]>=5.0.19,<6",  # a real EC2 endpoint on 127.0.0.1 (tests/ec2fake.py)
         ],
     },
     entry_points={

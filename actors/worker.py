@@ -24,11 +24,15 @@ from actors.base import TickedActor
 from actors.lifecycle import (after_probe, eligible_for_shutdown, next_wake, probe_failed, stale_lock,
                               unresponsive, wants_run_probe)
 from actors.messages import BOOTED, Behavior, InstanceInfo, QueueEntry, State, WorkerView
-from cloud import crunchrun
+from cloud import crunchrun, runner_deploy
 from cloud.base import ExecResult, ExecutorError, NoAddress
+from cloud.ssh import LONG_COMMAND_TIMEOUT
 from conf.model import Cluster, InstanceType
 
 log = logging.getLogger("dispatch.worker")
+
+BOOT_PROBE_MIN_TIMEOUT = 10.0  # even a probe that starts at the end of TimeoutBooting gets this
+
 
 @dataclass
 class _Runner:
@@ -102,7 +106,7 @@ class WorkerActor(TickedActor):
             idle_behavior=behavior, address=instance.address, provider_type=instance.provider_type,
             busy=now, appeared=now, probed=now, price=_current_price(price_history(instance, instance_type)))
         self._before = self._view  # what the scheduler last heard (see _handler)
-        self._runner = cluster.containers.crunch_run_command
+        self._runner = cluster.containers.crunch_run_command  # or the deployed binary's path
         self._sudo = crunchrun.needs_sudo(instance.remote_user)
         self._log = log
 
@@ -142,8 +146,11 @@ class WorkerActor(TickedActor):
         if self._metrics is not None:
             self._metrics.boot_outcomes.labels(outcome=outcome).inc()
 
-    def _run(self, command: str, stdin: bytes = b"") -> ExecResult:
-        return self._exec.execute(command, stdin)
+    def _run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
+        """``timeout`` None: the executor's short default, for ``--list`` probes."""
+        if timeout is None:
+            return self._exec.execute(command, stdin)
+        return self._exec.execute(command, stdin, timeout=timeout)
 
     def on_ssh_verified(self) -> None:
         """Called by the executor (in this thread) when the host proves its identity."""
@@ -228,7 +235,7 @@ class WorkerActor(TickedActor):
                                        sudo=crunchrun.needs_sudo(self._instance.remote_user))
         stdin = crunchrun.config_data(self._cluster, v.instance_type, self._instance.address, uuid)
         try:
-            res = self._run(cmd, stdin)
+            res = self._run(cmd, stdin, LONG_COMMAND_TIMEOUT)
             if res.ok:
                 self._log.info("crunch-run process started", extra=self._fields(ContainerUUID=uuid))
             else:
@@ -341,7 +348,8 @@ class WorkerActor(TickedActor):
             self._log.info("sending signal", extra=self._fields(ContainerUUID=r.uuid, Signal=15,
                                                                Reason=r.kill_reason))
             try:
-                res = self._run(crunchrun.kill_command(self._runner, r.uuid, self._sudo))
+                res = self._run(crunchrun.kill_command(self._runner, r.uuid, self._sudo),
+                                timeout=LONG_COMMAND_TIMEOUT)
                 ok = res.ok
             except ExecutorError as e:
                 ok, res = False, None
@@ -354,8 +362,11 @@ class WorkerActor(TickedActor):
 
     def _probe_booted(self) -> tuple[bool, str]:
         cmd = crunchrun.boot_probe_command(self._cfg.boot_probe_command)
+        # Go sets no deadline: a boot probe may wait (cloud-init status --wait); what is left of
+        # TimeoutBooting bounds it, since after that the instance goes anyway
+        left = self._view.appeared + self._cfg.timeout_booting - self._now
         try:
-            res = self._run(cmd)
+            res = self._run(cmd, timeout=max(BOOT_PROBE_MIN_TIMEOUT, left))
         except ExecutorError as e:
             level = logging.DEBUG if isinstance(e, NoAddress) or "refused" in str(e) or "timed out" in str(e) else logging.WARNING
             self._log.log(level, "boot probe failed", extra=self._fields(Command=cmd, error=str(e)))
@@ -367,6 +378,37 @@ class WorkerActor(TickedActor):
             return False, stderr
         self._log.info("boot probe succeeded", extra=self._fields())
         self.on_ssh_verified()  # executors without SSH never call it; first success is as good
+        return True, ""
+
+    def _deploy_runner(self) -> tuple[bool, str]:
+        """Go's copyRunnerData: with DeployRunnerBinary set, make sure the VM has that exact
+        binary at ``<DeployRunnerDirectory>/crunch-run~<md5>`` and use it as the runner command.
+        (False, reason) fails the boot probe, as in Go."""
+        vms = self._cfg
+        if not runner_deploy.deploy_source(vms.deploy_runner_binary):
+            return True, ""
+        try:
+            rb = runner_deploy.load(vms.deploy_runner_binary, vms.deploy_runner_directory)
+        except OSError as e:
+            self._log.warning("cannot boot worker: error loading runner binary",
+                              extra=self._fields(error=f"{vms.deploy_runner_binary}: {e.strerror or e}"))
+            return False, str(e)
+        self._runner = rb.path
+        fields = self._fields(hash=rb.md5, path=rb.path)
+        try:
+            res = self._run(crunchrun.runner_md5sum_command(rb.path), timeout=LONG_COMMAND_TIMEOUT)
+            if crunchrun.runner_installed(rb.md5, rb.path, res.stdout, res.stderr, res.exit_status):
+                self._log.info("runner binary already exists on worker, with correct hash", extra=fields)
+                return True, ""
+            self._log.info("installing runner binary on worker", extra=fields)
+            res = self._run(crunchrun.runner_install_command(rb.path, self._sudo), rb.data, LONG_COMMAND_TIMEOUT)
+        except ExecutorError as e:
+            self._log.warning("error copying runner binary", extra={**fields, "error": str(e)})
+            return False, str(e)
+        if not res.ok:
+            stderr = res.stderr.decode(errors="replace")
+            self._log.warning("error copying runner binary", extra={**fields, "stderr": stderr[-2000:]})
+            return False, stderr
         return True, ""
 
     def _probe_running(self, now: float, booted: bool) -> tuple[list[str], bool, bool]:
@@ -417,6 +459,10 @@ class WorkerActor(TickedActor):
         boot_err = ""
         if not booted:
             booted, boot_err = self._probe_booted()
+            if booted or initial is State.UNKNOWN:
+                copied, copy_err = self._deploy_runner()
+                if not copied:
+                    booted, boot_err = False, copy_err
             if booted:
                 self._log.info("instance booted; will try probeRunning", extra=self._fields())
         uuids, broken, ok = [], False, False

@@ -193,8 +193,9 @@ class HostKeyError(ExecutorError):
 class Executor(Protocol):
     """Runs commands on one instance. One per worker; ``execute`` is called from one thread."""
 
-    def execute(self, command: str, stdin: bytes = b"") -> ExecResult:
-        """Run ``command``; a non-zero exit is an ExecResult, a transport failure ExecutorError."""
+    def execute(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
+        """Run ``command``; a non-zero exit is an ExecResult, a transport failure ExecutorError.
+        ``timeout``: seconds for this command instead of the executor's default (None)."""
 
     def set_target(self, instance: Instance) -> None:
         """Use this (fresher) instance snapshot from the next connection on."""

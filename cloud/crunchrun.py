@@ -9,7 +9,8 @@ conformance suite all take them from here, so a change to the protocol is a chan
 * the boot probe (``BootProbeCommand``, ``true`` if empty; never under sudo);
 * ``R --list`` and the parsing of its output;
 * ``R --detach --stdin-config 'arg'... 'uuid'`` with its stdin ``ConfigData`` JSON;
-* ``R --kill 15 uuid``.
+* ``R --kill 15 uuid``;
+* with DeployRunnerBinary, ``md5sum`` of the deployed runner and the script that installs it.
 
 ``R`` is ``Containers.CrunchRunCommand``, prefixed with ``sudo `` when the remote user is not
 root. Every value placed in a command is quoted: with Go's own single-quoting where Go quotes
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import secrets
 import shlex
 from decimal import Decimal
 from hashlib import sha256
@@ -104,6 +106,25 @@ def kill_command(runner: str, uuid: str, sudo: bool, signal: int = 15) -> str:
     return _sudo(f"{runner} --kill {int(signal)} {shlex.quote(uuid)}", sudo)
 
 
+def runner_md5sum_command(path: str) -> str:
+    """DeployRunnerBinary's check (cloud/runner_deploy.py): run as is, without sudo, as Go does."""
+    return "md5sum " + path
+
+
+def runner_installed(md5: str, path: str, stdout: bytes, stderr: bytes, exit_status: int) -> bool:
+    """Did :func:`runner_md5sum_command` show the binary with this md5 in place?"""
+    return exit_status == 0 and not stderr and stdout == f"{md5}  {path}\n".encode()
+
+
+def runner_install_command(path: str, sudo: bool) -> str:
+    """Go's install script (stdin: the binary): touch and chmod come before the data, so a correct
+    md5 never goes with a wrong mode; ``sudo sh -c '...'`` when the remote user is not root."""
+    dstdir = path.rsplit("/", 1)[0] + "/"
+    cmd = (f'set -e; dstdir="{dstdir}"; dstfile="{path}"; mkdir -p "$dstdir"; touch "$dstfile"; '
+           f'chmod 0755 "$dstdir" "$dstfile"; cat >"$dstfile"')
+    return "sudo sh -c " + go_quote(cmd) if sudo else cmd
+
+
 # ---------------------------------------------------------------------------------------------
 # --list output
 
@@ -179,9 +200,64 @@ def config_data(cluster: Cluster, instance_type: InstanceType, instance_address:
         "Env": dict(sorted(env.items())),
         "KeepBuffers": bufs * instance_type.vcpus if bufs > 0 else 0,
         "EC2SpotCheck": c.cloud_vms.driver == "ec2" and instance_type.preemptible,
-        "Cluster": thaw(cluster.raw) if bufs > 0 else None,
+        "Cluster": runner_cluster(cluster.raw) if bufs > 0 else None,
     }
     return go_json(config).encode()
+
+
+# Secrets in the cluster config that neither crunch-run nor the keepstore it starts reads, by path
+# below the cluster ("*" matches any map key). Go sends them all to every VM.
+_UNUSED_SECRETS = (
+    ("Containers", "DispatchPrivateKey"),
+    ("PostgreSQL", "Connection", "password"),
+    ("Login", "Google", "ClientSecret"),
+    ("Login", "OpenIDConnect", "ClientSecret"),
+    ("Login", "LDAP", "SearchBindPassword"),
+    ("Login", "Test", "Users", "*", "Password"),
+)
+_CREDENTIAL_WORDS = ("secret", "password", "accesskeyid", "token")
+
+
+def runner_cluster(raw) -> dict:
+    """The cluster config crunch-run gets on stdin: the complete, Go-typed config the loader made
+    (``Cluster.raw``) without the secrets neither crunch-run nor its local keepstore uses.
+
+    * DispatchPrivateKey, database and login secrets: emptied.
+    * Containers.CloudVMs.DriverParameters: the cloud credentials (ClientSecret, SecretAccessKey,
+      AccessKeyID, any key naming a secret, password or token) are left out.
+    * ManagementToken: replaced by a fresh random token. crunch-run pings its local keepstore's
+      ``/_health/ping`` with ``Cluster.ManagementToken``, and keepstore answers 404 when that token
+      is empty, so it cannot simply be dropped; a throwaway token works and reveals nothing.
+
+    Volumes (with their credentials), Collections (BlobSigningKey, BlobSigningTTL, ...),
+    SystemRootToken and everything else are kept: keepstore needs them.
+    """
+    out = thaw(raw)
+    if not isinstance(out, dict):
+        return out
+    for path in _UNUSED_SECRETS:
+        _blank(out, path)
+    if "ManagementToken" in out:
+        out["ManagementToken"] = secrets.token_hex(20)
+    vms = (out.get("Containers") or {}).get("CloudVMs") or {}
+    params = vms.get("DriverParameters")
+    if isinstance(params, dict):
+        vms["DriverParameters"] = {k: v for k, v in params.items()
+                                   if not any(w in str(k).lower() for w in _CREDENTIAL_WORDS)}
+    return out
+
+
+def _blank(d, path) -> None:
+    head, rest = path[0], path[1:]
+    keys = list(d) if head == "*" else [head]
+    for k in keys:
+        if k not in d:
+            continue
+        if not rest:
+            if isinstance(d[k], str):
+                d[k] = ""
+        elif isinstance(d[k], dict):
+            _blank(d[k], rest)
 
 
 def go_float(x: float) -> str:

@@ -15,7 +15,11 @@ Behaviour follows Arvados ``lib/dispatchcloud/sshexecutor`` and ``worker/verify.
 Two things Arvados does not have: every command has a deadline (enforced by one shared watchdog
 thread that hangs up a stuck transport), and idle transports poll their socket every
 ``IDLE_POLL`` seconds instead of paramiko's 0.1 s, which is what makes hundreds of open
-transports cheap (see bench/bench_ssh.py).
+transports cheap (see bench/bench_ssh.py). Go sets no deadline on commands; ours are chosen per
+command by the caller: the executor's short default (below ProbeInterval) for ``--list`` probes,
+what is left of TimeoutBooting for the boot probe (which may legitimately wait, e.g.
+``cloud-init status --wait``), and ``LONG_COMMAND_TIMEOUT`` for ``--detach``, ``--kill`` and
+deploying the runner binary.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ IDLE_POLL = 5.0
 # Minimum stdin upload rate assumed when stretching a command's deadline for a big stdin
 # (deploying a crunch-run binary of tens of MB must not hit a probe-sized timeout).
 MIN_UPLOAD_RATE = 1 << 20  # bytes per second
+# Deadline for commands that must not be cut short by a probe-sized timeout but must not hang a
+# worker forever either: crunch-run --detach / --kill, the runner upload.
+LONG_COMMAND_TIMEOUT = 300.0
 _CHUNK = 1 << 15
 # The watchdog hangs up a transport this long after a command's own deadline.
 WATCHDOG_GRACE = 2.0
@@ -215,8 +222,10 @@ class SSHExecutor:
         if t is not None:
             _hang_up(t)
 
-    def execute(self, command: str, stdin: bytes = b"") -> base.ExecResult:
-        """Run ``command``; a non-zero exit is a result, anything else an ExecutorError."""
+    def execute(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> base.ExecResult:
+        """Run ``command``; a non-zero exit is a result, anything else an ExecutorError.
+
+        ``timeout`` (seconds) replaces the executor's command timeout for this command."""
         t = self._current()
         chan = None
         if t is not None:
@@ -230,7 +239,7 @@ class SSHExecutor:
                 chan = t.open_session(timeout=self._auth_timeout)
             except (paramiko.SSHException, EOFError, OSError) as e:
                 raise ConnectError(f"ssh {self._where()}: cannot open session: {e}") from None
-        return self._run(t, chan, command, stdin)
+        return self._run(t, chan, command, stdin, timeout)
 
     # -- connection
 
@@ -372,9 +381,9 @@ class SSHExecutor:
     # -- one command
 
     def _run(self, t: paramiko.Transport, chan: paramiko.Channel, command: str,
-             stdin: bytes) -> base.ExecResult:
+             stdin: bytes, timeout: float | None = None) -> base.ExecResult:
         where = self._where()
-        timeout = self._command_timeout + len(stdin) / MIN_UPLOAD_RATE
+        timeout = (self._command_timeout if timeout is None else timeout) + len(stdin) / MIN_UPLOAD_RATE
         deadline = time.monotonic() + timeout
         # The read loop honours the deadline itself and keeps the transport; the watchdog (a
         # little later) covers the waits paramiko gives no timeout for (the exec reply).
@@ -486,7 +495,9 @@ def executor_for(cluster: Cluster, instance_set, instance: base.Instance, *, sec
                  on_verified: Callable[[], None] | None = None, logger=None) -> base.Executor:
     """The driver's own executor if it has one (stub cloud), else SSH with the dispatcher key.
 
-    Timeouts stay below ProbeInterval so a dead VM costs one probe slot, not several.
+    Connect, auth and the default command timeout (used by ``--list`` probes) stay below
+    ProbeInterval so a dead VM costs one probe slot, not several; callers pass longer ones for the
+    boot probe and ``--detach``/``--kill``.
     """
     driver = _driver_set(instance_set)
     if driver is not None:

@@ -12,7 +12,10 @@ not a size (unknown unit "gigs")`` instead of a traceback. Secrets (tokens, the 
 never echoed.
 
 The Cluster holds *effective* values: the Go pool's fallbacks for zero durations, and ``true`` for
-an empty BootProbeCommand, are applied here so no consumer has to repeat them.
+an empty BootProbeCommand, are applied here so no consumer has to repeat them. ``Cluster.raw`` is
+the other view: the whole config as Go's loader would hold it (Arvados' complete defaults from
+``arvados_defaults.yml`` under ours and the site's, in Go's JSON types, see :mod:`conf.gotypes`),
+which is what crunch-run receives on stdin.
 
 Deliberate differences from Arvados:
 
@@ -48,6 +51,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from conf.gotypes import GoTypeError, to_go_json
 from conf.drivers import IMPLEMENTED, NOT_IMPLEMENTED, local_default_instance_type
 from conf.model import GPU, LOG_FORMATS, LOG_LEVELS, CloudVMs, Cluster, Containers, InstanceType, freeze
 from conf.units import parse_duration, parse_size
@@ -226,6 +230,24 @@ def _defaults_text() -> str:
 def _defaults() -> dict:
     """The default cluster section (``xxxxx``), parsed afresh so callers may mutate it."""
     return yaml.safe_load(_defaults_text())["Clusters"]["xxxxx"]
+
+
+@functools.cache
+def _arvados_defaults_json() -> str:
+    text = resources.files("conf").joinpath("arvados_defaults.yml").read_text(encoding="utf-8")
+    return json.dumps(yaml.load(text, Loader=_StrictLoader)["Clusters"]["xxxxx"])  # noqa: S506
+
+
+def arvados_defaults() -> dict:
+    """Every key of Arvados' config.default.yml with its value (SAMPLE entries included); a fresh copy."""
+    return json.loads(_arvados_defaults_json())
+
+
+def remove_sample_keys(v):
+    """Drop ``SAMPLE`` keys at every level, as Go's loader does to its defaults."""
+    if isinstance(v, Mapping):
+        return {k: remove_sample_keys(x) for k, x in v.items() if k != "SAMPLE"}
+    return v
 
 
 def clean(v):
@@ -469,9 +491,9 @@ class _Builder:
             log_level=self._log_level(top.section("SystemLogs")),
             log_format=self._log_format(top.section("SystemLogs")),
             containers=containers,
-            instance_types=freeze(self._instance_types(top, containers)),
+            instance_types=freeze(types := self._instance_types(top, containers)),
             source=self.source,
-            raw=freeze(_jsonable(merged)),
+            raw=freeze(self._go_cluster(merged, types)),
         )
         if not cluster.management_token:
             self.warn(top.key("ManagementToken"),
@@ -511,6 +533,25 @@ class _Builder:
         if v and v not in LOG_FORMATS:
             sec.fail("Format", f"{_show(v)} is not a log format (expected json or text)")
         return v
+
+    def _go_cluster(self, merged: dict, types: Mapping) -> dict:
+        """The whole cluster config as Go's loader holds it and crunch-run decodes it: Arvados'
+        defaults (SAMPLE entries dropped) under ours and the site's, the instance types as loaded
+        (preemptible variants and the local default included), implicit storage classes, every
+        value in its Go JSON type (:mod:`conf.gotypes`)."""
+        full = merge(remove_sample_keys(arvados_defaults()), _jsonable(merged))
+        full["InstanceTypes"] = {name: it.arvados_json() for name, it in types.items()}
+        volumes = full.get("Volumes") if isinstance(full.get("Volumes"), Mapping) else {}
+        if not full.get("StorageClasses") and not any(
+                isinstance(v, Mapping) and v.get("StorageClasses") for v in volumes.values()):
+            # Go's setImplicitStorageClasses
+            full["StorageClasses"] = {"default": {"Default": True, "Priority": 0}}
+            full["Volumes"] = {k: {**v, "StorageClasses": {"default": True}} if isinstance(v, Mapping) else v
+                               for k, v in volumes.items()}
+        try:
+            return to_go_json(full)
+        except GoTypeError as e:
+            raise ConfigError(self.source, f"Clusters.{self.cluster_id}.{e.key}", e.reason) from None
 
     # -- Services -------------------------------------------------------------------------------
 
@@ -570,9 +611,17 @@ class _Builder:
 
     def _cloud_vms(self, sec: _Section) -> CloudVMs:
         durations = {k: sec.duration(k) or fallback for k, fallback in _DURATION_FALLBACKS.items()}
-        if sec.str("DeployRunnerBinary"):
-            self.warn(sec.key("DeployRunnerBinary"), "is not used by this dispatcher: the runner is "
-                      "not deployed over SSH, so CrunchRunCommand must be installed on the image")
+        runner_binary = sec.str("DeployRunnerBinary")
+        if runner_binary == "/proc/self/exe":
+            self.warn(sec.key("DeployRunnerBinary"), "/proc/self/exe (Arvados' default: its own binary) "
+                      "holds no crunch-run here and is ignored: CrunchRunCommand on the image is used; "
+                      "name a crunch-run file to deploy it")
+            runner_binary = ""
+        elif runner_binary:
+            if not runner_binary.startswith("/"):
+                sec.fail("DeployRunnerBinary", f"{_show(runner_binary)} must be an absolute path")
+            if not os.path.isfile(runner_binary) or not os.access(runner_binary, os.R_OK):
+                sec.fail("DeployRunnerBinary", f"{_show(runner_binary)} is not a readable file on this host")
         return CloudVMs(
             enable=sec.bool("Enable"),
             driver=self._driver(sec, "Driver"),
@@ -598,7 +647,7 @@ class _Builder:
             timeout_shutdown=durations["TimeoutShutdown"],
             image_id=sec.str("ImageID"),
             instance_init_command=sec.str("InstanceInitCommand"),
-            deploy_runner_binary=sec.str("DeployRunnerBinary"),
+            deploy_runner_binary=runner_binary,
             deploy_runner_directory=sec.str("DeployRunnerDirectory"),
             deploy_public_key=sec.bool("DeployPublicKey"),
             resource_tags=sec.str_map("ResourceTags"),

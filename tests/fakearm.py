@@ -53,7 +53,8 @@ class Recorded:
 @dataclass
 class Fault:
     method: str
-    kind: str  # "virtualMachines", "networkInterfaces", "disks"
+    kind: str  # "virtualMachines", "networkInterfaces", "disks"; "operations" (status polls), or
+    # "operations:virtualMachines" (status polls of operations on VMs)
     status: int
     code: str
     message: str
@@ -70,7 +71,9 @@ class FakeArm:
     """In-memory ARM. ``page_size`` bounds list pages; ``polls`` is how many polls an LRO takes."""
 
     def __init__(self, *, page_size: int = 100, polls: int = 2, now=time.time,
-                 require_auth: bool = True, lro_retry_after: str = "0", ip_prefix: str = "10.1"):
+                 require_auth: bool = True, lro_retry_after: str = "0", ip_prefix: str = "10.1",
+                 strict: bool = True):
+        self.strict = strict  # validate api-versions and bodies as ARM does
         self.page_size = page_size
         self.lro_retry_after = lro_retry_after
         self.ip_prefix = ip_prefix
@@ -123,7 +126,7 @@ class FakeArm:
 
     def get(self, kind: str, rg: str, name: str) -> dict | None:
         with self._lock:
-            r = self.resources.get((kind.lower(), rg, name.lower()))
+            r = self.resources.get((kind.lower(), rg.lower(), name.lower()))
             return copy.deepcopy(r) if r else None
 
     def put_raw(self, kind: str, rg: str, name: str, resource: dict, sub: str = "sub") -> dict:
@@ -133,8 +136,31 @@ class FakeArm:
         r.update(id=f"/subscriptions/{sub}/resourceGroups/{rg}/providers/{ns}/{typ}/{name}", name=name,
                  type=f"{ns}/{typ}")
         with self._lock:
-            self.resources[(kind.lower(), rg, name.lower())] = r
+            self.resources[(kind.lower(), rg.lower(), name.lower())] = r
         return r
+
+    def set_vm_state(self, name: str, provisioning: str | None = None, power: str | None = None,
+                     rg: str = "rg") -> None:
+        """Show a VM as ARM does while it is ``Deleting`` or after it was ``deallocated``."""
+        with self._lock:
+            r = self.resources[("virtualmachines", rg.lower(), name.lower())]
+            if provisioning:
+                r["properties"]["provisioningState"] = provisioning
+            if power:
+                r["properties"]["instanceView"] = {"statuses": [
+                    {"code": "ProvisioningState/succeeded"}, {"code": f"PowerState/{power}"}]}
+
+    def evict(self, name: str, rg: str = "rg") -> None:
+        """Evict a spot VM with evictionPolicy Delete: the VM and its OS disk go, the NIC stays."""
+        with self._lock:
+            vm = self.resources.pop(("virtualmachines", rg.lower(), name.lower()))
+            disk = ((vm["properties"].get("storageProfile") or {}).get("osDisk") or {}).get("name")
+            if disk:
+                self.resources.pop(("disks", rg.lower(), disk.lower()), None)
+            for (k, _, _), other in self.resources.items():
+                if k == "networkinterfaces" and ((other.get("properties") or {}).get("virtualMachine") or {}).get(
+                        "id", "").lower() == vm["id"].lower():
+                    del other["properties"]["virtualMachine"]
 
     def sent(self, method: str | None = None, kind: str | None = None) -> list[Recorded]:
         with self._lock:
@@ -178,6 +204,10 @@ class FakeArm:
                           "The api-version query parameter (?api-version=) is required for all requests.")
         sub, rg, _, kind, name = m.groups()
         kind = kind.lower()
+        if self.strict and query["api-version"] not in API_VERSIONS[kind]:
+            return _error(400, "InvalidApiVersionParameter",
+                          f"The api-version '{query['api-version']}' is invalid. The supported versions are "
+                          f"'{','.join(sorted(API_VERSIONS[kind]))}'.")
         fault = self._take_fault(method, kind)
         if fault is not None and not fault.async_:
             return _error(fault.status, fault.code, fault.message, fault.headers)
@@ -186,16 +216,22 @@ class FakeArm:
             if method != "GET":
                 return _error(405, "MethodNotAllowed", f"{method} not allowed on a collection")
             return self._list(ctx, path, query)
-        key = (kind, rg, name.lower())
+        key = (kind, rg.lower(), name.lower())
         if method == "GET":
             r = self.resources.get(key)
             return (200, {}, _public(r)) if r else _not_found(kind, name)
         if method == "PUT":
+            problem = validate_put(kind, name, body) if self.strict else None
+            if problem:
+                return _error(400, *problem)
             return self._put(ctx, key, name, body or {})
         if method == "PATCH":
             r = self.resources.get(key)
             if not r:
                 return _not_found(kind, name)
+            problem = validate_tags((body or {}).get("tags")) if self.strict and isinstance(body, dict) else None
+            if problem:
+                return _error(400, *problem)
             if isinstance(body, dict) and "tags" in body:
                 r["tags"] = dict(body["tags"] or {})
             return self._lro(ctx, 200, r, "Updating")
@@ -213,7 +249,7 @@ class FakeArm:
         return None
 
     def _list(self, ctx, path, query):
-        items = [_public(v) for (k, rg, _), v in sorted(self.resources.items()) if k == ctx.kind and rg == ctx.rg]
+        items = [_public(v) for (k, rg, _), v in sorted(self.resources.items()) if k == ctx.kind and rg == ctx.rg.lower()]
         start = int(query.get("$skiptoken", "0"))
         page = items[start:start + self.page_size]
         out = {"value": page}
@@ -280,7 +316,7 @@ class FakeArm:
         error = None
         if ctx.fault is not None:  # an async fault: the operation fails after polling
             error = {"code": ctx.fault.code, "message": ctx.fault.message}
-        self._ops[op] = {"left": self.polls, "resource": resource, "error": error}
+        self._ops[op] = {"left": self.polls, "resource": resource, "error": error, "kind": ctx.kind}
         if resource is not None:
             resource.setdefault("properties", {})["provisioningState"] = state
         url = f"{ctx.base}/fakearm/operations/{op}?api-version={ctx.api_version}"
@@ -293,23 +329,154 @@ class FakeArm:
         op = self._ops.get(op_id)
         if op is None:
             return _error(404, "OperationNotFound", op_id)
+        fault = self._take_fault("GET", "operations:" + op["kind"]) or self._take_fault("GET", "operations")
+        if fault is not None:  # a throttled or failing status poll; the operation goes on
+            return _error(fault.status, fault.code, fault.message, fault.headers)
         if op["left"] > 0:
             op["left"] -= 1
             return 200, {"Retry-After": self.lro_retry_after}, {"status": "InProgress"}
         res = op["resource"]
+        # ARM sends Retry-After on every operation-status answer, the final one included
+        hdrs = {"Retry-After": self.lro_retry_after}
         if op["error"]:
             if res is not None:
                 res["properties"]["provisioningState"] = "Failed"
-            return 200, {}, {"status": "Failed", "error": op["error"]}
+            return 200, hdrs, {"status": "Failed", "error": op["error"]}
         if res is not None:
             res["properties"]["provisioningState"] = "Succeeded"
-        return 200, {}, {"status": "Succeeded"}
+        return 200, hdrs, {"status": "Succeeded"}
 
     def _by_id(self, rid: str) -> dict | None:
         for r in self.resources.values():
             if r["id"].lower() == rid.lower():
                 return r
         return None
+
+
+# --- what ARM refuses ------------------------------------------------------------------------------
+# api-versions ARM publishes for each resource type (azure-rest-api-specs), including those the
+# azure-mgmt-compute/-network releases setup.py allows send.
+API_VERSIONS = {
+    "virtualmachines": {
+        "2015-06-15", "2016-03-30", "2016-04-30-preview", "2017-03-30", "2017-12-01", "2018-04-01",
+        "2018-06-01", "2018-10-01", "2019-03-01", "2019-07-01", "2019-12-01", "2020-06-01",
+        "2020-12-01", "2021-03-01", "2021-04-01", "2021-07-01", "2021-11-01", "2022-03-01",
+        "2022-08-01", "2022-11-01", "2023-03-01", "2023-07-01", "2023-09-01", "2024-03-01",
+        "2024-07-01", "2024-11-01", "2025-04-01", "2025-11-01", "2026-04-01"},
+    "disks": {
+        "2016-04-30-preview", "2017-03-30", "2018-04-01", "2018-06-01", "2018-09-30", "2019-03-01",
+        "2019-07-01", "2019-11-01", "2020-05-01", "2020-06-30", "2020-09-30", "2020-12-01",
+        "2021-04-01", "2021-08-01", "2021-12-01", "2022-03-02", "2022-07-02", "2023-01-02",
+        "2023-04-02", "2023-10-02", "2024-03-02", "2025-01-02", "2026-03-02"},
+    "networkinterfaces": {
+        "2015-06-15", "2016-03-30", "2016-06-01", "2016-09-01", "2016-12-01", "2017-03-01",
+        "2017-06-01", "2017-08-01", "2017-09-01", "2017-10-01", "2017-11-01", "2018-01-01",
+        "2018-02-01", "2018-04-01", "2018-06-01", "2018-07-01", "2018-08-01", "2018-10-01",
+        "2018-11-01", "2018-12-01", "2019-02-01", "2019-04-01", "2019-06-01", "2019-07-01",
+        "2019-08-01", "2019-09-01", "2019-11-01", "2019-12-01", "2020-03-01", "2020-04-01",
+        "2020-05-01", "2020-06-01", "2020-07-01", "2020-08-01", "2020-11-01", "2021-02-01",
+        "2021-03-01", "2021-05-01", "2021-08-01", "2022-01-01", "2022-05-01", "2022-07-01",
+        "2022-09-01", "2022-11-01", "2023-02-01", "2023-04-01", "2023-05-01", "2023-06-01",
+        "2023-09-01", "2023-11-01", "2024-01-01", "2024-03-01", "2024-05-01", "2024-07-01",
+        "2024-10-01", "2025-01-01", "2025-03-01", "2025-05-01", "2025-07-01", "2026-03-01"},
+}
+ENUMS = {  # JSON path below "properties" -> accepted values (ARM compares case-insensitively)
+    "priority": {"Regular", "Low", "Spot"},
+    "evictionPolicy": {"Deallocate", "Delete"},
+    "storageProfile.osDisk.createOption": {"FromImage", "Empty", "Attach", "Copy", "Restore"},
+    "storageProfile.osDisk.osType": {"Windows", "Linux"},
+}
+_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}[A-Za-z0-9_]$|^[A-Za-z0-9]$")
+_NIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,78}[A-Za-z0-9_]$|^[A-Za-z0-9]$")
+_LINUX_COMPUTER_NAME = re.compile(r"^(?![0-9]+$)[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
+_TAG_KEY_FORBIDDEN = set("<>%&\\?/")
+_RESERVED_TAG_PREFIXES = ("microsoft", "azure", "windows")
+
+
+def _at(d, path: str):
+    for part in path.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+def validate_tags(tags) -> tuple[str, str] | None:
+    """ARM's tag rules: at most 50; names up to 512 characters without < > % & \\ ? / and not
+    starting with microsoft, azure or windows; values up to 256 characters."""
+    if tags is None:
+        return None
+    if not isinstance(tags, dict):
+        return "InvalidTemplate", "tags must be an object"
+    if len(tags) > 50:
+        return "InvalidTagCount", f"Resource has {len(tags)} tags; at most 50 are allowed."
+    for k, v in tags.items():
+        if not k or len(k) > 512 or _TAG_KEY_FORBIDDEN & set(k):
+            return "InvalidTagNameCharacters", f"The tag name '{k}' has invalid characters or length."
+        if k.lower().startswith(_RESERVED_TAG_PREFIXES):
+            return "InvalidTagName", f"The tag name '{k}' uses a reserved prefix."
+        if not isinstance(v, str) or len(v) > 256:
+            return "InvalidTagValueLength", f"The value of tag '{k}' is longer than 256 characters."
+    return None
+
+
+def validate_put(kind: str, name: str, body) -> tuple[str, str] | None:
+    """(code, message) of the 400 ARM answers to this PUT body, or None if it would accept it."""
+    if not isinstance(body, dict):
+        return "InvalidRequestContent", "The request content was invalid and could not be deserialized."
+    if not body.get("location"):
+        return "LocationRequired", "The location property is required for this definition."
+    problem = validate_tags(body.get("tags"))
+    if problem:
+        return problem
+    props = body.get("properties") or {}
+    if kind == "networkinterfaces":
+        if not _NIC_NAME.match(name):
+            return "InvalidResourceName", f"Resource name {name} is invalid."
+        ipcs = props.get("ipConfigurations") or []
+        if not ipcs:
+            return "InvalidRequestFormat", "A network interface needs at least one IP configuration."
+        for ipc in ipcs:
+            p = ipc.get("properties") or {}
+            if not ipc.get("name") or not _at(p, "subnet.id"):
+                return "InvalidRequestFormat", "Each IP configuration needs a name and a subnet id."
+            method = p.get("privateIPAllocationMethod")
+            if method is not None and method.lower() not in ("static", "dynamic"):
+                return "InvalidRequestFormat", f"Value '{method}' is not a valid IPAllocationMethod."
+        return None
+    if kind != "virtualmachines":
+        return None
+    if not _VM_NAME.match(name):
+        return "InvalidResourceName", f"Resource name {name} is invalid (1-64 characters, ...)."
+    if not _at(props, "hardwareProfile.vmSize"):
+        return "InvalidParameter", "Required parameter 'hardwareProfile.vmSize' is missing (null)."
+    for path, allowed in ENUMS.items():
+        v = _at(props, path)
+        if v is not None and str(v).lower() not in {a.lower() for a in allowed}:
+            return "InvalidParameter", f"The value '{v}' of parameter '{path}' is not allowed."
+    if not (_at(props, "networkProfile.networkInterfaces") or []):
+        return "InvalidParameter", "Required parameter 'networkProfile.networkInterfaces' is missing."
+    if str(_at(props, "storageProfile.osDisk.createOption") or "").lower() == "fromimage":
+        if not _at(props, "storageProfile.imageReference") and not _at(props, "storageProfile.osDisk.image"):
+            return "InvalidParameter", "Required parameter 'imageReference' is missing (null)."
+        osp = props.get("osProfile") or {}
+        for field in ("adminUsername", "computerName"):
+            if not osp.get(field):
+                return "InvalidParameter", f"Required parameter 'osProfile.{field}' is missing (null)."
+        if not _LINUX_COMPUTER_NAME.match(osp["computerName"]):
+            return "InvalidParameter", ("Linux host name cannot exceed 64 characters in length or contain "
+                                        "the following characters: ` ~ ! @ # $ % ^ & * ( ) = + _ [ ] { } "
+                                        "\\ | ; : ' \" , < > / ?.")
+        linux = osp.get("linuxConfiguration") or {}
+        if linux.get("disablePasswordAuthentication") and not (_at(linux, "ssh.publicKeys") or []) \
+                and not osp.get("adminPassword"):
+            return "InvalidParameter", ("Authentication using either SSH or by user name and password must "
+                                        "be enabled in Linux profile.")
+    spot = str(props.get("priority") or "Regular").lower() in ("spot", "low")
+    if not spot and (props.get("evictionPolicy") is not None or props.get("billingProfile") is not None):
+        return "InvalidParameter", ("Eviction policy and billing profile can be set only on Azure Spot "
+                                    "Virtual Machines.")
+    return None
 
 
 @dataclass(frozen=True)

@@ -120,13 +120,24 @@ def test_create_makes_nic_then_vm_with_tags_custom_data_and_key(arm, make_set, c
         inst.verify_host_key(None, None)
 
 
-def test_create_without_key_omits_ssh_block_and_honours_admin_user(arm, make_set):
+def test_create_honours_admin_user_and_location(arm, make_set):
     s = make_set(AdminUsername="ops", Location="westeurope")
-    s.create(IT, "img", tags(), INIT, None)
+    s.create(IT, "img", tags(), INIT, PUBKEY)
     body = vm_body(arm)
-    assert "ssh" not in body["properties"]["osProfile"]["linuxConfiguration"]
+    assert body["properties"]["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["path"] == (
+        "/home/ops/.ssh/authorized_keys")
     assert body["properties"]["osProfile"]["adminUsername"] == "ops"
     assert body["location"] == "westeurope"
+
+
+def test_create_without_key_is_refused_by_arm_as_go_would_be(arm, make_set):
+    """No key and password login disabled: ARM answers 400 (check-config rejects this config)."""
+    s = make_set()
+    with pytest.raises(CloudError, match="Authentication using either SSH") as ei:
+        s.create(IT, "img", tags(), INIT, None)
+    assert not isinstance(ei.value, (CapacityError, QuotaError, RateLimitError))
+    assert "ssh" not in vm_body(arm)["properties"]["osProfile"]["linuxConfiguration"]
+    assert arm.of_kind("networkInterfaces") == []  # a synchronous rejection: cleaned up
 
 
 def test_preemptible_is_spot_with_its_own_quota_group(arm, make_set):
@@ -141,14 +152,12 @@ def test_preemptible_is_spot_with_its_own_quota_group(arm, make_set):
 def test_gallery_and_vhd_image_forms(arm, make_set):
     s = make_set(ImageResourceGroup="images", SharedImageGalleryName="gal",
                  SharedImageGalleryImageVersion="1.0.0")
-    s.create(IT, "def", tags(), INIT, None)
+    s.create(IT, "def", tags(), INIT, PUBKEY)
     assert vm_body(arm)["properties"]["storageProfile"]["imageReference"]["id"] == (
         "/subscriptions/sub/resourceGroups/images/providers/Microsoft.Compute/galleries/gal/images/def/versions/1.0.0")
-    v = make_set(StorageAccount="acct", BlobContainer="vhds")
-    inst = v.create(IT, "https://acct.blob.core.windows.net/system/img.vhd", tags(), INIT, None)
-    disk = vm_body(arm)["properties"]["storageProfile"]["osDisk"]
-    assert disk["image"] == {"uri": "https://acct.blob.core.windows.net/system/img.vhd"}
-    assert disk["vhd"] == {"uri": f"https://acct.blob.core.windows.net/vhds/{inst.name}-os.vhd"}
+    with pytest.raises(CloudError, match="retired"):  # unmanaged VHDs: retired by Azure
+        s.create(IT, "https://acct.blob.core.windows.net/system/img.vhd", tags(), INIT, PUBKEY)
+    assert len(arm.sent("PUT", "virtualMachines")) == 1
 
 
 def test_create_refuses_added_scratch_and_missing_image(arm, make_set):
@@ -156,11 +165,11 @@ def test_create_refuses_added_scratch_and_missing_image(arm, make_set):
     big = InstanceType("big", "Standard_D4", 4, 16 << 30, 0, 100 << 30, 0.2)
     with pytest.raises(CloudError, match=r"cannot create instance type 'big': driver does not implement "
                                          r"non-zero AddedScratch \(107374182400\)"):
-        s.create(big, "img", tags(), INIT, None)
+        s.create(big, "img", tags(), INIT, PUBKEY)
     with pytest.raises(CloudError, match="ImageID"):
-        s.create(IT, "", tags(), INIT, None)
-    with pytest.raises(CloudError, match="StorageAccount"):
-        s.create(IT, "https://x/y.vhd", tags(), INIT, None)
+        s.create(IT, "", tags(), INIT, PUBKEY)
+    with pytest.raises(CloudError, match="VHD URI"):
+        s.create(IT, "https://x/y.vhd", tags(), INIT, PUBKEY)
     assert arm.sent("PUT") == []
 
 
@@ -170,7 +179,7 @@ def test_create_refuses_added_scratch_and_missing_image(arm, make_set):
 def test_list_pages_through_next_links(arm, make_set):
     arm.page_size = 2
     s = make_set()
-    made = {s.create(IT, "img", tags(), INIT, None).id for _ in range(5)}
+    made = {s.create(IT, "img", tags(), INIT, PUBKEY).id for _ in range(5)}
     arm.put_raw("virtualMachines", "rg", "someone-else", {"tags": {}, "properties": {
         "hardwareProfile": {"vmSize": "Standard_A1"}}})  # foreign VM without a network profile
     listed = s.instances({})
@@ -189,7 +198,7 @@ def test_list_pages_through_next_links(arm, make_set):
 
 def test_list_after_restart_sees_the_same_ids(arm, make_set):
     first = make_set()
-    ids = {first.create(IT, "img", tags(), INIT, None).id for _ in range(2)}
+    ids = {first.create(IT, "img", tags(), INIT, PUBKEY).id for _ in range(2)}
     first.stop()
     again = make_set()
     assert {i.id for i in again.instances({})} == ids
@@ -199,7 +208,7 @@ def test_list_after_restart_sees_the_same_ids(arm, make_set):
 def test_long_running_operations_are_polled_until_succeeded(arm, make_set):
     arm.polls = 3
     s = make_set()
-    inst = s.create(IT, "img", tags(), INIT, None)
+    inst = s.create(IT, "img", tags(), INIT, PUBKEY)
     polls = [r for r in arm.requests if r.path.startswith("/fakearm/operations/")]
     assert len(polls) == 2 * (3 + 1)  # NIC and VM: 3 InProgress + 1 Succeeded each
     assert arm.get("virtualMachines", "rg", inst.name)["properties"]["provisioningState"] == "Succeeded"
@@ -207,7 +216,7 @@ def test_long_running_operations_are_polled_until_succeeded(arm, make_set):
 
 def test_set_tags_patches_merged_tags(arm, make_set):
     s = make_set()
-    inst = s.create(IT, "img", tags(), INIT, None)
+    inst = s.create(IT, "img", tags(), INIT, PUBKEY)
     inst.set_tags({"ArvadosIdleBehavior": "hold"})
     patch = arm.sent("PATCH", "virtualMachines")[-1]
     assert patch.body == {"tags": {**tags(), "created-at": inst.tags["created-at"], "ArvadosIdleBehavior": "hold"}}
@@ -218,7 +227,7 @@ def test_set_tags_patches_merged_tags(arm, make_set):
 
 def test_destroy_deletes_vm_and_leaves_nic_and_disk_to_gc(arm, make_set):
     s = make_set()
-    inst = s.create(IT, "img", tags(), INIT, None)
+    inst = s.create(IT, "img", tags(), INIT, PUBKEY)
     inst.destroy()
     assert arm.get("virtualMachines", "rg", inst.name) is None
     assert arm.get("networkInterfaces", "rg", inst.name + "-nic") is not None
@@ -232,7 +241,7 @@ def test_destroy_deletes_vm_and_leaves_nic_and_disk_to_gc(arm, make_set):
 
 def test_dangling_nics_and_disks_are_collected_by_age(arm, make_set, clock):
     s = make_set()
-    inst = s.create(IT, "img", tags(), INIT, None)
+    inst = s.create(IT, "img", tags(), INIT, PUBKEY)
     inst.destroy()
     arm.put_raw("networkInterfaces", "rg", "foreign-nic", {"tags": {"created-at": iso(clock.now() - 3600)},
                                                             "properties": {}})
@@ -255,7 +264,7 @@ def test_dangling_nics_and_disks_are_collected_by_age(arm, make_set, clock):
 
 def test_attached_nic_is_never_collected(arm, make_set, clock):
     s = make_set()
-    inst = s.create(IT, "img", tags(), INIT, None)
+    inst = s.create(IT, "img", tags(), INIT, PUBKEY)
     clock.advance(3600)
     assert [i.id for i in s.instances({})] == [inst.id]
     assert arm.get("networkInterfaces", "rg", inst.name + "-nic") is not None
@@ -269,7 +278,7 @@ def _create_error(arm, make_set, **fail):
     arm.fail("PUT", "virtualMachines", **fail)
     s = make_set()
     with pytest.raises(CloudError) as ei:
-        s.create(IT, "img", tags(), INIT, None)
+        s.create(IT, "img", tags(), INIT, PUBKEY)
     return s, ei.value
 
 
@@ -346,7 +355,7 @@ def test_stop_abandons_a_pending_create(arm, make_set):
     arm.polls = 10**9  # never finishes
     s = make_set()
     errors = []
-    t = threading.Thread(target=lambda: errors.append(_try(s.create, IT, "img", tags(), INIT, None)))
+    t = threading.Thread(target=lambda: errors.append(_try(s.create, IT, "img", tags(), INIT, PUBKEY)))
     t.start()
     deadline = time.monotonic() + 10
     while not arm.sent("GET") and time.monotonic() < deadline:
@@ -393,7 +402,9 @@ def _req():
     ({"ResourceManagerEndpoint": "http://arm.example.com"}, "ResourceManagerEndpoint"),
     ({"ResourceManagerEndpoint": "ftp://127.0.0.1"}, "ResourceManagerEndpoint"),
     ({"AuthorityHost": "http://login.example.com"}, "AuthorityHost"),
-    ({"StorageAccount": "a"}, "BlobContainer"),
+    ({"StorageAccount": "a"}, "StorageAccount"),
+    ({"BlobContainer": "b"}, "BlobContainer"),
+    ({"DeleteDanglingResourcesAfter": 30}, "DeleteDanglingResourcesAfter"),  # Go: missing unit
     ({"SharedImageGalleryName": "g"}, "SharedImageGalleryImageVersion"),
 ])
 def test_bad_params_name_the_key(change, key):
@@ -428,7 +439,10 @@ def test_https_endpoint_uses_client_secret_credential_with_authority():
     try:
         assert isinstance(cred, ClientSecretCredential)
         assert cred._authority.rstrip("/").endswith("login.microsoftonline.us")
-        assert compute._config.base_url == network._config.base_url == "https://management.usgovcloudapi.net"
+        def base_url(client):  # where it lives differs between SDK releases setup.py allows
+            url = getattr(client._config, "base_url", None)
+            return url if url else client._client._base_url
+        assert base_url(compute) == base_url(network) == "https://management.usgovcloudapi.net"
         assert compute._config.credential_scopes == ["https://management.usgovcloudapi.net/.default"]
     finally:
         compute.close()
@@ -461,7 +475,7 @@ Clusters:
                                                        polling_interval=0.01)
     try:
         assert s.cfg.delete_dangling_resources_after == 60 and s.cfg.location == "centralus"
-        inst = s.create(cluster.instance_types["small"], cluster.cloud_vms.image_id, tags(), INIT, None)
+        inst = s.create(cluster.instance_types["small"], cluster.cloud_vms.image_id, tags(), INIT, PUBKEY)
         assert [i.id for i in s.instances({})] == [inst.id]
     finally:
         s.stop()
@@ -479,3 +493,124 @@ def test_created_at_round_trips(t):
 def test_retry_after_seconds(n):
     assert azure_errors.retry_after(str(n), 1000.0) == 1000.0 + n
     assert azure_errors.retry_after("soon", 1000.0) is None
+
+
+# --- polling through throttled and failing status polls (Go keeps polling; never deletes) ----------
+
+
+def test_throttled_status_polls_are_retried_and_the_create_succeeds(arm, make_set):
+    arm.polls = 2
+    arm.fail("GET", "operations", status=429, code="TooManyRequests", message="slow down",
+             headers={"Retry-After": "0"}, times=3)
+    s = make_set()
+    inst = s.create(IT, "img", tags(), INIT, PUBKEY)
+    assert arm.get("virtualMachines", "rg", inst.name)["properties"]["provisioningState"] == "Succeeded"
+    assert arm.sent("DELETE") == []
+    assert not [f for f in arm.faults if f.kind == "operations"]  # all three were met
+
+
+def test_failing_status_polls_are_retried(arm, make_set):
+    arm.fail("GET", "operations", status=503, code="ServiceUnavailable", message="busy", times=4)
+    inst = make_set().create(IT, "img", tags(), INIT, PUBKEY)
+    assert arm.get("virtualMachines", "rg", inst.name) is not None and arm.sent("DELETE") == []
+
+
+def test_polls_failing_until_the_deadline_leave_the_vm_for_the_next_listing(arm, make_set, clock):
+    arm.polls = 1
+    s = azure.driver(params(arm), SET_ID, clock=clock, polling_interval=0.01, op_timeout=1.5)
+    s.create(IT, "img", tags(), INIT, PUBKEY)
+    arm.fail("GET", "operations:virtualMachines", status=429, code="TooManyRequests", message="slow down",
+             times=10**6)
+    try:
+        with pytest.raises(CloudError):
+            s.create(IT, "img", tags(), INIT, PUBKEY)
+        assert arm.sent("DELETE") == []  # nothing ARM may still be building is deleted
+        arm.faults.clear()
+        names = {i.name for i in s.instances({})}
+        assert len(names) == 2 and len(arm.of_kind("networkInterfaces")) == 2  # adopted, NIC kept
+    finally:
+        s.stop()
+
+
+def test_terminal_failed_status_still_cleans_up(arm, make_set):
+    arm.fail("PUT", "virtualMachines", status=409, code="AllocationFailed", message="no", async_=True)
+    arm.lro_retry_after = "0"
+    with pytest.raises(CapacityError):
+        make_set().create(IT, "img", tags(), INIT, PUBKEY)
+    assert arm.of_kind("virtualMachines") == [] and arm.of_kind("networkInterfaces") == []
+
+
+def test_default_polling_delay_is_gos():
+    assert azure.DEFAULT_POLLING_INTERVAL == 60.0
+
+
+@pytest.mark.parametrize("status,header,expect", [
+    (200, "30", CapacityError),    # the final status of a failed operation carries Retry-After
+    (409, "30", RateLimitError),   # an error answer with Retry-After is a rate limit
+    (429, None, RateLimitError),
+])
+def test_retry_after_counts_only_on_error_answers(status, header, expect):
+    err = azure_errors.classify(status, "AllocationFailed", "no capacity", header, 1000.0)
+    assert isinstance(err, expect)
+
+
+# --- spot quota, retired modes and settings Azure would refuse -------------------------------------
+
+SPOT_QUOTA = ("Operation could not be completed as it results in exceeding approved Low Priority Cores "
+              "quota. Additional details - Deployment Model: Resource Manager, Location: eastus, "
+              "Current Limit: 10, Current Usage: 8, Additional Required: 4")
+
+
+def test_spot_quota_error_blocks_only_the_spot_quota_group(arm, make_set):
+    s = make_set()
+    arm.fail("PUT", "virtualMachines", status=409, code="OperationNotAllowed", message=SPOT_QUOTA)
+    with pytest.raises(CapacityError) as ei:
+        s.create(SPOT, "img", tags(), INIT, PUBKEY)
+    err = ei.value
+    assert not is_quota_error(err)
+    assert capacity_scope(err, SPOT, s.instance_quota_group(SPOT)) == ("group", "spot")
+    # a regular family quota stays what Go makes of it: a quota error for everything
+    _, family = _create_error(arm, make_set, status=409, code="OperationNotAllowed",
+                              message="Operation could not be completed as it results in exceeding approved "
+                                      "standardDSv3Family Cores quota.")
+    assert is_quota_error(family) and not isinstance(family, CapacityError)
+
+
+def _cluster(tmp_path, **vms):
+    from conf.loader import load_text
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+    keyfile = tmp_path / "key"
+    keyfile.write_text(pem)
+    keyfile.chmod(0o600)
+    lines = "".join(f"        {k}: {v}\n" for k, v in vms.items())
+    return load_text(f"""
+Clusters:
+  zzzzz:
+    SystemRootToken: xyzzy
+    Containers:
+      DispatchPrivateKey: "file://{keyfile}"
+      CloudVMs:
+        Driver: azure
+{lines}        DriverParameters: {{SubscriptionID: s, ResourceGroup: r, Network: n, Subnet: x, TenantID: t,
+                            ClientID: c, ClientSecret: z}}
+    InstanceTypes:
+      small: {{ProviderType: Standard_D2s_v3, VCPUs: 2, RAM: 8GiB, Price: 0.1}}
+""", source="site.yml")
+
+
+@pytest.mark.parametrize("vms,key,words", [
+    ({"DeployPublicKey": "false", "ImageID": "img"}, "Containers.CloudVMs.DeployPublicKey", "password login"),
+    ({"ImageID": "https://acct.blob.core.windows.net/system/img.vhd"}, "Containers.CloudVMs.ImageID",
+     "September 2025"),
+])
+def test_check_config_rejects_what_azure_would_refuse(tmp_path, vms, key, words):
+    from cloud import drivers
+    from conf.loader import ConfigError
+    cluster = _cluster(tmp_path, **vms)
+    with pytest.raises(ConfigError) as ei:
+        drivers.check(cluster)
+    assert key in str(ei.value) and words in str(ei.value)
+    drivers.check(_cluster(tmp_path, ImageID="img"))  # the same with a managed image and the key: fine

@@ -267,8 +267,15 @@ def test_local_existing_instances_refused_then_destroyed(tmp_path):
 def test_azure_create_tags_and_destroy_with_unreachable_vm(tmp_path):
     """The VM never answers SSH (there is none); cloudtest still reports and destroys it in ARM."""
     from tests.fakearm import FakeArm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    keyfile = tmp_path / "dispatch.key"  # the azure driver needs a key to deploy (check_params)
+    keyfile.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    keyfile.chmod(0o600)
     with FakeArm(polls=0, lro_retry_after="1", ip_prefix="127.0.0") as arm:
         cfg = write_config(tmp_path, driver="azure", ptype="Standard_D2s_v3", timeout_booting="1s", ssh_port="1",
+                           key=f"file://{keyfile}",
                            params={"SubscriptionID": "sub", "ResourceGroup": "rg", "Network": "vnet",
                                    "Subnet": "default", "ResourceManagerEndpoint": arm.url})
         rc, out, err = run_to_end("--config", str(cfg), "--image-id", "other-image")

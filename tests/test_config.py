@@ -18,7 +18,8 @@ from conf.loader import ConfigError, clean, load, load_text
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
-ARVADOS_DEFAULTS = REPO.parent / "shared" / "reference" / "arvados-config.default.yml"
+ARVADOS_DEFAULTS = next((p / "shared" / "reference" / "arvados-config.default.yml" for p in (REPO.parent, REPO.parent.parent)
+                         if (p / "shared" / "reference").is_dir()), REPO.parent / "shared" / "reference" / "arvados-config.default.yml")
 C = "Clusters.zzzzz"
 VMS = f"{C}.Containers.CloudVMs"
 
@@ -595,10 +596,20 @@ def test_local_driver_bad_parameters_name_the_key(tmp_path):
     assert "DriverParameters.BootDelay" in str(e.value) and str(e.value).startswith(c.source)
 
 
-def test_deploy_runner_binary_is_accepted_with_a_warning(tmp_path, caplog):
+def test_deploy_runner_binary_go_default_is_ignored_with_a_warning(tmp_path, caplog):
     c = load_doc(tmp_path, site(Containers={"CloudVMs": {"DeployRunnerBinary": "/proc/self/exe"}}))
-    assert c.cloud_vms.deploy_runner_binary == "/proc/self/exe"
-    assert any("DeployRunnerBinary: is not used" in w for w in config_warnings(caplog))
+    assert c.cloud_vms.deploy_runner_binary == ""
+    assert any("DeployRunnerBinary: /proc/self/exe" in w and "ignored" in w for w in config_warnings(caplog))
+
+
+def test_deploy_runner_binary_must_be_a_readable_file(tmp_path):
+    runner = tmp_path / "crunch-run"
+    runner.write_bytes(b"#!/bin/sh\n")
+    c = load_doc(tmp_path, site(Containers={"CloudVMs": {"DeployRunnerBinary": str(runner)}}))
+    assert c.cloud_vms.deploy_runner_binary == str(runner)
+    for bad, why in ((str(tmp_path / "missing"), "not a readable file"), ("crunch-run", "absolute path")):
+        with pytest.raises(ConfigError, match=f"{VMS}.DeployRunnerBinary: .*{why}"):
+            load_doc(tmp_path, site(Containers={"CloudVMs": {"DeployRunnerBinary": bad}}))
 
 
 def test_postgresql_connection_and_system_logs(tmp_path):

@@ -120,7 +120,8 @@ def test_azure_passes():
                                                                     "AllocationFailed", "no capacity",
                                                                     async_=True)),
         ]
-        results = run_conformance(make, IT, wait=stepping_wait(clock), error_cases=cases)
+        results = run_conformance(make, IT, wait=stepping_wait(clock), error_cases=cases,
+                                  public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests d")
         _assert_all_ok(results)
         assert arm.of_kind("virtualMachines") == []
         clock.advance(3600)  # the leftover NICs are collected by the next listings

@@ -159,14 +159,17 @@ def test_numeric_secret_is_not_echoed(tmp_path, caplog, key):
     assert str(NUMERIC_SECRET) not in caplog.text
 
 
-def _cloud_site(driver, secret) -> str:
+def _cloud_site(driver, secret, key_file=None) -> str:
+    containers = {}
+    if key_file:  # the azure driver's check wants the key it deploys (Azure refuses a VM without)
+        containers["DispatchPrivateKey"] = f"file://{key_file}"
     if driver == "azure":
         params = {"SubscriptionID": "sub", "ClientID": "cid", "ClientSecret": secret, "TenantID": "tid",
                   "ResourceGroup": "rg", "Location": "eastus", "Network": "net", "Subnet": "sn",
                   "ImageResourceGroup": "img"}
     else:
         params = {"AccessKeyID": "AKIAEXAMPLE", "SecretAccessKey": secret, "Region": "us-east-1"}
-    return yaml.safe_dump(site(Containers={"CloudVMs": {"Driver": driver, "DriverParameters": params}}))
+    return yaml.safe_dump(site(Containers={**containers, "CloudVMs": {"Driver": driver, "DriverParameters": params}}))
 
 
 @pytest.mark.parametrize("driver,key", [("azure", "ClientSecret"), ("ec2", "SecretAccessKey")])
@@ -183,7 +186,11 @@ def test_check_config_rejects_a_numeric_cloud_secret_without_echoing_it(tmp_path
         assert f"{key}: expected a string" in p.stderr, p.stderr
         assert "Traceback" not in p.stderr
     assert all(str(NUMERIC_SECRET) not in o for o in outs), outs
-    good = write(tmp_path, _cloud_site(driver, "a-quoted-secret"), "good.yml")
+    key_file = tmp_path / "dispatch.key"
+    key_file.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    good = write(tmp_path, _cloud_site(driver, "a-quoted-secret", key_file), "good.yml")
     p = subprocess.run([sys.executable, "-m", "actors.cli", "check-config", "--config", good], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr

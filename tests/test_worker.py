@@ -44,10 +44,12 @@ class FakeExecutor:
         self.table = dict(table or {})
         self.calls: list[str] = []
         self.stdin: list[bytes] = []
+        self.timeouts: list[float | None] = []
 
-    def execute(self, command: str, stdin: bytes = b"") -> ExecResult:
+    def execute(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
         self.calls.append(command)
         self.stdin.append(stdin)
+        self.timeouts.append(timeout)
         resp = self.table.get(command)
         if resp is None:
             keys = [k for k in self.table if command.startswith(k)]

@@ -106,14 +106,15 @@ KEYS = {
     "AdminUsername": "admin_username", "ResourceManagerEndpoint": "resource_manager_endpoint",
     "AuthorityHost": "authority_host",
 }
-REQUIRED = ("SubscriptionID", "ResourceGroup", "Network", "Subnet")
+REQUIRED = ("SubscriptionID", "ResourceGroup", "Network", "Subnet", "Location")
+RETIRED_VHD = ("unmanaged VHD images are retired (Azure retired unmanaged disks in September 2025): "
+               "use a managed image or a Shared Image Gallery")
 _DEFAULTS = {f.name: f.default for f in fields(AzureConfig)}
 
 
 def parse_duration(value, key: str) -> float:
-    """Seconds from a Go duration string (``20s``, ``1m30s``) or a plain number of seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    """Seconds from a Go duration string (``20s``, ``1m30s``), as Go's ``arvados.Duration`` reads
+    it: a bare number other than 0 is an error (missing unit), not seconds."""
     if value == "":
         return 0.0
     try:
@@ -170,9 +171,9 @@ def parse(params: Mapping | None) -> AzureConfig:
                                f"{cfg.cloud_environment!r} (one of {names})")
     _check_endpoint(cfg.arm_endpoint, "ResourceManagerEndpoint")
     _check_endpoint(cfg.aad_authority, "AuthorityHost")
-    if bool(cfg.storage_account) != bool(cfg.blob_container):
-        raise AzureConfigError("DriverParameters.StorageAccount and DriverParameters.BlobContainer "
-                               "must both be empty or both be set")
+    for key in ("StorageAccount", "BlobContainer"):
+        if getattr(cfg, KEYS[key]):
+            raise AzureConfigError(f"DriverParameters.{key}: {RETIRED_VHD}")
     if bool(cfg.shared_image_gallery_name) != bool(cfg.shared_image_gallery_image_version):
         raise AzureConfigError("DriverParameters.SharedImageGalleryName and "
                                "DriverParameters.SharedImageGalleryImageVersion must both be empty or both be set")

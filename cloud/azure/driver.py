@@ -9,9 +9,16 @@ these deliberate differences:
 * spot types have their own quota group ``"spot"`` (Azure counts spot vCPUs separately);
 * orphan OS disks are collected in ResourceGroup, where they are created (Arvados looks in the
   image resource group);
-* errors of long-running operations are never ignored, and a failed VM create deletes the VM (if
-  ARM kept one in state Failed) before its NIC, which Azure refuses to delete while attached;
-* unmanaged-VHD blobs are not garbage-collected (deprecated mode; only the create path exists);
+* errors of long-running operations are never ignored; a VM create that ARM rejected or reported
+  Failed deletes the VM (if ARM kept one) before its NIC, which Azure refuses to delete while
+  attached. Throttled (429) or failing (5xx) status polls are retried until the operation's
+  timeout, as go-autorest does (Retry-After, else 60 s), and a create whose polling gave up deletes
+  nothing: the VM carries its tags, so the next listing adopts it (cloud/azure/polling.py);
+* the unmanaged-VHD image mode (an ``https://`` ImageID, StorageAccount/BlobContainer) is rejected
+  by ``check-config``: Azure retired unmanaged disks in September 2025;
+* spot quota errors ("Low Priority Cores quota") block only the ``spot`` quota group;
+* ``check-config`` rejects ``DeployPublicKey: false`` and a missing DispatchPrivateKey: Azure
+  creates Linux VMs with password login disabled, so a VM without the key fails with 400;
 * stop() abandons in-flight waits: a create then raises CloudError, and a VM ARM still finishes
   carries its tags, so the next dispatcher adopts it like any VM it did not create itself.
 
@@ -38,19 +45,19 @@ from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.network import models as nm
 
 from cloud.azure import errors as azure_errors
-from cloud.azure.config import AzureConfig, AzureConfigError, parse
+from cloud.azure.config import RETIRED_VHD, AzureConfig, AzureConfigError, parse
+from cloud.azure.polling import GO_POLLING_DELAY, PatientARMPolling
 from cloud.base import CloudError, NotSupported
 from conf.model import InstanceType
 
-__all__ = ["driver", "AzureInstanceSet", "AzureInstance", "AzureConfigError", "custom_data",
+__all__ = ["driver", "check_params", "AzureInstanceSet", "AzureInstance", "AzureConfigError", "custom_data",
            "rfc3339nano", "parse_rfc3339"]
 
 NAME_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 DISK_GC_INTERVAL = 300.0  # seconds of the driver's clock between orphan-disk sweeps
 DEFAULT_OP_TIMEOUT = 20 * 60.0  # one long-running ARM operation (a VM create takes minutes)
-# Poll interval when ARM sends no Retry-After (the SDK's default is 30 s, which would add up to
-# half a minute to every create and destroy).
-DEFAULT_POLLING_INTERVAL = 5.0
+# Poll interval when ARM sends no Retry-After: go-autorest's 60 s (ARM normally sends one).
+DEFAULT_POLLING_INTERVAL = GO_POLLING_DELAY
 CREATED_AT = "created-at"
 
 
@@ -90,6 +97,27 @@ def _timestamp(v) -> float | None:
     if isinstance(v, datetime):
         return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).timestamp()
     return parse_rfc3339(str(v))
+
+
+def is_vhd_uri(image_id: str) -> bool:
+    return bool(re.match(r"^https?://", image_id or ""))
+
+
+def check_params(params, cluster) -> None:
+    """:mod:`cloud.drivers` hook, run by ``check-config``, ``cloudtest`` and ``run``: the
+    DriverParameters (so check-config rejects what :func:`driver` would), and the parts of CloudVMs
+    a VM create depends on. ValueError naming the key."""
+    from conf.model import thaw
+    parse(thaw(params or {}))
+    vms = cluster.cloud_vms
+    if not vms.deploy_public_key or not cluster.containers.dispatch_private_key:
+        key = "DeployPublicKey" if not vms.deploy_public_key else "DispatchPrivateKey"
+        where = "Containers.CloudVMs.DeployPublicKey" if key == "DeployPublicKey" else "Containers.DispatchPrivateKey"
+        raise AzureConfigError(f"{where}: the azure driver needs DeployPublicKey: true and a DispatchPrivateKey "
+                               "(Azure creates Linux VMs with password login disabled, so a VM without the "
+                               "dispatcher's SSH key is refused with HTTP 400)")
+    if is_vhd_uri(vms.image_id):
+        raise AzureConfigError(f"Containers.CloudVMs.ImageID: is a VHD URI: {RETIRED_VHD}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +187,6 @@ def make_clients(cfg: AzureConfig, *, polling_interval: float = DEFAULT_POLLING_
 # The driver
 
 
-def check_params(params, cluster) -> None:
-    """:mod:`cloud.drivers` hook, so check-config rejects what :func:`driver` would."""
-    from conf.model import thaw
-    parse(thaw(params or {}))
-
-
 def driver(params, set_id: str, *, cluster=None, clock=None, logger=None,
            polling_interval: float = DEFAULT_POLLING_INTERVAL, op_timeout: float = DEFAULT_OP_TIMEOUT,
            clients=None) -> "AzureInstanceSet":
@@ -176,14 +198,14 @@ def driver(params, set_id: str, *, cluster=None, clock=None, logger=None,
     logger = logger or logging.getLogger("cloud.azure.driver")
     compute, network, _ = clients or make_clients(cfg, polling_interval=polling_interval)
     return AzureInstanceSet(cfg, set_id, compute=compute, network=network, clock=clock, logger=logger,
-                            op_timeout=op_timeout)
+                            op_timeout=op_timeout, polling_interval=polling_interval)
 
 
 class AzureInstanceSet:
     """Creates and lists this dispatcher's VMs in one resource group; collects leftover NICs/disks."""
 
     def __init__(self, cfg: AzureConfig, set_id: str, *, compute, network, clock, logger,
-                 op_timeout: float = DEFAULT_OP_TIMEOUT):
+                 op_timeout: float = DEFAULT_OP_TIMEOUT, polling_interval: float = DEFAULT_POLLING_INTERVAL):
         self.cfg = cfg
         self.set_id = set_id
         self.name_prefix = f"compute-{set_id}-"
@@ -192,14 +214,11 @@ class AzureInstanceSet:
         self._clock = clock
         self._log = logger
         self._op_timeout = op_timeout
+        self._polling_interval = polling_interval  # also the wait after a throttled/failed poll
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._creating: set[str] = set()  # names whose NIC may legitimately be unattached
         self._next_disk_gc = clock.now()
-        if cfg.storage_account:
-            self._log.warning("unmanaged VHD mode (StorageAccount/BlobContainer) is deprecated; "
-                              "orphan VHD blobs are not garbage-collected by this driver",
-                              extra={"StorageAccount": cfg.storage_account})
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -209,11 +228,22 @@ class AzureInstanceSet:
                                                        "errorClass": type(typed).__name__})
         return typed
 
+    def _polling(self, deadline: float) -> PatientARMPolling:
+        return PatientARMPolling(self._polling_interval, deadline=deadline, retry_delay=self._polling_interval,
+                                 stopping=self._stopping.is_set,
+                                 path_format_arguments={"endpoint": self.cfg.arm_endpoint})
+
     def _wait(self, start, doing: str):
-        """Start a long-running operation and wait for it, bounded and abandoned on stop()."""
+        """Start a long-running operation (``start(polling)``) and wait for it, bounded and
+        abandoned on stop(). A raised CloudError carries ``arm_outcome``: "rejected" (the request
+        itself failed), "failed" (ARM reported the operation Failed/Canceled) or "unknown" (polling
+        gave up: the operation may still succeed, so nothing may be deleted on its account)."""
+        outcome, polling = "rejected", None
         try:
-            poller = start()
             deadline = time.monotonic() + self._op_timeout
+            polling = self._polling(deadline)
+            poller = start(polling)
+            outcome = "unknown"
             while not poller.done():
                 if self._stopping.is_set():
                     raise CloudError(f"{doing}: abandoned because the instance set is stopping")
@@ -223,9 +253,13 @@ class AzureInstanceSet:
                 poller.wait(min(0.2, left))
             return poller.result()
         except Exception as e:
+            if polling is not None and polling.terminal_failure:
+                outcome = "failed"
             if self._stopping.is_set() and not isinstance(e, CloudError):
                 e = CloudError(f"{doing}: abandoned because the instance set is stopping ({type(e).__name__})")
-            raise self._error(e, doing) from e
+            typed = self._error(e, doing)
+            typed.arm_outcome = outcome
+            raise typed from e
 
     def _fire(self, start, doing: str, **fields) -> bool:
         """Send one request of a long-running operation without polling it (cleanup, GC)."""
@@ -242,14 +276,8 @@ class AzureInstanceSet:
     def _image_profile(self, name: str, image_id: str) -> cm.StorageProfile:
         cfg = self.cfg
         os_disk = {"os_type": "Linux", "name": name + "-os", "create_option": "FromImage"}
-        if re.match(r"^https?://", image_id):
-            if not cfg.blob_container:
-                raise CloudError(f"ImageID {image_id!r} is a VHD URI, which needs DriverParameters."
-                                 "StorageAccount and BlobContainer")
-            vhd = (f"https://{cfg.storage_account}.blob.{cfg.environment.storage_suffix}/"
-                   f"{cfg.blob_container}/{name}-os.vhd")
-            return cm.StorageProfile(os_disk=cm.OSDisk(image=cm.VirtualHardDisk(uri=image_id),
-                                                       vhd=cm.VirtualHardDisk(uri=vhd), **os_disk))
+        if is_vhd_uri(image_id):
+            raise CloudError(f"ImageID {image_id!r} is a VHD URI: {RETIRED_VHD}")
         base = f"/subscriptions/{cfg.subscription_id}/resourceGroups/{cfg.effective_image_resource_group}"
         if cfg.shared_image_gallery_name:
             image = (f"{base}/providers/Microsoft.Compute/galleries/{cfg.shared_image_gallery_name}/"
@@ -283,8 +311,8 @@ class AzureInstanceSet:
                 location=cfg.location, tags=all_tags,
                 ip_configurations=[nm.NetworkInterfaceIPConfiguration(
                     name="ip1", subnet=nm.Subnet(id=cfg.subnet_id), private_ip_allocation_method="Dynamic")])
-            nic = self._wait(lambda: self._network.network_interfaces.begin_create_or_update(
-                cfg.resource_group, name + "-nic", nic_params), f"create NIC {name}-nic")
+            nic = self._wait(lambda polling: self._network.network_interfaces.begin_create_or_update(
+                cfg.resource_group, name + "-nic", nic_params, polling=polling), f"create NIC {name}-nic")
             linux = cm.LinuxConfiguration(disable_password_authentication=True)
             if public_key:
                 linux.ssh = cm.SshConfiguration(public_keys=[cm.SshPublicKey(
@@ -302,9 +330,15 @@ class AzureInstanceSet:
                 vm_params.eviction_policy = "Delete"
                 vm_params.billing_profile = cm.BillingProfile(max_price=-1)
             try:
-                vm = self._wait(lambda: self._compute.virtual_machines.begin_create_or_update(
-                    cfg.resource_group, name, vm_params), f"create VM {name}")
+                vm = self._wait(lambda polling: self._compute.virtual_machines.begin_create_or_update(
+                    cfg.resource_group, name, vm_params, polling=polling), f"create VM {name}")
             except CloudError as e:
+                if getattr(e, "arm_outcome", "rejected") == "unknown":
+                    # Go never deletes on a poll error: ARM may still be building the VM, which
+                    # carries our tags, so the next listing adopts it if it comes up
+                    self._log.warning("VM create outcome unknown; leaving it to the next listing",
+                                      extra={**log_fields, "error": str(e)})
+                    raise
                 self._log.warning("VM create failed; deleting its NIC", extra={**log_fields, "error": str(e)})
                 self._cleanup_failed(name)
                 raise
@@ -455,16 +489,17 @@ class AzureInstance:
     def set_tags(self, tags) -> None:
         merged = {**self._tags, **tags}
         s = self._set
-        vm = s._wait(lambda: s._compute.virtual_machines.begin_update(
-            s.cfg.resource_group, self.name, cm.VirtualMachineUpdate(tags=merged)), f"set tags on {self.name}")
+        vm = s._wait(lambda polling: s._compute.virtual_machines.begin_update(
+            s.cfg.resource_group, self.name, cm.VirtualMachineUpdate(tags=merged), polling=polling),
+            f"set tags on {self.name}")
         self._vm = vm
         self._tags = dict(vm.tags or merged)
 
     def destroy(self) -> None:
         s = self._set
         try:
-            s._wait(lambda: s._compute.virtual_machines.begin_delete(s.cfg.resource_group, self.name),
-                    f"delete VM {self.name}")
+            s._wait(lambda polling: s._compute.virtual_machines.begin_delete(
+                s.cfg.resource_group, self.name, polling=polling), f"delete VM {self.name}")
         except CloudError as e:
             if isinstance(e.__cause__, ResourceNotFoundError):
                 return

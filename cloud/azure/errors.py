@@ -15,6 +15,9 @@ from cloud.base import CapacityError, CloudError, QuotaError, RateLimitError
 
 DEFAULT_RATE_LIMIT_DELAY = 20.0  # Arvados' default; it panics instead when a 429 has no Retry-After
 _QUOTA = re.compile(r"exceed|quota|limit", re.IGNORECASE)
+# Spot VMs draw on their own regional quota ("exceeding approved Low Priority Cores quota",
+# "Total Regional Low-priority vCPUs"): running out of it must not stop regular instances.
+_SPOT_QUOTA = re.compile(r"low[- ]?priority|\bspot\b", re.IGNORECASE)
 # ARM codes that mean "no capacity for this size here now" rather than "your account is full".
 CAPACITY_CODES = frozenset(c.lower() for c in (
     "AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest",
@@ -64,12 +67,17 @@ def classify(status: int | None, code: str, message: str, retry_after_header: st
     text = f"{code}: {message}" if code else message
     if status is not None:
         text = f"HTTP {status}: {text}"
-    if status == 429 or retry_after_header:
+    # Retry-After means "slow down" only on an error answer: ARM also sends it on every status poll,
+    # including the 200 that reports a failed operation (an AllocationFailed is not a rate limit)
+    if status == 429 or (retry_after_header and status is not None and status >= 400):
         at = retry_after(retry_after_header, now)
         return AzureRateLimitError(text, at if at is not None else now + DEFAULT_RATE_LIMIT_DELAY)
     if code.lower() in CAPACITY_CODES:
         return AzureCapacityError(text, instance_type_specific=True)
     if _QUOTA.search(code) or _QUOTA.search(message):
+        if _SPOT_QUOTA.search(message):
+            # scoped to the spot quota group (AzureInstanceSet.instance_quota_group)
+            return AzureCapacityError(text, quota_group_specific=True)
         return AzureQuotaError(text)
     return CloudError(text)
 

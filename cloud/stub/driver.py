@@ -633,7 +633,7 @@ class StubExecutor:
         self._instance_id = instance.id
         self._closed = False
 
-    def execute(self, command: str, stdin: bytes = b"") -> ExecResult:
+    def execute(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
         if self._closed:
             raise ExecutorError("executor is closed")
         return self._cloud.execute(self._instance_id, command, stdin)
