@@ -72,11 +72,39 @@ def background(fn: Callable, *args) -> Callable[[], None]:
     return run
 
 
+# The runtime an actor being constructed on this thread joins (None: its own pykka thread).
+# Set only around ``Actor.start`` by :meth:`actors.simruntime.SimRuntime.start`.
+_starting = threading.local()
+
+
+def starting_on(runtime) -> object:
+    """Make actors started on this thread join ``runtime`` (None: pykka threads); returns the
+    previous setting, to restore."""
+    prev = getattr(_starting, "runtime", None)
+    _starting.runtime = runtime
+    return prev
+
+
+class Future(pykka.ThreadingFuture):
+    """pykka's future; on a simulation runtime, ``get`` runs that runtime until the reply is set
+    (there is no other thread to wait for)."""
+
+    runtime = None
+
+    def get(self, *, timeout: float | None = None):
+        if self.runtime is not None and self._result is None and self._get_hook is None:
+            self.runtime.run_until_set(self)
+        return super().get(timeout=timeout)
+
+
 class BaseActor(pykka.ThreadingActor):
     """A pykka actor whose messages are counted and whose crashes are never silent.
 
     ``critical`` actors (the singletons) call ``on_crash`` when an exception escapes a handler,
     which the main program turns into a non-zero exit so a service manager restarts it.
+
+    The same class runs on pykka's threads (production) or, in a simulation, on the single-thread
+    :class:`actors.simruntime.SimRuntime`: the inbox decides (:func:`starting_on`).
     """
 
     use_daemon_thread = True
@@ -85,7 +113,31 @@ class BaseActor(pykka.ThreadingActor):
 
     @staticmethod
     def _create_actor_inbox():
-        return _CountingQueue()
+        rt = getattr(_starting, "runtime", None)
+        return _CountingQueue() if rt is None else rt.inbox()
+
+    @staticmethod
+    def _create_future():
+        return Future()
+
+    def _start_actor_loop(self):
+        adopt = getattr(self.actor_inbox, "adopt", None)
+        if adopt is not None:
+            adopt(self)
+        else:
+            super()._start_actor_loop()
+
+    def _off_mailbox(self, fn: Callable, *args, pool=None, name: str = "") -> None:
+        """Run ``fn(*args)`` away from this actor's mailbox (counted by the barrier): on
+        ``pool``, else on a new daemon thread; on a simulation runtime, as its next job in order."""
+        job = background(fn, *args)
+        submit = getattr(self.actor_inbox, "submit", None)
+        if submit is not None:
+            submit(job)
+        elif pool is not None:
+            pool.submit(job)
+        else:
+            threading.Thread(target=job, name=name or None, daemon=True).start()
 
     def _handle_receive(self, message):
         try:

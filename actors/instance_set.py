@@ -18,7 +18,7 @@ import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from actors.base import TickedActor, background
+from actors.base import TickedActor
 from actors.messages import CreateFailure, InstanceInfo
 from cloud.base import OpsLimiter, capacity_scope, is_quota_error, rate_limit_retry_at
 
@@ -57,7 +57,7 @@ class InstanceSetActor(TickedActor):
     def _enqueue(self, now: float, op: str, fn, *args, not_before: float = 0.0) -> None:
         at = self._limiter.reserve(max(now, not_before))
         if at <= now:
-            self._pool.submit(background(fn, *args))
+            self._off_mailbox(fn, *args, pool=self._pool)
         else:
             heapq.heappush(self._queue, (at, next(self._seq), op, fn, args))
             self.wake_at(at)
@@ -65,7 +65,7 @@ class InstanceSetActor(TickedActor):
     def tick(self, now: float) -> None:
         while self._queue and self._queue[0][0] <= now:
             _, _, _, fn, args = heapq.heappop(self._queue)
-            self._pool.submit(background(fn, *args))
+            self._off_mailbox(fn, *args, pool=self._pool)
         if not self._listing and now >= self._next_sync:
             if now < self._hold["list"]:
                 self._next_sync = self._hold["list"]

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from actors.base import TickedActor, background
+from actors.base import TickedActor
 from actors.messages import QueueEntry
 
 log = logging.getLogger("dispatch.queue")
@@ -93,8 +92,7 @@ class QueueActor(TickedActor):
             self._polling = True
             self._dontupdate = set()
             known = {u for u, e in self._entries.items() if e.state not in FINAL}
-            threading.Thread(target=background(self._poll, now, known), name="queue-poll",
-                             daemon=True).start()
+            self._off_mailbox(self._poll, now, known, name="queue-poll")
         self.wake_at(self._next_poll if not self._polling else now + self._poll_interval)
 
     # -- polling (runs in a helper thread; touches no actor state) -------------------------------

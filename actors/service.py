@@ -45,7 +45,7 @@ def instance_set_id(token: str) -> str:
 
 class Dispatcher:
     def __init__(self, cluster, *, clock, driver_set, api_client, metrics=None, ticker=None,
-                 logger=None, seed: int | None = None):
+                 logger=None, seed: int | None = None, runtime=None):
         from actors.instancetype import TypeChooser
         from cloud.ssh import executor_for, public_key_line
         self.cluster = cluster
@@ -57,6 +57,8 @@ class Dispatcher:
         self.driver_set = driver_set
         self.set_id = instance_set_id(cluster.system_root_token)
         self.seed = seed  # simulations seed each worker's probe jitter, so runs repeat exactly
+        # where the actors run: None, pykka's threads; a simulation passes an actors.simruntime.SimRuntime
+        self.runtime = runtime
         self.probe_limiter = OpsLimiter(cluster.cloud_vms.max_probes_per_second)
         self.crashed = threading.Event()
         self.crash_error: BaseException | None = None
@@ -79,6 +81,9 @@ class Dispatcher:
         self.crash_error = exc
         self.crashed.set()
 
+    def _start(self, cls, **kwargs):
+        return cls.start(**kwargs) if self.runtime is None else self.runtime.start(cls, **kwargs)
+
     def _make_worker(self, info, it, state, behavior, now, secret):
         cluster, driver_set, metrics = self.cluster, self.driver_set, self.metrics
         handle = getattr(info.handle, "unwrapped", info.handle)
@@ -87,8 +92,8 @@ class Dispatcher:
             return self._executor_for(cluster, driver_set, handle, secret=secret or None,
                                       on_verified=on_verified)
 
-        return tell(WorkerActor.start(
-            instance=info, instance_type=it, state=state, behavior=behavior, now=now,
+        return tell(self._start(
+            WorkerActor, instance=info, instance_type=it, state=state, behavior=behavior, now=now,
             executor_factory=executor_factory, scheduler=self._scheduler_inbox,
             instance_set=self._iset_inbox, ticker=self.ticker, cluster=cluster, metrics=metrics,
             rng=None if self.seed is None else random.Random(f"{self.seed}:{info.id}"),
@@ -99,18 +104,18 @@ class Dispatcher:
         BaseActor.on_crash = staticmethod(self._on_crash)
         now = self.clock.now()
         quota_group = self.instance_set.instance_quota_group
-        self.scheduler = SchedulerActor.start(
-            cluster=self.cluster, set_id=self.set_id, ticker=self.ticker, box=self.box,
+        self.scheduler = self._start(
+            SchedulerActor, cluster=self.cluster, set_id=self.set_id, ticker=self.ticker, box=self.box,
             worker_factory=self._make_worker, public_key=self._public_key,
             api_client=self.api_client, metrics=self.metrics, quota_group=quota_group,
             first_now=now).proxy()
         self._scheduler_inbox = tell(self.scheduler, SchedulerInbox)
-        self.iset = InstanceSetActor.start(
-            instance_set=self.instance_set, set_id=self.set_id, cluster=self.cluster,
+        self.iset = self._start(
+            InstanceSetActor, instance_set=self.instance_set, set_id=self.set_id, cluster=self.cluster,
             scheduler=self._scheduler_inbox, ticker=self.ticker, first_now=now).proxy()
         self._iset_inbox = tell(self.iset, InstanceSetInbox)
-        self.queue = QueueActor.start(
-            client=self.api_client, chooser=self.chooser, scheduler=self._scheduler_inbox,
+        self.queue = self._start(
+            QueueActor, client=self.api_client, chooser=self.chooser, scheduler=self._scheduler_inbox,
             ticker=self.ticker, cluster=self.cluster, first_now=now).proxy()
         self.scheduler.wire(tell(self.queue, QueueInbox), self._iset_inbox).get(timeout=ASK_TIMEOUT)
         if start_ticker:
@@ -135,6 +140,8 @@ class Dispatcher:
                 ref.stop(block=True, timeout=10)
             except (pykka.ActorDeadError, pykka.Timeout):
                 pass
+        if self.runtime is not None:
+            self.runtime.run()  # what the stopped actors left queued (pool jobs) ends here
 
     # -- the management API's view (called from API threads) ---------------------------------------
 

@@ -1,19 +1,26 @@
-"""A deterministic-in-time simulation: the real actors, a FakeClock, the stub cloud, and the
-container API as an in-process SQLite store.
+"""A deterministic simulation: the real actors, a FakeClock, the stub cloud, and the container
+API as an in-process SQLite store.
 
 ``step(dt)`` moves the clock from event to event (the next actor deadline or stub-cloud event),
-delivers the ticks that are due, and waits until every mailbox and background job is drained
+delivers the ticks that are due, and runs until every mailbox and background job is drained
 before moving on. No sleeps, no wall clock: a simulated day costs what its events cost.
+
+By default the actors run on :class:`actors.simruntime.SimRuntime` (one thread, messages in send
+order), so a seed fixes the whole run: container uuids, stub cloud draws, probe jitter and the
+order of every message. ``runtime="threads"`` runs them on pykka's threads as in production
+(for tests that call the actors from other threads, such as the management API's).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 
 from actors.base import ACTIVITY
 from cloud.clock import FakeClock
 from actors.service import Dispatcher, instance_set_id
+from actors.simruntime import SimRuntime
 from actors.ticker import Ticker
 
 log = logging.getLogger("dispatch.sim")
@@ -23,15 +30,18 @@ START = 1_700_000_000.0
 
 class Simulation:
     def __init__(self, cluster, *, stub_params=None, seed: int = 0, store=None, cloud=None,
-                 clock: FakeClock | None = None, metrics: bool = True):
+                 clock: FakeClock | None = None, metrics: bool = True, runtime: str = "deterministic"):
         from api.arvados.inprocess import LocalArvadosClient
         from api.arvados.store import ContainerStore
         from cloud.stub.driver import StubCloud, StubParams
         self.cluster = cluster
+        if runtime not in ("deterministic", "threads"):
+            raise ValueError(f"runtime: expected 'deterministic' or 'threads', got {runtime!r}")
+        self.runtime = SimRuntime() if runtime == "deterministic" else None
         self.clock = clock or FakeClock(START)
         self.store = store or ContainerStore(":memory:", cluster_id=cluster.cluster_id,
                                              max_dispatch_attempts=cluster.containers.max_dispatch_attempts,
-                                             clock=self.clock)
+                                             clock=self.clock, rng=random.Random(f"uuids:{seed}"))
         self.token = cluster.system_root_token
         if self.store.authenticate(self.token) is None:  # a restart reuses the same store
             self.store.add_token(self.token, admin=True)
@@ -48,7 +58,8 @@ class Simulation:
         self.ticker = Ticker(self.clock)
         self.dispatcher = Dispatcher(cluster, clock=self.clock, ticker=self.ticker,
                                      driver_set=self.cloud.instance_set(instance_set_id(cluster.system_root_token)),
-                                     api_client=self.api, metrics=self.metrics, seed=seed)
+                                     api_client=self.api, metrics=self.metrics, seed=seed,
+                                     runtime=self.runtime)
         self._started = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -79,6 +90,14 @@ class Simulation:
 
     def settle(self, max_rounds: int = 10_000) -> None:
         """Deliver everything due at the current instant until nothing more happens."""
+        rt = self.runtime
+        if rt is not None:
+            now = self.clock.now()
+            for _ in range(max_rounds):
+                rt.run()
+                if not self.cloud.advance() and not self.ticker.fire_due(now) and not rt.pending:
+                    return
+            raise RuntimeError(f"simulation did not settle at t={self.now - START:.3f}")
         for _ in range(max_rounds):
             ACTIVITY.wait_idle()
             ran = self.cloud.advance()

@@ -47,7 +47,7 @@ class Live:
 
     def __init__(self, c, *, before_start=None, timeout: float | None = None):
         self.cluster = c
-        self.sim = Simulation(c)
+        self.sim = Simulation(c, runtime="threads")  # API threads ask the actors
         if before_start is not None:
             before_start(self.sim)
         self.sim.start()

@@ -146,8 +146,10 @@ _RUNTIME_STATUS_STRINGS = ("error", "errorDetail", "warning", "warningDetail", "
 _ALNUM = string.ascii_lowercase + string.digits
 
 
-def random_uuid(cluster_id: str, infix: str) -> str:
-    return f"{cluster_id}-{infix}-" + "".join(secrets.choice(_ALNUM) for _ in range(15))
+def random_uuid(cluster_id: str, infix: str, rng=None) -> str:
+    """A fresh uuid; from ``rng`` (a random.Random) when given, so a seeded simulation repeats."""
+    choice = secrets.choice if rng is None else rng.choice
+    return f"{cluster_id}-{infix}-" + "".join(choice(_ALNUM) for _ in range(15))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -468,8 +470,10 @@ class ContainerStore:
     """
 
     def __init__(self, path_or_memory: str = ":memory:", *, cluster_id: str = "zzzzz",
-                 max_dispatch_attempts: int = 10, clock: Callable[[], float] = time.time):
+                 max_dispatch_attempts: int = 10, clock: Callable[[], float] = time.time,
+                 rng=None):
         self.path = str(path_or_memory)
+        self._rng = rng  # a random.Random for uuids (simulations); None: the secrets module
         self.cluster_id = cluster_id
         self.max_dispatch_attempts = int(max_dispatch_attempts)
         self._now = clock.now if hasattr(clock, "now") else clock
@@ -571,7 +575,7 @@ class ContainerStore:
             raise BadRequest("token: must be a non-empty string")
         v2_uuid, secret = _split_v2(token)
         if uuid is None:
-            uuid = v2_uuid or random_uuid(self.cluster_id, "gj3su")
+            uuid = v2_uuid or random_uuid(self.cluster_id, "gj3su", self._rng)
         elif v2_uuid is not None and v2_uuid != uuid:
             raise BadRequest(f"token: v2 token names {v2_uuid}, not {uuid}")
         with self._write() as c:
@@ -655,7 +659,7 @@ class ContainerStore:
         for k, v in values.items():
             _check_value(k, v)
         now = self._micros()
-        uuid = random_uuid(self.cluster_id, "dz642")
+        uuid = random_uuid(self.cluster_id, "dz642", self._rng)
         row = {k: _to_db(k, v) for k, v in values.items()}
         row.update(uuid=uuid, state=QUEUED, lock_count=0, created_at=now, modified_at=now,
                    runtime_status=json.dumps({}))
@@ -689,7 +693,7 @@ class ContainerStore:
                 raise Unprocessable("cannot lock when priority<=0")
             self._set(c, uuid, {"state": LOCKED, "locked_by_uuid": caller.uuid,
                                 "lock_count": row["lock_count"] + 1,
-                                "auth_uuid": random_uuid(self.cluster_id, "gj3su"),
+                                "auth_uuid": random_uuid(self.cluster_id, "gj3su", self._rng),
                                 "modified_at": self._micros()})
             return self._render(self._fetch(c, uuid), LOCK_SELECT)
 
