@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
     packages=find_packages(include=["actors", "actors.*", "api", "api.*", "cloud", "cloud.*", "conf", "conf.*"]),
-    package_data={"conf": ["*.yml"]},
+    package_data={"conf": ["*.yml", "workloads/*.csv", "workloads/*.yml"]},
     install_requires=[
         "pykka>=4.4,<5",
         "paramiko>=3.5,<6",
@@ -27,6 +27,8 @@ setup(
         "azure-mgmt-network>=25,<34",
         "boto3>=1.34,<2",
         "botocore>=1.34,<2",
+        "tqdm>=4.60,<5",  # simulate: progress bar
+        "matplotlib>=3.7,<4",  # simulate: the report's plots
     ],
     extras_require={
         "test": [

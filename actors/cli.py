@@ -17,6 +17,7 @@ SUBCOMMANDS = (
     "api.admin",        # instance ..., container ...
     "actors.devmode",   # submit
     "cloud.cloudtest",  # cloudtest
+    "actors.simulate.command",  # simulate
 )
 
 

@@ -105,7 +105,9 @@ class SchedulerActor(TickedActor):
         # caches that keep a pass proportional to what changed, not to the queue's length
         self._qver = 0
         self._base_order: tuple[int, list[QueueEntry]] = (-1, [])
-        self._special: set[str] = set()  # entries reconcile may act on (see needs_reconcile)
+        # entries reconcile may act on (see needs_reconcile); a dict, not a set, so the order of
+        # reconcile's actions does not depend on string hashing (simulations repeat exactly)
+        self._special: dict[str, None] = {}
         self._iviews: dict[str, tuple[WorkerView, InstanceView]] = {}
         self._qviews: dict = {}  # uuid -> (entry, status, QueueEntryView), reused across snapshots
 
@@ -293,14 +295,14 @@ class SchedulerActor(TickedActor):
         self._queue[e.uuid] = e
         self._qver += 1
         if needs_reconcile(e):
-            self._special.add(e.uuid)
+            self._special[e.uuid] = None
         else:
-            self._special.discard(e.uuid)
+            self._special.pop(e.uuid, None)
 
     def _drop_entry(self, uuid: str) -> None:
         if self._queue.pop(uuid, None) is not None:
             self._qver += 1
-        self._special.discard(uuid)
+        self._special.pop(uuid, None)
 
     def queue_update(self, changed: tuple[QueueEntry, ...], removed: tuple[str, ...], updated_at) -> None:
         for e in changed:

@@ -18,7 +18,7 @@ PACKAGES = ("actors", "api", "cloud", "conf")
 
 # The top layer: may import anything.
 APPLICATION = {"actors.service", "actors.run", "actors.cli", "actors.devmode", "actors.checkconfig",
-               "actors.sim"}
+               "actors.sim", "actors.simulate.command", "actors.simulate.runner", "actors.simulate.report"}
 
 # (module prefix, what it may import), most specific prefix first.
 ALLOWED = (

@@ -66,6 +66,12 @@ class StubCloud:
         # Called under the cloud lock for each new VM, to set its knobs; raising (say, a
         # CapacityError) fails the Create. It must not call back into the cloud.
         self.setup_vm: Callable[[StubVM], None] | None = None
+        # Simulations: a container's run time (None: drawn from the params), and a listener told
+        # of each milestone as listener(event, vm, at, container_uuid): create, ready (first
+        # boot probe answered), detach, running, exit (process gone), release (its lock gone),
+        # destroy, remove. Both are called under the cloud lock and must not call back into it.
+        self.run_time_of: Callable[[object], float | None] | None = None
+        self.listener: Callable[[str, StubVM, float, str], None] | None = None
         self._rng = random.Random(self.params.seed if seed is None else seed)
         self._lock = threading.RLock()
         self._events_lock = threading.RLock()
@@ -258,6 +264,7 @@ class StubCloud:
                 self.setup_vm(vm)  # may raise a CloudError: the VM is discarded
             self._vms[vm.id] = vm
             self._schedule_milestones(vm)
+            self._notify("create", vm, now)
             self.logger.info("stub VM created", extra={
                 "Instance": vm.id, "InstanceSetID": set_id, "ProviderType": it.provider_type,
                 "BootAt": vm.boot_at})
@@ -278,6 +285,10 @@ class StubCloud:
             crash_rate=p.crunch_run_crash_rate, detach_delay=p.crunch_run_detach_delay,
             arv_mount_max_exit_lag=p.arv_mount_max_exit_lag, deadlock_rate=p.arv_mount_deadlock_rate,
             execute_container=lambda ctr: code)
+
+    def _notify(self, event: str, vm: StubVM, at: float, uuid: str = "") -> None:
+        if self.listener is not None:
+            self.listener(event, vm, at, uuid)
 
     def _schedule_milestones(self, vm: StubVM) -> None:
         """Boot/broken times are gates checked on exec; events only log them and let a
@@ -337,6 +348,7 @@ class StubCloud:
                     proc.phase = Phase.EXITED
                     proc.exit_reason = "killed by system shutdown"
             vm.procs.clear()
+            self._notify("destroy", vm, now)
             self.logger.info("stub VM destroying", extra={"Instance": vm.id,
                                                             "RemoveAt": now + self.params.destroy_delay})
 
@@ -344,6 +356,7 @@ class StubCloud:
             with self._lock:
                 if self._vms.get(instance_id) is vm:
                     del self._vms[instance_id]
+                    self._notify("remove", vm, at)
                     self.logger.info("stub VM removed", extra={"Instance": instance_id})
         self._schedule(now + self.params.destroy_delay, "remove " + instance_id, remove)
 
@@ -383,6 +396,9 @@ class StubCloud:
         if args is not None:
             return self._crunch_run(vm, parse_runner_args(args), stdin, now)
         if cmd in self._boot_probes:
+            if vm.ready_at is None:
+                vm.ready_at = now
+                self._notify("ready", vm, now)
             return ExecResult(b"running\n" if cmd == "systemctl is-system-running" else b"", b"", 0)
         if argv == ["cat", crunchrun.SECRET_FILE]:
             secret = vm.secret
@@ -422,6 +438,7 @@ class StubCloud:
         proc = FakeCrunchRun(uuid=uuid, pid=self._pid, api_host=host, api_token=token,
                              insecure=insecure, crash=crash)
         vm.procs[uuid] = proc
+        self._notify("detach", vm, now, uuid)
         self.logger.info("stub crunch-run detached", extra={
             "Instance": vm.id, "ContainerUUID": uuid, "PID": proc.pid, "Crash": crash})
         self._schedule(now + vm.detach_delay, f"start {uuid}", lambda at: self._proc_start(vm, proc, at))
@@ -501,14 +518,17 @@ class StubCloud:
                 return self._proc_exit(vm, proc, "could not start the container", at)
             proc.phase = Phase.RUNNING
             proc.container = ctr
+            self._notify("running", vm, at, proc.uuid)
             self.logger.info("stub crunch-run: container Running", extra={
                 "Instance": vm.id, "ContainerUUID": proc.uuid, "PID": proc.pid})
             if proc.kill_requested:
                 self._schedule(at, f"terminate {proc.uuid}", lambda t: self._proc_terminate(vm, proc, t))
                 return
             p = self.params
-            run_for = p.container_run_time + (self._rng.random() * p.container_run_time_jitter
-                                              if p.container_run_time_jitter else 0)
+            run_for = self.run_time_of(ctr) if self.run_time_of is not None else None
+            if run_for is None:
+                run_for = p.container_run_time + (self._rng.random() * p.container_run_time_jitter
+                                                  if p.container_run_time_jitter else 0)
             if proc.crash == "late":
                 self._schedule(at + self._rng.random() * run_for, f"crash {proc.uuid}",
                                lambda t: self._proc_crash(vm, proc, t))
@@ -554,6 +574,7 @@ class StubCloud:
             return
         proc.phase = Phase.EXITED
         proc.exit_reason = reason
+        self._notify("exit", vm, at, proc.uuid)
         proc.deadlocked = self._roll(vm.deadlock_rate)
         lag = self._rng.random() * vm.arv_mount_max_exit_lag if vm.arv_mount_max_exit_lag else 0.0
         self.logger.info("stub crunch-run exited", extra={
@@ -566,6 +587,7 @@ class StubCloud:
             with self._lock:
                 if vm.procs.get(proc.uuid) is proc:
                     del vm.procs[proc.uuid]
+                    self._notify("release", vm, t, proc.uuid)
         self._schedule(at + lag, f"unlock {proc.uuid}", release)
 
 

@@ -195,6 +195,7 @@ class StubVM:
     execute_container: Callable[[object], int] = lambda ctr: 0
     destroying: bool = False
     destroyed_at: float | None = None
+    ready_at: float | None = None  # when the boot probe first answered
     procs: dict = field(default_factory=dict)  # uuid -> FakeCrunchRun, in start order
     commands: deque = field(default_factory=lambda: deque(maxlen=COMMAND_HISTORY))
     prices: bytes = b""  # last --stdin-prices payload
