@@ -265,7 +265,7 @@ class Run:
 
 def _rounded(v):
     if isinstance(v, float):
-        return round(v, 4)
+        return round(v, 6)
     if isinstance(v, dict):
         return {k: _rounded(x) for k, x in v.items()}
     return v

@@ -6,6 +6,7 @@ Nothing here touches a clock or a lock; :mod:`cloud.stub.driver` owns time, even
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 from collections import deque
@@ -296,10 +297,18 @@ def runner_args(argv: list[str], runner_commands: frozenset[tuple[str, ...]]) ->
 
 def split_command(command: str) -> tuple[str, list[str]]:
     """Strip a leading ``sudo `` and split the rest as sh would (ValueError on bad quoting)."""
+    cmd, argv = _split(command)
+    return cmd, list(argv)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split(command: str) -> tuple[str, tuple[str, ...]]:
+    """Memoized: a simulation sends the same probe commands hundreds of thousands of times, and
+    shlex costs ~10 us each."""
     cmd = command.strip()
     if cmd.startswith("sudo "):
         cmd = cmd[5:].lstrip()
-    return cmd, shlex.split(cmd)
+    return cmd, tuple(shlex.split(cmd))
 
 
 def parse_config_data(stdin: bytes) -> tuple[str, str, bool]:
