@@ -27,6 +27,7 @@ No assertions: figures only.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import random
@@ -122,6 +123,8 @@ def main() -> int:
     ap.add_argument("--wall-limit", type=float, default=290.0, help="give up after this many real seconds")
     ap.add_argument("--report-every", type=float, default=3600.0, help="simulated seconds between progress lines")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--runtime", choices=("deterministic", "threads"), default="deterministic",
+                    help="the actors on the single-thread simulation runtime, or on pykka threads")
     args = ap.parse_args()
     logging.basicConfig(level=getattr(logging, os.environ.get("BENCH_LOG", "WARNING")), stream=sys.stderr,
                         format="%(name)s %(message)s")
@@ -140,10 +143,10 @@ def main() -> int:
     work = arrivals(n_ctr, seconds, rng)
     print(f"workload: {n_ctr} containers over {args.hours:g} h (seed {args.seed}), MaxInstances {max_inst}, "
           f"ProbeInterval {args.probe_interval:g}s, "
-          f"{'quantum %gs' % args.quantum if args.quantum > 0 else 'event-by-event steps'}, runtimes 3 min + U[0, 2 h), boot 60-120 s", flush=True)
+          f"{'quantum %gs' % args.quantum if args.quantum > 0 else 'event-by-event steps'}, {args.runtime} runtime, runtimes 3 min + U[0, 2 h), boot 60-120 s", flush=True)
 
     passes = Counted(SchedulerActor, "_pass")
-    sim = Simulation(c, seed=args.seed, metrics=True)
+    sim = Simulation(c, seed=args.seed, metrics=True, runtime=args.runtime)
     fired = [0]
     orig_fire, orig_adv = sim.ticker.fire_due, sim.cloud.advance
 
@@ -159,6 +162,8 @@ def main() -> int:
     sim.ticker.fire_due, sim.cloud.advance = fire_due, advance
 
     peak = peak_running = 0
+    from actors.simulate.runner import GC_THRESHOLDS
+    gc.set_threshold(*GC_THRESHOLDS)  # as dispatch-cloud simulate does
     t_wall0 = time.perf_counter()
     gave_up = False
     sim.start()

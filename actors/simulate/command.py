@@ -127,7 +127,7 @@ class _Bar:
             total = round((run.expected_end - START) / 3600, 2)
             self._bar = self._tqdm(total=total, unit="sim h", desc=self._label, file=sys.stderr,
                                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} sim h "
-                                              "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
+                                              "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
         h = round((now - START) / 3600, 2)
         if h > self._bar.total:
             self._bar.total = h
@@ -139,6 +139,8 @@ class _Bar:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._bar.total = self._shown  # done: the horizon was an estimate
+            self._bar.refresh()
             self._bar.close()
 
 

@@ -8,6 +8,7 @@ the wall clock, so a run costs what its events cost and the same inputs give the
 
 from __future__ import annotations
 
+import gc
 import heapq
 import logging
 from collections import Counter
@@ -17,6 +18,7 @@ from dataclasses import dataclass, replace
 import yaml
 
 from actors.instancetype import ConstraintsNotSatisfiable
+from actors.queue import parse_time
 from actors.sim import START, Simulation
 from actors.simulate.ledger import (Ledger, lower_bound, share_price, size_class, size_class_order,
                                     wait_stats)
@@ -29,7 +31,9 @@ log = logging.getLogger("dispatch.simulate")
 # The simulated cloud for a config whose driver is not the stub: VMs boot in 1.5-2.5 minutes.
 DEFAULT_CLOUD = {"BootTime": "90s", "BootTimeJitter": "60s"}
 SAMPLE_EVERY = 60.0  # simulated seconds between samples for the plots
-FINAL = ("Complete", "Cancelled")
+# A simulation makes millions of short-lived messages and views: collect the young generation
+# less often than Python's default (700), ~10 % faster on the simulated day.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 class SimulateError(ValueError):
@@ -93,6 +97,7 @@ class Run:
         self.expected_end = START + last + longest + 3600
         self.limit = START + (max_hours * 3600 if max_hours else last + 7 * 86400)
         self.timed_out = False
+        self.containers: dict[str, dict] = {}  # uuid -> the container record at the end
         cloud = self.sim.cloud
         cloud.listener = self._on_cloud
         cloud.run_time_of = lambda ctr: self._by_uuid[ctr["uuid"]].runtime if ctr["uuid"] in self._by_uuid else None
@@ -152,18 +157,16 @@ class Run:
             self._by_uuid[uuid] = job
 
     def _open_containers(self) -> int:
-        store = self.sim.store
-        with store._read() as c:  # one COUNT per sample; the API would page through them all
-            return c.execute("SELECT COUNT(*) FROM containers WHERE state IN ('Queued', 'Locked', 'Running')"
-                             ).fetchone()[0]
+        return self.sim.store.count(("Queued", "Locked", "Running"))
 
     def _queued(self) -> int:
-        with self.sim.store._read() as c:
-            return c.execute("SELECT COUNT(*) FROM containers WHERE state IN ('Queued', 'Locked')").fetchone()[0]
+        return self.sim.store.count(("Queued", "Locked"))
 
     def run(self) -> Run:
         sim = self.sim
         sim.start()
+        thresholds = gc.get_threshold()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             next_sample = START
             while True:
@@ -186,6 +189,7 @@ class Run:
             self.ledger.finish(sim.now)
             self._collect()
         finally:
+            gc.set_threshold(*thresholds)
             sim.stop()
         return self
 
@@ -205,7 +209,6 @@ class Run:
     # -- the report's data ---------------------------------------------------------------------------
 
     def result(self) -> dict:
-        from actors.queue import parse_time
         ledger, chooser = self.ledger, self.sim.dispatcher.chooser
         waits, by_class = [], {}
         states, cancels = Counter(), Counter()

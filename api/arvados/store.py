@@ -765,10 +765,14 @@ class ContainerStore:
     def cancel(self, uuid: str, *, caller: TokenInfo) -> dict:
         return self.update(uuid, {"state": CANCELLED}, caller=caller)
 
-    def count(self) -> int:
-        """How many containers the store holds (for tests and dev tools)."""
+    def count(self, states: tuple[str, ...] = ()) -> int:
+        """How many containers the store holds, or how many in ``states`` (tests, dev tools,
+        simulations: one COUNT instead of paging through them all)."""
         with self._read() as c:
-            return c.execute("SELECT COUNT(*) FROM containers").fetchone()[0]
+            if not states:
+                return c.execute("SELECT COUNT(*) FROM containers").fetchone()[0]
+            return c.execute(f"SELECT COUNT(*) FROM containers WHERE state IN ({', '.join('?' * len(states))})",
+                             tuple(states)).fetchone()[0]
 
 
 def _require(caller: TokenInfo | None) -> None:
