@@ -144,15 +144,20 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
     head = sorted((by_uuid[u] for u in running if u in by_uuid), key=base_key)
     p = Plan(head=head, base=base, running=running)
     frees = sorted((_Free(s, instance_sort_key(s)) for s in slots), key=lambda f: f.order)
+    # Candidates for placement, by type. An instance that can take nothing now (not usable, not
+    # running new work, or no VCPU left: fits() needs one) is left out, so that a queue of
+    # Locked containers waiting behind 1,000 full instances is not O(queue x instances).
     by_type: dict[str, list[_Free]] = {}
     for f in frees:
-        by_type.setdefault(f.slot.instance_type.name, []).append(f)
         for uuid in f.slot.running:
             e = by_uuid.get(uuid)
             if e is None:
                 f.zero()  # an unknown container: its size is unknown, so nothing else fits
                 break
             f.take(e.resources)
+        s = f.slot
+        if s.state in USABLE and s.behavior is Behavior.RUN and f.avail.vcpus > 0:
+            by_type.setdefault(s.instance_type.name, []).append(f)
 
     creates_left = (limits.max_concurrent_creates - limits.n_creating
                     if limits.max_concurrent_creates > 0 else 1 << 30)

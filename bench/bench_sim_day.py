@@ -165,6 +165,7 @@ def main() -> int:
     from actors.simulate.runner import GC_THRESHOLDS
     gc.set_threshold(*GC_THRESHOLDS)  # as dispatch-cloud simulate does
     t_wall0 = time.perf_counter()
+    t_cpu0 = time.process_time()
     gave_up = False
     sim.start()
     try:
@@ -196,6 +197,7 @@ def main() -> int:
                 print(f"  giving up: wall limit {args.wall_limit:.0f}s reached", flush=True)
                 break
         wall = time.perf_counter() - t_wall0
+        cpu = time.process_time() - t_cpu0
         sim_s = sim.now - START
         states: dict[str, int] = {}
         for ctr in sim.containers():
@@ -205,7 +207,8 @@ def main() -> int:
 
     p = sorted(passes.times)
     print(f"{'gave up after' if gave_up else 'done:'} {sim_s / 3600:.2f} simulated h in {wall:.1f}s wall "
-          f"({sim_s / wall:.0f}x real time)")
+          f"({sim_s / wall:.0f}x real time); {cpu:.1f}s CPU ({sim_s / cpu:.0f}x real time per CPU second: "
+          f"what the wall figure would be on an idle core)")
     print(f"events (ticks delivered + stub cloud events): {fired[0]:,} = {fired[0] / wall:,.0f}/s wall")
     print(f"peak instances {peak}, peak running containers {peak_running}; containers by state: "
           + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
