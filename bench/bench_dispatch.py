@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Dispatch throughput onto idle capacity, as a new user would see it.
+
+The real ``dispatch-cloud run`` (a child process) on the stub cloud (BootTime 1s, ContainerRunTime
+2s, MaxInstances N, MaxCloudOpsPerSecond 1000, MaxConcurrentInstanceCreateOps 50, PollInterval 1s)
+against the dev container API server over HTTP (in this process, behind a counting WSGI
+middleware). First N containers, so that N instances exist and go idle (warm-up); then N more
+queued at once onto the N idle instances (the burst). Printed per run, and as medians over runs:
+
+* warm-up: seconds until N instances appeared, and instance creations/s;
+* burst: starts/s from the burst's submission to the last ``crunch-run process started``;
+  queue -> detach latency p50/p90/p99/max (submission time here, start time from the
+  dispatcher's own log line);
+* remote commands per container beyond probes (detaches + kill signals sent), kill decisions
+  ("kill container because ...") and dispatcher cancels;
+* container API calls per container during the burst, by kind, and any 422 answers.
+
+    .venv/bin/python bench/bench_dispatch.py [--sizes 200,1000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import requests  # noqa: E402
+import yaml  # noqa: E402
+
+from api.arvados.client import ArvadosClient  # noqa: E402
+from api.arvados.server import make_app  # noqa: E402
+from api.arvados.store import ContainerStore  # noqa: E402
+from api.wsgi import WsgiServer  # noqa: E402
+
+TOKEN = "systemroot" + "a" * 30
+MGMT = "management" + "b" * 30
+BASE = {"command": ["true"], "container_image": "img", "cwd": "/", "output_path": "/out"}
+
+
+class Counting:
+    """WSGI middleware: counts requests by (method, kind, status) while ``on`` is set."""
+
+    def __init__(self, app):
+        self.app = app
+        self.on = False
+        self.counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if not self.on:
+            return self.app(environ, start_response)
+        method = environ.get("HTTP_X_HTTP_METHOD_OVERRIDE") or environ["REQUEST_METHOD"]
+        parts = environ.get("PATH_INFO", "").strip("/").split("/")
+        kind = parts[4] if len(parts) > 4 else ("item" if len(parts) > 3 else "list")
+
+        def sr(status, headers, exc_info=None):
+            with self._lock:
+                self.counts[(method, kind, int(status.split()[0]))] += 1
+            return start_response(status, headers, exc_info)
+        return self.app(environ, sr)
+
+
+def _config(api_url: str, mgmt: str, n: int, max_probes: int) -> dict:
+    return {"Clusters": {"zzzzz": {
+        "SystemRootToken": TOKEN, "ManagementToken": MGMT,
+        "Services": {"Controller": {"ExternalURL": api_url},
+                     "DispatchCloud": {"InternalURLs": {mgmt: {}}}},
+        "Containers": {"ReserveExtraRAM": 0, "LocalKeepBlobBuffersPerVCPU": 0, "CloudVMs": {
+            "Driver": "stub", "BootProbeCommand": "true", "PollInterval": "1s", "ProbeInterval": "1s",
+            "SyncInterval": "5s", "TimeoutIdle": "10m", "MaxInstances": n,
+            "MaxCloudOpsPerSecond": 1000, "MaxConcurrentInstanceCreateOps": 50,
+            "MaxProbesPerSecond": max_probes,
+            "DriverParameters": {"BootTime": "1s", "BootTimeJitter": "0s", "ContainerRunTime": "2s",
+                                 "ContainerRunTimeJitter": "0s", "MinTimeBetweenCreateCalls": "0s"}}},
+        "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1}},
+    }}}
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(log: Path) -> list[dict]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def _t(rec: dict) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).timestamp()
+
+
+def _wait(pred, timeout: float, what: str, step: float = 0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run_once(n: int, workdir: Path, max_probes: int) -> dict:
+    store = ContainerStore(str(workdir / "api.db"), cluster_id="zzzzz")
+    store.add_token(TOKEN, admin=True)
+    counting = Counting(make_app(store))
+    api = WsgiServer(counting, "127.0.0.1", 0, threads=16, name="arvados-api").start()
+    mgmt = f"http://127.0.0.1:{_free_port()}"
+    cfg = workdir / "config.yml"
+    cfg.write_text(yaml.safe_dump(_config(api.url, mgmt, n, max_probes)))
+    log = workdir / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "wb"))
+    client = ArvadosClient(api.url, TOKEN)
+    auth = {"Authorization": f"Bearer {MGMT}"}
+    try:
+        def submit(k: int) -> dict[str, float]:
+            out = {}
+            for _ in range(k):
+                c = client.create_container({**BASE, "priority": 1,
+                                             "runtime_constraints": {"vcpus": 1, "ram": 256 << 20}})
+                out[c["uuid"]] = time.time()
+            return out
+
+        def states(uuids) -> collections.Counter:
+            items = store.list(filters=[["uuid", "in", list(uuids)]], select=["uuid", "state"],
+                               limit=len(uuids) + 1, caller=store.authenticate(TOKEN))["items"]
+            return collections.Counter(x["state"] for x in items)
+
+        # warm-up: N containers, so N instances exist; then wait for all N idle
+        t_warm = time.time()
+        warm = submit(n)
+        _wait(lambda: states(warm).get("Complete", 0) == n, 60 + n * 0.5, "the warm-up containers")
+
+        def all_idle():
+            try:
+                items = requests.get(mgmt + "/arvados/v1/dispatch/instances", headers=auth, timeout=10).json()["items"]
+            except (requests.RequestException, ValueError, KeyError):
+                return False
+            last_seen[:] = [collections.Counter(x["worker_state"] for x in items)]
+            return bool(items) and all(x["worker_state"] == "idle" for x in items) and len(items)
+        # (containers that finish early are reused by later ones, so warm-up may create fewer
+        # than N; the burst then needs a few creates, which shows in max latency)
+        last_seen: list = [None]
+        try:
+            idle = _wait(all_idle, 60 + 2 * n / max_probes, "N idle instances")
+        except TimeoutError:
+            raise TimeoutError(f"not all {n} instances idle after 60 s: {last_seen[0]}") from None
+        recs = _records(log)
+        appeared = [_t(r) for r in recs if r.get("msg") == "instance appeared in cloud"]
+        created = [_t(r) for r in recs if r.get("msg") == "creating new instance"]
+        warm_s = (max(appeared) - t_warm) if appeared else float("nan")
+        create_rate = len(created) / (max(created) - min(created)) if len(created) > 1 else float("nan")
+
+        # the burst onto idle capacity
+        counting.counts.clear()
+        counting.on = True
+        mark = len(recs)
+        burst = submit(n)
+        t_sub = min(burst.values())
+
+        def started():
+            got = {}
+            for r in _records(log)[mark:]:
+                if r.get("msg") == "crunch-run process started" and r.get("ContainerUUID") in burst:
+                    got.setdefault(r["ContainerUUID"], _t(r))
+            return got if len(got) == n else None
+        starts = _wait(started, 120, "every burst container to start")
+        _wait(lambda: states(burst).get("Complete", 0) == n, 60 + n * 0.2, "the burst to complete")
+        time.sleep(3)  # let the dispatcher notice the ends and whatever it kills or cancels after them
+        counting.on = False
+        after = _records(log)[mark:]
+        lat = [starts[u] - burst[u] for u in burst]
+        last = max(starts.values())
+        per = collections.Counter()
+        for r in after:
+            if r.get("ContainerUUID") in burst and r.get("msg") in ("crunch-run process started", "sending signal"):
+                per[r["ContainerUUID"]] += 1
+        calls = collections.Counter()
+        for (method, kind, status), k in counting.counts.items():
+            if (method, kind) != ("POST", "list"):  # the burst's own creates
+                calls[f"{method} {kind}"] += k
+        return {
+            "n": n,
+            "idle_before_burst": idle,
+            "warmup_s": warm_s,
+            "creates_per_s": create_rate,
+            "starts_per_s": n / max(last - t_sub, 1e-9),
+            "burst_to_last_start_s": last - t_sub,
+            "lat_p50": _pct(lat, 0.5), "lat_p90": _pct(lat, 0.9), "lat_p99": _pct(lat, 0.99),
+            "lat_max": max(lat),
+            "remote_cmds_per_ctr": sum(per.values()) / n,
+            "kill_decisions": sum(1 for r in after if str(r.get("msg", "")).startswith("kill container because")),
+            "cancels": sum(1 for r in after if str(r.get("msg", "")).startswith("cancelling container")),
+            "api_calls_per_ctr": sum(calls.values()) / n,
+            "api_calls": dict(sorted(calls.items())),
+            "api_422": sum(k for (_, _, s), k in counting.counts.items() if s == 422),
+        }
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        api.stop()
+        store.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="200,1000")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--max-probes", type=int, default=100,
+                   help="MaxProbesPerSecond (Go's default 10 makes booting 1,000 VMs take 100 s+)")
+    args = p.parse_args()
+    for n in (int(x) for x in args.sizes.split(",")):
+        results = []
+        for i in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as d:
+                r = run_once(n, Path(d), args.max_probes)
+            results.append(r)
+            print(f"N={n} run {i + 1}: {r['idle_before_burst']} idle instances; warm-up {r['warmup_s']:.1f}s ({r['creates_per_s']:.0f} creates/s); "
+                  f"burst {r['starts_per_s']:.0f} starts/s, last start {r['burst_to_last_start_s']:.1f}s; "
+                  f"queue->detach p50 {r['lat_p50']:.2f}s p90 {r['lat_p90']:.2f}s p99 {r['lat_p99']:.2f}s "
+                  f"max {r['lat_max']:.2f}s; remote cmds/ctr {r['remote_cmds_per_ctr']:.2f}; "
+                  f"kill decisions {r['kill_decisions']}; cancels {r['cancels']}; "
+                  f"API calls/ctr {r['api_calls_per_ctr']:.1f} {r['api_calls']}; 422s {r['api_422']}",
+                  flush=True)
+        med = {k: statistics.median(r[k] for r in results) for k in results[0]
+               if isinstance(results[0][k], (int, float))}
+        print(f"N={n} median of {len(results)}: starts/s {med['starts_per_s']:.0f}; "
+              f"queue->detach p50 {med['lat_p50']:.2f}s p99 {med['lat_p99']:.2f}s max {med['lat_max']:.2f}s; "
+              f"warm-up {med['warmup_s']:.1f}s ({med['creates_per_s']:.0f} creates/s); "
+              f"remote cmds/ctr {med['remote_cmds_per_ctr']:.2f}; API calls/ctr {med['api_calls_per_ctr']:.1f}; "
+              f"422s {med['api_422']:.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
