@@ -137,6 +137,7 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
                             stderr=open(log, "wb"))
+    (workdir / "pid").write_text(str(proc.pid))  # for a profiler to attach (py-spy record --pid)
     client = ArvadosClient(api.url, TOKEN)
     auth = {"Authorization": f"Bearer {MGMT}"}
     try:
@@ -238,14 +239,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="200,1000")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--keep", metavar="DIR", help="keep each run's config, API database and dispatcher log under DIR")
     p.add_argument("--max-probes", type=int, default=100,
                    help="MaxProbesPerSecond (Go's default 10 makes booting 1,000 VMs take 100 s+)")
     args = p.parse_args()
     for n in (int(x) for x in args.sizes.split(",")):
         results = []
         for i in range(args.runs):
-            with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as d:
-                r = run_once(n, Path(d), args.max_probes)
+            if args.keep:
+                d = Path(args.keep) / f"n{n}-run{i + 1}"
+                d.mkdir(parents=True, exist_ok=True)
+                r = run_once(n, d, args.max_probes)
+            else:
+                with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as d:
+                    r = run_once(n, Path(d), args.max_probes)
             results.append(r)
             print(f"N={n} run {i + 1}: {r['idle_before_burst']} idle instances; warm-up {r['warmup_s']:.1f}s ({r['creates_per_s']:.0f} creates/s); "
                   f"burst {r['starts_per_s']:.0f} starts/s, last start {r['burst_to_last_start_s']:.1f}s; "

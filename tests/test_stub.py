@@ -631,6 +631,38 @@ def test_realtime_mode_runs_its_own_thread_and_stops(caplog):
     assert not any(t.name == "stub-cloud-clock" for t in threading.enumerate())
 
 
+def test_realtime_commands_and_creates_do_not_wait_for_other_vms_events():
+    """Issue 15: with 200 fake crunch-runs calling the API from the events thread, every detach
+    and create waited up to DUE_WAIT (1 s) for it. In real time the clock thread runs events, so
+    a VM's command (and a create) goes ahead at once."""
+    iset = driver({"BootTime": "0s", "BootTimeJitter": "0s"}, "set1", cluster=Cluster(),
+                  clock=SystemClock(), logger=None)
+    cloud = iset.cloud
+    try:
+        inst = iset.create(itype(1), "img", {SET_TAG: "set1"}, "", None)
+        ex = iset.make_executor(inst)
+        held, release = threading.Event(), threading.Event()
+
+        def busy():  # another thread is running events (a fake crunch-run waiting on the API)
+            with cloud._events_lock:
+                held.set()
+                release.wait(10)
+        t = threading.Thread(target=busy)
+        t.start()
+        try:
+            assert held.wait(5)
+            t0 = time.monotonic()
+            ex.execute("true")
+            iset.create(itype(1), "img", {SET_TAG: "set1"}, "", None)
+            took = time.monotonic() - t0
+        finally:
+            release.set()
+            t.join(10)
+        assert took < 0.5, f"waited {took:.2f}s for another thread's events"
+    finally:
+        iset.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # The simulated crunch-run against the real API server, over HTTP on loopback
 

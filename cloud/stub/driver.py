@@ -137,9 +137,14 @@ class StubCloud:
         with self._lock:
             heapq.heappush(self._events, (at, next(self._seq), label, fn))
 
-    def _run_due(self, wait: float = DUE_WAIT) -> int:
+    def _run_due(self, wait: float | None = None) -> int:
         # Another thread may be running events (and waiting on the API): wait for it a bounded
-        # time, then carry on; its results show up on the next call.
+        # time, then carry on; its results show up on the next call. In real time the clock
+        # thread runs them anyway, so a call does not wait at all: VMs are independent, and one
+        # VM's command must not queue behind other VMs' crunch-runs talking to the API (with 200
+        # of those at once, every detach and create waited up to DUE_WAIT here).
+        if wait is None:
+            wait = 0 if self.realtime else DUE_WAIT
         if not self._events_lock.acquire(timeout=wait):
             return 0
         try:
