@@ -96,6 +96,7 @@ class Dispatcher:
             WorkerActor, instance=info, instance_type=it, state=state, behavior=behavior, now=now,
             executor_factory=executor_factory, scheduler=self._scheduler_inbox,
             instance_set=self._iset_inbox, ticker=self.ticker, cluster=cluster, metrics=metrics,
+            clock=self.clock,
             rng=None if self.seed is None else random.Random(f"{self.seed}:{info.id}"),
             probe_limiter=self.probe_limiter).proxy(), WorkerInbox)
 

@@ -82,8 +82,9 @@ class WorkerActor(TickedActor):
     def __init__(self, *, instance: InstanceInfo, instance_type: InstanceType, state: State,
                  behavior: Behavior, now: float, executor_factory, scheduler, instance_set, ticker,
                  cluster: Cluster, metrics=None, rng: random.Random | None = None,
-                 probe_limiter=None):
+                 probe_limiter=None, clock=None):
         super().__init__(ticker)
+        self._clock = clock  # read only to date a crunch-run's exit (see _seen_at)
         self._cluster = cluster
         self._cfg = cluster.cloud_vms
         # the factory gets our SSH-verified hook: it runs in this actor's thread, inside execute()
@@ -99,6 +100,7 @@ class WorkerActor(TickedActor):
         self._first_ssh: float = 0.0
         self._boot_outcome_reported = False
         self._stale_since: float | None = None
+        self._list_at = now  # when the last ``crunch-run --list`` began (see _seen_at)
         self._now = now
         self._next_probe = now + self._rng.uniform(0, self._cfg.probe_interval / 23)
         self._view = WorkerView(
@@ -151,6 +153,13 @@ class WorkerActor(TickedActor):
         if timeout is None:
             return self._exec.execute(command, stdin)
         return self._exec.execute(command, stdin, timeout=timeout)
+
+    def _seen_at(self, now: float) -> float:
+        """When a command that shows a crunch-run gone actually began: a tick is handled late
+        when this thread waits (its mailbox, the GIL), and an exit dated by the tick's ``now``
+        looked older than a queue poll that still saw the container Running, so the scheduler
+        cancelled a container crunch-run had just completed (422). Go dates it with time.Now()."""
+        return max(now, self._clock.now()) if self._clock is not None else now
 
     def on_ssh_verified(self) -> None:
         """Called by the executor (in this thread) when the host proves its identity."""
@@ -318,11 +327,11 @@ class WorkerActor(TickedActor):
         self._shutdown(now, "idle" if v.idle_behavior is Behavior.RUN else str(v.idle_behavior))
         return True
 
-    def _close_runner(self, uuid: str, now: float) -> None:
+    def _close_runner(self, uuid: str, now: float, seen: float | None = None) -> None:
         if self._runners.pop(uuid, None) is None:
             return
         self._log.info("crunch-run process ended", extra=self._fields(ContainerUUID=uuid))
-        self._scheduler.container_ended(uuid, self._view.instance_id, now)
+        self._scheduler.container_ended(uuid, self._view.instance_id, now if seen is None else seen)
         self._set(busy=now)
         if self._view.state is State.RUNNING and not self._runners:
             self._set(state=State.IDLE)
@@ -347,6 +356,7 @@ class WorkerActor(TickedActor):
             r.next_signal = now + self._cfg.timeout_signal
             self._log.info("sending signal", extra=self._fields(ContainerUUID=r.uuid, Signal=15,
                                                                Reason=r.kill_reason))
+            sent = self._seen_at(now)
             try:
                 res = self._run(crunchrun.kill_command(self._runner, r.uuid, self._sudo),
                                 timeout=LONG_COMMAND_TIMEOUT)
@@ -355,7 +365,7 @@ class WorkerActor(TickedActor):
                 ok, res = False, None
                 self._log.info("kill attempt unsuccessful", extra=self._fields(ContainerUUID=r.uuid, error=str(e)))
             if ok:
-                self._close_runner(r.uuid, now)
+                self._close_runner(r.uuid, now, sent)
             elif res is not None:
                 self._log.info("kill attempt unsuccessful", extra=self._fields(
                     ContainerUUID=r.uuid, stderr=res.stderr.decode(errors="replace")[-500:]))
@@ -416,6 +426,7 @@ class WorkerActor(TickedActor):
         # as Arvados: crunch-run records the instance's price history for cost reports
         cmd = crunchrun.list_command(self._runner, self._sudo, stdin_prices=bool(prices))
         stdin = crunchrun.go_json([p.arvados_json() for p in prices]).encode() if prices else b""
+        self._list_at = self._seen_at(now)
         t0 = time.perf_counter()  # a duration for the metric only; decisions use ``now``
         try:
             res = self._run(cmd, stdin)
@@ -514,7 +525,7 @@ class WorkerActor(TickedActor):
                 r.starting = False
         for uuid, r in list(self._runners.items()):
             if uuid not in listed and not r.starting:
-                self._close_runner(uuid, now)
+                self._close_runner(uuid, now, self._list_at)
         self._set()
 
     def _probe_failed(self, now: float, booted: bool, boot_err: str) -> None:

@@ -214,6 +214,7 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
             "creates_per_s": create_rate,
             "starts_per_s": n / max(last - t_sub, 1e-9),
             "burst_to_last_start_s": last - t_sub,
+            "submit_s": max(burst.values()) - t_sub,
             "lat_p50": _pct(lat, 0.5), "lat_p90": _pct(lat, 0.9), "lat_p99": _pct(lat, 0.99),
             "lat_max": max(lat),
             "remote_cmds_per_ctr": sum(per.values()) / n,
@@ -255,7 +256,7 @@ def main() -> int:
                     r = run_once(n, Path(d), args.max_probes)
             results.append(r)
             print(f"N={n} run {i + 1}: {r['idle_before_burst']} idle instances; warm-up {r['warmup_s']:.1f}s ({r['creates_per_s']:.0f} creates/s); "
-                  f"burst {r['starts_per_s']:.0f} starts/s, last start {r['burst_to_last_start_s']:.1f}s; "
+                  f"burst {r['starts_per_s']:.0f} starts/s (submitted in {r['submit_s']:.2f}s), last start {r['burst_to_last_start_s']:.1f}s; "
                   f"queue->detach p50 {r['lat_p50']:.2f}s p90 {r['lat_p90']:.2f}s p99 {r['lat_p99']:.2f}s "
                   f"max {r['lat_max']:.2f}s; remote cmds/ctr {r['remote_cmds_per_ctr']:.2f}; "
                   f"kill decisions {r['kill_decisions']}; cancels {r['cancels']}; "

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from unittest.mock import Mock, create_autospec
 
+from dataclasses import replace
+
 import pytest
 
 from actors.inbox import InstanceSetInbox, SchedulerInbox
 from actors.lifecycle import eligible_for_shutdown
+from actors.planner import reconcile
 from actors.messages import Behavior, InstanceInfo, QueueEntry, State, WorkerView
 from actors.resources import Resources
 from actors.worker import WorkerActor, _Runner
+from cloud.clock import FakeClock
 from cloud.base import ExecResult, ExecutorError, NoAddress
 from tests.simcluster import cluster, instance_type, with_vms
 
@@ -88,7 +92,7 @@ def make_cluster(**vms):
 
 
 def make_worker(state: State, table=None, *, age: float = 0.0, behavior=Behavior.RUN,
-                running=(), starting=(), tags=None, remote_user="root", cl=None):
+                running=(), starting=(), tags=None, remote_user="root", cl=None, clock=None):
     """A worker whose appeared/busy/probed times are ``age`` seconds before T0 (as Arvados' trials)."""
     cl = cl or make_cluster()
     ex = FakeExecutor(table)
@@ -99,7 +103,7 @@ def make_worker(state: State, table=None, *, age: float = 0.0, behavior=Behavior
                     now=T0 - age, executor_factory=lambda on_verified: ex,
                     scheduler=create_autospec(SchedulerInbox, instance=True),
                     instance_set=create_autospec(InstanceSetInbox, instance=True),
-                    ticker=Mock(), cluster=cl, rng=ZeroJitter())
+                    ticker=Mock(), cluster=cl, rng=ZeroJitter(), clock=clock)
     # Arvados' trials pre-load runners; the actor has no public way to be mid-start at probe time
     # (start_container runs in the same thread), so the table reaches into its runner map.
     for u in running:
@@ -199,6 +203,25 @@ def test_boot_probe_transport_errors_count_as_failure(err):
     w2, _ = make_worker(State.BOOTING, {BOOT: err}, age=1)
     w2.tick(T0)
     assert w2.view.state is State.BOOTING
+
+
+def test_exit_is_dated_when_the_probe_ran_not_when_its_tick_was_due():
+    """Issue 15: the tick for T0 is handled 2.5 s late (a busy thread); a queue poll started at
+    T0 + 1 still saw the container Running. Dated T0, the exit looked older than that poll and
+    the scheduler cancelled a container crunch-run had just completed (refused with 422)."""
+    clock = FakeClock(T0 + 2.5)
+    w, _ = make_worker(State.RUNNING, {LIST: OK}, running=[UUID], clock=clock)
+    w.tick(T0)
+    w._scheduler.container_ended.assert_called_once_with(UUID, "i-1", T0 + 2.5)
+    at = w._scheduler.container_ended.call_args.args[2]
+    assert reconcile([replace(entry(), state="Running")], {UUID: at}, False, T0 + 1) == []
+
+
+def test_kill_dates_the_exit_when_the_signal_was_sent():
+    clock = FakeClock(T0 + 3)
+    w, ex = make_worker(State.RUNNING, {"crunch-run --kill": OK}, running=[UUID], clock=clock)
+    w.kill_container(UUID, "priority=0", T0 + 1)
+    w._scheduler.container_ended.assert_called_once_with(UUID, "i-1", T0 + 3)
 
 
 def test_probe_success_refreshes_probed_and_publishes():
