@@ -66,6 +66,8 @@ class Plan:
     base: list[QueueEntry]  # every entry, sorted by (not Locked, -priority, first seen)
     running: Mapping[str, float | None]
     locks: list[str] = field(default_factory=list)
+    # uuid -> the ready instance this pass holds for it once its lock succeeds (start it there)
+    lock_targets: dict[str, str] = field(default_factory=dict)
     starts: list[tuple[str, str]] = field(default_factory=list)  # (uuid, instance id)
     creates: list[tuple[InstanceType, str]] = field(default_factory=list)  # (type, for uuid)
     unlocks: list[tuple[str, str]] = field(default_factory=list)  # (uuid, reason)
@@ -264,6 +266,8 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
             if best is not None:
                 best.take(need)
                 best.running.append(uuid)
+                if best.slot.id and best.slot.state in STARTABLE:
+                    p.lock_targets[uuid] = best.slot.id
             continue
         # Locked
         if best is not None:

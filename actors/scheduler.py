@@ -25,7 +25,8 @@ from actors import quota, render
 from actors.base import TickedActor
 from actors.inbox import InstanceSetInbox, QueueInbox, WorkerInbox
 from actors.messages import Behavior, CreateFailure, InstanceInfo, QueueEntry, State, WorkerView
-from actors.planner import Limits, Slot, base_key, needs_reconcile, plan, reconcile
+from actors.planner import STARTABLE, Limits, Slot, base_key, needs_reconcile, plan, reconcile
+from actors.resources import fits, take, type_resources
 from actors.snapshot import InstanceView, LiveSnapshot, Snapshot
 from cloud import crunchrun
 from conf.model import InstanceType
@@ -94,6 +95,10 @@ class SchedulerActor(TickedActor):
         self._gate_open = False
         self._had_unknown_at_start: bool | None = None
         self._ops: dict[str, str] = {}  # uuid -> API op in flight (Arvados uuidLock)
+        # uuid -> the reason it is being killed: one kill per container per reason; the worker
+        # escalates on its own timer (TimeoutSignal, TimeoutTERM), so a pass never repeats it
+        self._killing: dict[str, str] = {}
+        self._lock_for: dict[str, str] = {}  # uuid being locked -> instance the last pass holds for it
         self._pool = quota.PoolState()
         self._dirty = True
         self._next_pass = first_now
@@ -282,6 +287,7 @@ class SchedulerActor(TickedActor):
 
     def container_ended(self, uuid: str, instance_id: str, at: float) -> None:
         self._exited[uuid] = at
+        self._killing.pop(uuid, None)  # if a crunch-run of it shows up again, kill that one too
         self._touch()
 
     def container_start_failed(self, uuid: str, instance_id: str, reason: str) -> None:
@@ -319,6 +325,8 @@ class SchedulerActor(TickedActor):
         old = self._queue.get(uuid)
         if entry is not None and entry != old:
             self._put_entry(entry)
+        if op == "lock" and not error and self._start_locked(uuid):
+            return  # started where the last pass held room for it: no pass needed for this
         if not error or entry != old:
             self._touch()  # a failure that changed nothing is retried by the next periodic pass
 
@@ -380,6 +388,8 @@ class SchedulerActor(TickedActor):
             blocked=p.blocked(), quota_group=self._quota_group)
         pl = self._last_plan = plan((), running, slots, limits, base=self._base(), by_uuid=self._queue)
         self._apply(pl, now)
+        for u in [u for u in self._killing if u not in running]:
+            del self._killing[u]
         todo = [self._queue[u] for u in self._special]
         todo += [self._queue[u] for u in running if u in self._queue and u not in self._special]
         for action, uuid, reason in reconcile(todo, running, any_unknown, self._q_updated,
@@ -420,6 +430,7 @@ class SchedulerActor(TickedActor):
         return True
 
     def _apply(self, pl, now: float) -> None:
+        self._lock_for = pl.lock_targets
         for uuid in pl.locks:
             if uuid in self._ops:
                 continue  # a lock/unlock of it is already in flight (Arvados' uuidLock)
@@ -449,6 +460,32 @@ class SchedulerActor(TickedActor):
             if w is not None:
                 self._tell(w, w.inbox.shutdown_if_allowed, "at quota", now)
 
+    def _start_locked(self, uuid: str) -> bool:
+        """Start a container the moment its lock succeeds, on the instance the last pass held for
+        it, instead of waiting for the next pass (at 1,000 locks, a full pass per lock answer
+        kept the starts behind the locks). Only if that instance still has room for it."""
+        iid = self._lock_for.pop(uuid, None)
+        e = self._queue.get(uuid)
+        w = self._workers.get(iid) if iid else None
+        if e is None or w is None or e.state != "Locked" or e.priority < 1 or uuid in self._exited:
+            return False
+        v = w.view
+        per = self._cfg.max_running_containers_per_instance
+        if (v.state not in STARTABLE or v.idle_behavior is not Behavior.RUN or uuid in v.running
+                or (per > 0 and len(v.running) >= per)):
+            return False
+        avail, shared = type_resources(v.instance_type), False
+        for u in v.running:
+            other = self._queue.get(u)
+            if other is None:
+                return False  # an unknown container: its size is unknown (as the planner says)
+            avail, shared = take(avail, other.resources, shared)
+        if not fits(avail, e.resources, shared):
+            return False
+        if self._tell(w, w.inbox.start_container, e, self._now):
+            w.view = replace(v, running=tuple(sorted({*v.running, uuid})))
+        return True
+
     def _create(self, it: InstanceType, now: float) -> None:
         secret = secrets.token_hex(20)
         self._creating[secret] = _Pending(it, now)
@@ -463,11 +500,14 @@ class SchedulerActor(TickedActor):
 
     def _reconcile_action(self, action: str, uuid: str, reason: str) -> None:
         if action == "kill":
+            self._exited.pop(uuid, None)  # an exited one is only forgotten: nothing to kill
+            holders = [w for w in self._workers.values() if uuid in w.view.running]
+            if not holders or self._killing.get(uuid) == reason:
+                return  # already told: the worker repeats the signal on its own timer
+            self._killing[uuid] = reason
             log.info("kill container because %s", reason, extra={"ContainerUUID": uuid, "Reason": reason})
-            for w in list(self._workers.values()):
-                if uuid in w.view.running:
-                    self._tell(w, w.inbox.kill_container, uuid, reason, self._now)
-            self._exited.pop(uuid, None)
+            for w in holders:
+                self._tell(w, w.inbox.kill_container, uuid, reason, self._now)
             return
         if action == "forget":
             log.info(reason, extra={"ContainerUUID": uuid})
