@@ -24,6 +24,8 @@ from cloud.base import OpsLimiter, capacity_scope, is_quota_error, rate_limit_re
 
 log = logging.getLogger("dispatch.instanceset")
 
+MAX_POOL = 256  # cloud-op threads at most, whatever MaxConcurrentInstanceCreateOps says
+
 
 class InstanceSetActor(TickedActor):
     critical = True
@@ -37,7 +39,9 @@ class InstanceSetActor(TickedActor):
         self._scheduler = scheduler
         self._filter = {cluster.tag("InstanceSetID"): set_id}
         self._limiter = OpsLimiter(self._cfg.max_cloud_ops_per_second)
-        n = pool_size or max(4, min(32, (self._cfg.max_concurrent_instance_create_ops or 16) + 4))
+        # room for every create MaxConcurrentInstanceCreateOps allows, plus list/destroy/tags
+        # (a cap of 32 held the bench's 50 concurrent creates to 32); threads start on demand
+        n = pool_size or max(4, min(MAX_POOL, (self._cfg.max_concurrent_instance_create_ops or 16) + 4))
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cloud-op")
         self._queue: list = []  # (slot time, seq, op name, fn, args)
         self._seq = itertools.count()

@@ -143,3 +143,33 @@ def test_an_exited_container_is_forgotten_without_a_kill(caplog):
     assert not h.workers["i-0"].kill_container.called
     assert not any(r.getMessage().startswith("kill container") for r in caplog.records)
     h.queue.forget.assert_called_once_with(e.uuid)
+
+
+def test_creates_overlap_up_to_max_concurrent_instance_create_ops():
+    """Before: the cloud-op pool had at most 32 threads, so with MaxConcurrentInstanceCreateOps
+    50 (the bench's setting) no more than 32 creates were ever in the cloud at once. One
+    started InstanceSetActor over the stub cloud, whose creates are held until released."""
+    from actors.instance_set import InstanceSetActor
+    from actors.inbox import SchedulerInbox
+    from actors.ticker import Ticker
+    from cloud.clock import FakeClock
+    from cloud.stub.driver import StubCloud
+    from cloud.stub.vm import StubParams
+
+    n = 50
+    cl = cluster(types=(1,), max_instances=n, max_concurrent_instance_create_ops=n)
+    clock = FakeClock(T0)
+    cloud = StubCloud(clock, StubParams(boot_time=1.0, boot_time_jitter=0.0), seed=1)
+    cloud.hold_cloud_ops()
+    scheduler = create_autospec(SchedulerInbox, instance=True)
+    ref = InstanceSetActor.start(instance_set=cloud.instance_set("set1"), set_id="set1", cluster=cl,
+                                 scheduler=scheduler, ticker=Ticker(clock), first_now=T0)
+    try:
+        iset = ref.proxy()
+        for k in range(n):
+            iset.create(f"req{k}", TYPE, {cl.tag("InstanceSetID"): "set1"}, "", None, T0)
+        assert cloud.wait_held(n, timeout=10), f"only {cloud._waiting} creates in flight at once"
+    finally:
+        cloud.release_cloud_ops(0, stop_holding=True)
+        ref.stop(timeout=10)
+        cloud.stop()
