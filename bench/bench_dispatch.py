@@ -195,8 +195,9 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
         idle, rounds, warm_s, create_rate = 0, 0, float("nan"), float("nan")
         while idle < n and rounds < 4:
             rounds += 1
-            warm = submit(n)
-            _wait(lambda: states(warm).get("Complete", 0) == n, 60 + n * 0.5, "the warm-up containers")
+            k = n if rounds == 1 else 2 * n  # more containers than idle instances: creates happen
+            warm = submit(k)
+            _wait(lambda: states(warm).get("Complete", 0) == k, 60 + k * 0.5, "the warm-up containers")
             try:
                 idle = _wait(all_idle, 60 + 2 * n / max_probes, "N idle instances")
             except TimeoutError:
