@@ -152,9 +152,9 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
     cfg = workdir / "config.yml"
     cfg.write_text(yaml.safe_dump(_config(api.url, mgmt, n, max_probes)))
     log = workdir / "run.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DISPATCH_CLOUD_STATE": str(workdir)}  # own lock file
     proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO),
-                                                "DISPATCH_CLOUD_STATE": str(workdir)}, stdout=subprocess.DEVNULL,
+                            env=env, stdout=subprocess.DEVNULL,
                             stderr=open(log, "wb"))
     (workdir / "pid").write_text(str(proc.pid))  # for a profiler to attach (py-spy record --pid)
     client = ArvadosClient(api.url, TOKEN)
