@@ -439,9 +439,7 @@ class SchedulerActor(TickedActor):
         for uuid, iid in pl.starts:
             w = self._workers.get(iid)
             if w is not None:
-                self._tell(w, w.inbox.start_container, self._queue[uuid], now)
-                # optimistic: count it as running on that worker until the worker reports
-                w.view = replace(w.view, running=tuple(sorted({*w.view.running, uuid})))
+                self._send_start(w, self._queue[uuid], now)
         for it, uuid in pl.creates:
             self._create(it, now)
         if pl.create_limited and not self._create_limited:
@@ -482,9 +480,14 @@ class SchedulerActor(TickedActor):
             avail, shared = take(avail, other.resources, shared)
         if not fits(avail, e.resources, shared):
             return False
-        if self._tell(w, w.inbox.start_container, e, self._now):
-            w.view = replace(v, running=tuple(sorted({*v.running, uuid})))
+        self._send_start(w, e, self._now)
         return True
+
+    def _send_start(self, w: _Worker, e: QueueEntry, now: float) -> None:
+        """Every start goes out here, from a pass or with its lock's answer."""
+        self._tell(w, w.inbox.start_container, e, now)
+        # optimistic: count it as running on that worker until the worker reports
+        w.view = replace(w.view, running=tuple(sorted({*w.view.running, e.uuid})))
 
     def _create(self, it: InstanceType, now: float) -> None:
         secret = secrets.token_hex(20)

@@ -4,10 +4,11 @@
 The real ``dispatch-cloud run`` (a child process) on the stub cloud (BootTime 1s, ContainerRunTime
 2s, MaxInstances N, MaxCloudOpsPerSecond 1000, MaxConcurrentInstanceCreateOps 50, PollInterval 1s)
 against the dev container API server over HTTP (in this process, behind a counting WSGI
-middleware). First N containers, so that N instances exist and go idle (warm-up); then N more
-queued at once onto the N idle instances (the burst). Printed per run, and as medians over runs:
+middleware). First N containers, so that N instances exist and go idle (warm-up; containers that
+finish early are reused, so further rounds of 2N top the pool up to N); then N more queued at
+once (8 client threads) onto the N idle instances (the burst). Printed per run, and as medians:
 
-* warm-up: seconds until N instances appeared, and instance creations/s;
+* warm-up (round 1): seconds until its instances appeared, and instance creations/s;
 * burst: starts/s from the burst's submission to the last ``crunch-run process started``;
   queue -> detach latency p50/p90/p99/max (submission time here, start time from the
   dispatcher's own log line);
@@ -15,7 +16,10 @@ queued at once onto the N idle instances (the burst). Printed per run, and as me
   ("kill container because ...") and dispatcher cancels;
 * container API calls per container during the burst, by kind, and any 422 answers.
 
-    .venv/bin/python bench/bench_dispatch.py [--sizes 200,1000] [--runs 3]
+    .venv/bin/python bench/bench_dispatch.py [--sizes 200,1000] [--runs 3] [--keep DIR]
+
+With ``--keep DIR`` each run's config, API database and dispatcher log stay in DIR, with the
+dispatcher's pid for a profiler (``py-spy record --pid $(cat DIR/n200-run1/pid) --threads``).
 """
 
 from __future__ import annotations
