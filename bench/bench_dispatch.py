@@ -178,9 +178,13 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
                 return dict(ex.map(one, range(k)))
 
         def states(uuids) -> collections.Counter:
-            items = store.list(filters=[["uuid", "in", list(uuids)]], select=["uuid", "state"],
-                               limit=len(uuids) + 1, caller=store.authenticate(TOKEN))["items"]
-            return collections.Counter(x["state"] for x in items)
+            uuids, out = list(uuids), collections.Counter()
+            for i in range(0, len(uuids), 500):  # the store's page limit is 1,000
+                batch = uuids[i:i + 500]
+                items = store.list(filters=[["uuid", "in", batch]], select=["uuid", "state"],
+                                   limit=len(batch), caller=store.authenticate(TOKEN))["items"]
+                out.update(x["state"] for x in items)
+            return out
 
         # warm-up: N containers, so N instances exist; then wait for all of them idle
         tail = LogTail(log)
