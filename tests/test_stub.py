@@ -663,6 +663,23 @@ def test_realtime_commands_and_creates_do_not_wait_for_other_vms_events():
         iset.stop()
 
 
+def test_realtime_commands_never_run_other_vms_events_themselves():
+    """Issue 15: a detach that found the events lock free ran the whole backlog of due events
+    (1,000 fake crunch-runs' API calls) in the worker's thread: one start waited 45 s."""
+    cloud = StubCloud(SystemClock(), StubParams(boot_time=0.0, boot_time_jitter=0.0), seed=1)
+    cloud.start_realtime(interval=3600)  # a clock thread that will not come round in this test
+    try:
+        iset = cloud.instance_set("set1")
+        inst = iset.create(itype(1), "img", {SET_TAG: "set1"}, "", None)
+        ran = []
+        cloud._schedule(0.0, "someone else's event", lambda at: ran.append(threading.current_thread()))
+        iset.make_executor(inst).execute("true")
+        iset.create(itype(1), "img", {SET_TAG: "set1"}, "", None)
+        assert ran == []  # left to the clock thread
+    finally:
+        cloud.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # The simulated crunch-run against the real API server, over HTTP on loopback
 

@@ -75,6 +75,7 @@ class StubCloud:
         self._rng = random.Random(self.params.seed if seed is None else seed)
         self._lock = threading.RLock()
         self._events_lock = threading.RLock()
+        self._exited = threading.Condition(self._lock)  # a fake crunch-run ended (real time)
         self._events: list = []  # heap of (time, seq, label, fn(event_time))
         self._seq = itertools.count()
         self._vms: dict[str, StubVM] = {}
@@ -140,11 +141,14 @@ class StubCloud:
     def _run_due(self, wait: float | None = None) -> int:
         # Another thread may be running events (and waiting on the API): wait for it a bounded
         # time, then carry on; its results show up on the next call. In real time the clock
-        # thread runs them anyway, so a call does not wait at all: VMs are independent, and one
-        # VM's command must not queue behind other VMs' crunch-runs talking to the API (with 200
-        # of those at once, every detach and create waited up to DUE_WAIT here).
+        # thread runs them, and a call neither waits for it nor runs them itself: VMs are
+        # independent, and one VM's command must not queue behind other VMs' crunch-runs talking
+        # to the API (with 1,000 of those due, a detach waited 1 s for the clock thread, or ran
+        # their backlog itself for 45 s).
         if wait is None:
-            wait = 0 if self.realtime else DUE_WAIT
+            if self.realtime:
+                return 0
+            wait = DUE_WAIT
         if not self._events_lock.acquire(timeout=wait):
             return 0
         try:
@@ -462,7 +466,11 @@ class StubCloud:
         return proc
 
     def _await_kill(self, proc: FakeCrunchRun) -> ExecResult:
-        self._run_due(wait=KILL_WAIT)
+        if self.realtime:  # the clock thread runs the termination; wait for this process only
+            with self._lock:
+                self._exited.wait_for(lambda: proc.ended, timeout=KILL_WAIT)
+        else:
+            self._run_due(wait=KILL_WAIT)
         with self._lock:
             if proc.ended:
                 return ExecResult(b"", f"{proc.uuid}: pid {proc.pid}: process finished\n".encode(), 0)
@@ -577,7 +585,9 @@ class StubCloud:
         """The process is gone; its lock lingers for the arv-mount lag, or forever (deadlock)."""
         if proc.ended:
             return
-        proc.phase = Phase.EXITED
+        with self._lock:
+            proc.phase = Phase.EXITED
+            self._exited.notify_all()
         proc.exit_reason = reason
         self._notify("exit", vm, at, proc.uuid)
         proc.deadlocked = self._roll(vm.deadlock_rate)
