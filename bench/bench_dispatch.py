@@ -186,6 +186,11 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
                 out.update(x["state"] for x in items)
             return out
 
+        def finished(uuids) -> int:
+            """Complete or Cancelled: a cancel (a bug's trace) must not hang the bench."""
+            st = states(uuids)
+            return st.get("Complete", 0) + st.get("Cancelled", 0)
+
         # warm-up: N containers, so N instances exist; then wait for all of them idle
         tail = LogTail(log)
 
@@ -206,7 +211,7 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
             rounds += 1
             k = n if rounds == 1 else 2 * n  # more containers than idle instances: creates happen
             warm = submit(k)
-            _wait(lambda: states(warm).get("Complete", 0) == k, 60 + k * 0.5, "the warm-up containers")
+            _wait(lambda: finished(warm) == k, 60 + k * 0.5, "the warm-up containers")
             try:
                 idle = _wait(all_idle, 60 + 2 * n / max_probes, "N idle instances")
             except TimeoutError:
@@ -234,7 +239,7 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
                     got.setdefault(r["ContainerUUID"], _t(r))
             return got if len(got) == n else None
         starts = _wait(started, 120, "every burst container to start")
-        _wait(lambda: states(burst).get("Complete", 0) == n, 60 + n * 0.2, "the burst to complete")
+        _wait(lambda: finished(burst) == n, 60 + n * 0.2, "the burst to finish")
         time.sleep(3)  # let the dispatcher notice the ends and whatever it kills or cancels after them
         counting.on = False
         after = tail()[mark:]
