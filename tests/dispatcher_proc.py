@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from actors.devmode import crunch_run_path
 from api.arvados.server import serve
 from api.arvados.store import ContainerStore, TokenInfo
-from tests.util import free_port, wait_for
+from tests.util import free_port, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,14 +94,7 @@ class Cluster:
         self.proc.wait(10)
 
     def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        return stop_process(self.proc) or 0
 
     def mgmt_get(self, path: str, timeout: float = 2.0):
         try:

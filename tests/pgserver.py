@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.util import free_port
+from tests.util import free_port, stop_process
 
 
 def binaries() -> Path | None:
@@ -79,13 +79,7 @@ class PgServer:
 
     def stop(self, sig: int = signal.SIGINT) -> None:
         """SIGINT: PostgreSQL's fast shutdown (it ends every session at once)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, sig)
         self.proc = None
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from actors.devmode import CLUSTER_ID, ensure_state
-from tests.util import free_port, wait_for
+from tests.util import free_port, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,13 +64,7 @@ class Dev:
         return [p for p in d.iterdir() if p.is_dir()] if d.exists() else []
 
     def stop(self, sig=signal.SIGINT):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, sig)
 
 
 @pytest.fixture

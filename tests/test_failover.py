@@ -25,7 +25,7 @@ from api.arvados.store import ContainerStore
 from conf.loader import load
 from tests import pgserver
 from tests.promtext import samples
-from tests.util import free_port, wait_for
+from tests.util import free_port, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 STANDBY = ("arvados_dispatchcloud_standby", ())
@@ -67,13 +67,7 @@ class Proc:
         return [r for r in self.records() if r["msg"] == msg]
 
     def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, sig)
 
 
 @pytest.fixture

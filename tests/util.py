@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import time
 
 
@@ -22,3 +24,17 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: flo
             return v
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, wait: float = 30.0) -> int | None:
+    """Send ``sig`` to a child we started and wait for it; SIGKILL it if it has not exited within
+    ``wait`` seconds. Returns its exit status (None without a process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(10)
