@@ -25,17 +25,25 @@ class Activity:
 
     def __init__(self):
         self._n = 0
+        self._changes = 0  # every begin/end: a barrier that sees it stand still knows nothing moves
         self._cond = threading.Condition()
+        self._stall_waiters = 0
 
     def begin(self, n: int = 1) -> None:
         with self._cond:
             self._n += n
+            self._changes += 1
+            if self._stall_waiters:
+                self._cond.notify_all()
 
     def end(self, n: int = 1) -> None:
         with self._cond:
             self._n -= n
+            self._changes += 1
             if self._n <= 0:
                 self._n = 0
+                self._cond.notify_all()
+            elif self._stall_waiters:
                 self._cond.notify_all()
 
     @property
@@ -46,6 +54,31 @@ class Activity:
         with self._cond:
             if not self._cond.wait_for(lambda: self._n == 0, timeout=timeout):
                 raise TimeoutError(f"actor system still busy after {timeout}s ({self._n} pending)")
+
+    def wait_settled(self, blocked: Callable[[], bool], stall: float = 0.01, timeout: float = 30.0) -> bool:
+        """Like :meth:`wait_idle`, for a simulation where some calls are slow on purpose (parked
+        until a later simulated time): returns True instead of waiting when ``blocked()`` says
+        such calls exist and nothing has begun or ended for ``stall`` seconds, i.e. what is left
+        waits behind them and only the clock can free it. False when truly idle."""
+        waited = 0.0
+        with self._cond:
+            self._stall_waiters += 1
+            try:
+                while True:
+                    if self._n == 0:
+                        return False
+                    seen = self._changes
+                    self._cond.wait(stall)
+                    if self._n == 0:
+                        return False
+                    if self._changes == seen:
+                        if blocked():
+                            return True
+                        waited += stall
+                        if waited >= timeout:
+                            raise TimeoutError(f"actor system still busy after {timeout}s ({self._n} pending)")
+            finally:
+                self._stall_waiters -= 1
 
 
 ACTIVITY = Activity()
