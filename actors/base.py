@@ -55,25 +55,31 @@ class Activity:
             if not self._cond.wait_for(lambda: self._n == 0, timeout=timeout):
                 raise TimeoutError(f"actor system still busy after {timeout}s ({self._n} pending)")
 
-    def wait_settled(self, blocked: Callable[[], bool], stall: float = 0.01, timeout: float = 30.0) -> bool:
+    def wait_settled(self, blocked: Callable[[], object], stall: float = 0.01, timeout: float = 30.0,
+                      known: tuple | None = None) -> tuple | None:
         """Like :meth:`wait_idle`, for a simulation where some calls are slow on purpose (parked
-        until a later simulated time): returns True instead of waiting when ``blocked()`` says
-        such calls exist and nothing has begun or ended for ``stall`` seconds, i.e. what is left
-        waits behind them and only the clock can free it. False when truly idle."""
+        until a later simulated time). ``blocked()`` is None when no call is parked, else a token
+        that changes with every park and release. Returns None when idle; else, once what is left
+        waits behind parked calls (nothing has begun or ended for ``stall`` seconds), the stall as
+        ``(token, pending)``. Given a stall already seen (``known``), the same token with the same
+        pending count is the same stall (only a release can shrink stuck work): no waiting."""
         waited = 0.0
         with self._cond:
             self._stall_waiters += 1
             try:
                 while True:
                     if self._n == 0:
-                        return False
+                        return None
+                    if known is not None and (blocked(), self._n) == known:
+                        return known
                     seen = self._changes
                     self._cond.wait(stall)
                     if self._n == 0:
-                        return False
+                        return None
                     if self._changes == seen:
-                        if blocked():
-                            return True
+                        token = blocked()
+                        if token is not None:
+                            return (token, self._n)
                         waited += stall
                         if waited >= timeout:
                             raise TimeoutError(f"actor system still busy after {timeout}s ({self._n} pending)")

@@ -121,20 +121,13 @@ class Simulation:
         raise RuntimeError(f"simulation did not settle at t={self.now - START:.3f}")
 
     def _wait(self) -> bool:
-        """Wait for the actor system to go idle; True if it is stuck behind parked calls.
-
-        ``blocked()`` returns None when nothing is parked, else a token that changes with every
-        park and release. Once a stall has shown which work waits behind the parked calls, the
-        same token and the same amount of pending work mean the same stall: no need to wait
-        for it to show again (only a release can shrink the stuck work)."""
+        """Wait for the actor system to go idle; True if it is stuck behind parked calls
+        (see ``blocked`` and :meth:`actors.base.Activity.wait_settled`)."""
         if self.blocked is None:
             ACTIVITY.wait_idle()
             return False
-        if self._stuck is not None and self._stuck == (self.blocked(), ACTIVITY.pending):
-            return True
-        stuck = ACTIVITY.wait_settled(lambda: self.blocked() is not None)
-        self._stuck = (self.blocked(), ACTIVITY.pending) if stuck else None
-        return stuck
+        self._stuck = ACTIVITY.wait_settled(self.blocked, known=self._stuck)
+        return self._stuck is not None
 
     def _next_event(self) -> float | None:
         ts = [t for t in (self.ticker.next_deadline(), self.cloud.next_event_time()) if t is not None]

@@ -412,7 +412,7 @@ class Chaos:
     # -- the cloud -------------------------------------------------------------------------------
 
     def _setup_vm(self, vm) -> None:
-        if self.frng.random() < self.cfg.boot_failure_rate:
+        if self.random_faults and self.frng.random() < self.cfg.boot_failure_rate:
             vm.boot_at = vm.created_at + 100 * self.cluster.cloud_vms.timeout_booting
             self.fault("boot failure", vm.id)
 
