@@ -95,14 +95,14 @@ class Sched:
         """The workers told to start ``uuid``, in order."""
         out = []
         for iid, w in self.workers.items():
-            for call in w.start_container.defer.call_args_list:
+            for call in w.start_container.call_args_list:
                 e = call.args[0]
                 if getattr(e, "uuid", e) == uuid:
                     out.append(iid)
         return out
 
     def told(self, proxy: MagicMock, method: str, uuid: str) -> int:
-        return sum(1 for c in getattr(proxy, method).defer.call_args_list if c.args and c.args[0] == uuid)
+        return sum(1 for c in getattr(proxy, method).call_args_list if c.args and c.args[0] == uuid)
 
 
 A, B, C = (f"zzzzz-dz642-{x * 15}" for x in "abc")
@@ -393,7 +393,7 @@ def test_10_queue_answers_while_a_lock_call_hangs():
     try:
         ticker.fire_due(T0)
         ACTIVITY.wait_idle()
-        assert sched.queue_update.defer.called
+        assert sched.queue_update.called
         q.lock.defer(uuid)
         assert client.entered.wait(5)
         # the API hangs on the lock: the queue must still take messages
