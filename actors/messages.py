@@ -106,6 +106,10 @@ class WorkerView:
     probed: float = 0.0  # last successful probe
     destroyed: float = 0.0
     probe_done: bool = False  # at least one probe attempt has completed
+    # How many start_container messages this worker has handled (refused ones too). The scheduler
+    # numbers the starts it sends; a view that has not seen a start yet cannot erase it (Go
+    # throws away probe results that began before a start).
+    starts_seen: int = 0
     price: float | None = None  # the driver's latest price (spot); None: the type's configured Price
 
 

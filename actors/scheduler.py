@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Callable
 
 import pykka
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from actors import quota, render
@@ -57,6 +57,8 @@ class _Worker:
     secret: str = ""
     boot_reported: bool = False
     info: InstanceInfo | None = None  # the latest listing of its instance
+    starts_sent: int = 0
+    pending: dict = field(default_factory=dict)  # uuid -> number of a start its views predate
 
 
 @dataclass
@@ -148,7 +150,8 @@ class SchedulerActor(TickedActor):
                         extra={"Instance": v.instance_id, "State": str(v.state)})
             state = State.SHUTDOWN if v.state is State.SHUTDOWN else State.UNKNOWN
             w.inbox = self._make_worker(w.info, v.instance_type, state, v.idle_behavior, self._now, w.secret)
-            w.view = replace(v, state=state, probe_done=False)
+            w.view = replace(v, state=state, probe_done=False, starts_seen=0)
+            w.starts_sent, w.pending = 0, {}
             self._touch()
             return False
 
@@ -278,6 +281,11 @@ class SchedulerActor(TickedActor):
             return  # already gone
         if view.state is not State.BOOTING and view.state is not State.UNKNOWN:
             w.boot_reported = True  # the worker reported success, failure or aborted
+        if w.pending:
+            # A report that predates a start we sent must not erase it (design rule 8).
+            w.pending = {u: n for u, n in w.pending.items() if n > view.starts_seen}
+            if w.pending:
+                view = replace(view, running=tuple(sorted({*view.running, *w.pending})))
         old, w.view = w.view, view
         # Every probe moves ``probed``/``busy``; only what the planner reads is worth a pass now
         # (the periodic pass publishes the rest). At 1,000 workers this is 1 pass/s, not 37.
@@ -484,7 +492,10 @@ class SchedulerActor(TickedActor):
         return True
 
     def _send_start(self, w: _Worker, e: QueueEntry, now: float) -> None:
-        """Every start goes out here, from a pass or with its lock's answer."""
+        """Every start goes out here, from a pass or with its lock's answer. Starts are numbered
+        per worker: a report that predates one cannot erase it (see worker_changed)."""
+        w.starts_sent += 1
+        w.pending[e.uuid] = w.starts_sent
         self._tell(w, w.inbox.start_container, e, now)
         # optimistic: count it as running on that worker until the worker reports
         w.view = replace(w.view, running=tuple(sorted({*w.view.running, e.uuid})))

@@ -231,6 +231,7 @@ class WorkerActor(TickedActor):
     @_handler
     def start_container(self, entry: QueueEntry, now: float) -> None:
         self._now = now
+        self._set(starts_seen=self._view.starts_seen + 1)
         v = self._view
         uuid = entry.uuid
         if v.state not in BOOTED or v.idle_behavior is not Behavior.RUN or uuid in self._runners:
