@@ -306,6 +306,8 @@ class SchedulerActor(TickedActor):
     # -- events from the queue ---------------------------------------------------------------------
 
     def _put_entry(self, e: QueueEntry) -> None:
+        if e.state in ("Queued", "Complete", "Cancelled"):
+            self._exited.pop(e.uuid, None)  # its last attempt is over: requeued or finished
         self._queue[e.uuid] = e
         self._qver += 1
         if needs_reconcile(e):
@@ -314,6 +316,7 @@ class SchedulerActor(TickedActor):
             self._special.pop(e.uuid, None)
 
     def _drop_entry(self, uuid: str) -> None:
+        self._exited.pop(uuid, None)
         if self._queue.pop(uuid, None) is not None:
             self._qver += 1
         self._special.pop(uuid, None)
@@ -446,6 +449,8 @@ class SchedulerActor(TickedActor):
             self._queue_inbox.lock(uuid)
         for uuid, iid in pl.starts:
             w = self._workers.get(iid)
+            if uuid in self._ops:
+                continue  # being unlocked or cancelled: never start it (issue 10 item 9)
             if w is not None:
                 self._send_start(w, self._queue[uuid], now)
         for it, uuid in pl.creates:
@@ -535,7 +540,9 @@ class SchedulerActor(TickedActor):
             self._queue_inbox.cancel(uuid, reason)
         elif action == "requeue":
             log.info("requeueing locked container because %s", reason, extra={"ContainerUUID": uuid})
-            self._exited.pop(uuid, None)
+            # The exit record stays until the container is seen Queued (or finished): until then
+            # it counts as running, so no pass starts it again under the lock being released,
+            # and a failed unlock is retried (Go: kill/ForgetContainer).
             self._queue_inbox.unlock(uuid, reason)
 
     # -- publishing ----------------------------------------------------------------------------------

@@ -318,7 +318,6 @@ def test_7_next_poll_waits_as_long_as_a_slow_poll_took():
 
 # -- 8: requeue race ----------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 8")
 def test_8_container_is_not_restarted_while_its_unlock_is_in_flight():
     s = Sched()
     s.list("i-1", "i-2")
@@ -344,7 +343,6 @@ def test_8_container_is_not_restarted_while_its_unlock_is_in_flight():
 
 # -- 9: startup race ----------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 9")
 def test_9_no_start_for_a_container_being_unlocked_at_startup():
     s = Sched()
     s.list("i-1", "i-2")
