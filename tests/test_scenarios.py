@@ -190,7 +190,6 @@ class _FailMountsOnce:
         return self._inner.get_container(uuid, select=select)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 4")
 def test_4_container_is_skipped_until_its_mounts_are_known(caplog):
     c = cluster(types=(1, 2, 4, 8))
     ctr = {"runtime_constraints": {"vcpus": 1, "ram": 256 << 20},
@@ -263,7 +262,6 @@ class _LockAndGetFail:
         return self._inner.get_container(uuid, select=select)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 6")
 def test_6_failed_lock_with_failed_refresh_is_not_retried_at_once():
     c = cluster(types=(1,), poll_interval=5.0)
     counts = {"lock": 0}
@@ -299,7 +297,6 @@ class _SlowPoll(Chaos):
         return api
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 7")
 def test_7_next_poll_waits_as_long_as_a_slow_poll_took():
     c = cluster(types=(1,), poll_interval=5.0)
     ch = _SlowPoll(ChaosConfig(seed=7), cluster=c, random_faults=False,
@@ -373,7 +370,6 @@ class _BlockingLock:
         return self._inner.lock(uuid)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 10")
 def test_10_queue_answers_while_a_lock_call_hangs():
     from actors.queue import QueueActor
     from actors.ticker import Ticker
@@ -405,7 +401,6 @@ def test_10_queue_answers_while_a_lock_call_hangs():
         q.actor_ref.stop(block=True)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 10")
 def test_10_rendering_a_snapshot_changes_no_scheduler_state():
     s = Sched()
     s.list("i-1")
@@ -423,7 +418,6 @@ def test_10_rendering_a_snapshot_changes_no_scheduler_state():
 
 # -- 11: a dispatcher cancel keeps crunch-run's runtime_status -------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 11")
 def test_11_cancel_keeps_runtime_status():
     c = cluster(types=(1,))
     sim = Simulation(c)
