@@ -468,7 +468,6 @@ def test_12_drain_for_failing_boot_probe_is_lifted_when_it_recovers():
 
 # -- 13: AlwaysUsePreemptibleInstances is the API server's business ---------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 13")
 def test_13_explicit_non_preemptible_container_gets_on_demand_type():
     spot = replace(instance_type(1, preemptible=True), name="type1p", price=0.1)
     c = cluster(types=(spot, 1, 2), containers={"always_use_preemptible_instances": True})
@@ -484,7 +483,6 @@ def test_13_explicit_non_preemptible_container_gets_on_demand_type():
 
 # -- 14: a priority-0 supervisor past maxContainers -------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 14")
 def test_14_priority_zero_supervisor_past_max_containers():
     s = Sched()
     run_sup = s.entry(A, "Running", supervisor=True)
