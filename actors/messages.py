@@ -110,6 +110,7 @@ class WorkerView:
     # numbers the starts it sends; a view that has not seen a start yet cannot erase it (Go
     # throws away probe results that began before a start).
     starts_seen: int = 0
+    run_probed: bool = False  # a run probe has answered: its containers are known
     price: float | None = None  # the driver's latest price (spot); None: the type's configured Price
 
 

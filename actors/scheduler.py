@@ -398,7 +398,11 @@ class SchedulerActor(TickedActor):
     def _pass(self, now: float) -> None:
         p = self._pool = quota.expire(self._pool, now)
         running = self._running()
-        any_unknown = any(w.view.state is _UNKNOWN for w in self._workers.values())
+        # Only an unknown worker whose containers are still unknown (no run probe has answered)
+        # suspends "Running on no worker -> cancel": an adopted, drained one that runs
+        # containers for hours must not block it cluster-wide (issue 10 item 2).
+        any_unknown = any(w.view.state is _UNKNOWN and not (w.view.run_probed or w.view.running)
+                          for w in self._workers.values())
         if not self._gate(now, running):
             self._publish(now, running, None)
             return

@@ -480,6 +480,8 @@ class WorkerActor(TickedActor):
         uuids, broken, ok = [], False, False
         if wants_run_probe(initial, booted):
             uuids, broken, ok = self._probe_running(now, booted)
+            if ok and not self._view.run_probed:
+                self._set(run_probed=True)
         if broken and self._view.idle_behavior is Behavior.RUN:
             self._log.info("probe reported broken instance", extra=self._fields())
             self._report_boot_outcome("failure")

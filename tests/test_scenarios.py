@@ -132,7 +132,6 @@ def test_1_report_taken_before_a_start_does_not_erase_it():
 
 # -- 2: a drained unknown instance does not block cancels cluster-wide -----------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 2")
 def test_2_unknown_worker_with_known_containers_does_not_block_cancel():
     s = Sched()
     s.list("i-1", "i-2")
