@@ -278,9 +278,11 @@ class WorkerActor(TickedActor):
         """The scheduler's Shutdown(): only booting/idle workers, never on hold."""
         self._now = now
         v = self._view
-        self._log.info("shutdown requested", extra=self._fields(Reason=reason))
         if v.idle_behavior is Behavior.HOLD or v.state not in (State.BOOTING, State.IDLE):
+            # repeated by every pass until our new state reaches the scheduler: not news
+            self._log.debug("shutdown requested", extra=self._fields(Reason=reason))
             return
+        self._log.info("shutdown requested", extra=self._fields(Reason=reason))
         self._report_boot_outcome("aborted")
         self._shutdown(now, reason)
 

@@ -513,7 +513,6 @@ def test_15_check_config_rejects_empty_dispatch_private_key(tmp_path):
 
 # -- 16: one log line per decision, not per pass ----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 16")
 def test_16_kill_decision_logged_once(caplog):
     s = Sched()
     s.list("i-1")
