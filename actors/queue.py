@@ -269,7 +269,15 @@ class QueueActor(TickedActor):
                 log.warning("cancel container with no suitable instance type",
                             extra={"ContainerUUID": ctr["uuid"], "error": e.reason})
                 self._off_mailbox(self._cancel_unsatisfiable, ctr, e.reason, pool=self._ops)
-            return None
+                return None
+            # Running (say, its type was retired and we restarted): track it, with no type to
+            # choose, so it is neither cancelled nor killed as "not in queue" (issue 10 item 3)
+            try:
+                types, need = (), self._chooser.needed(full)
+            except Exception:
+                return None
+            log.info("tracking running container that fits no configured instance type",
+                     extra={"ContainerUUID": ctr["uuid"], "error": e.reason})
         log.info("adding container to queue", extra={
             "ContainerUUID": ctr["uuid"], "State": ctr.get("state"), "Priority": ctr.get("priority"),
             "InstanceTypes": ",".join(t.name for t in types)})

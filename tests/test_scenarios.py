@@ -147,7 +147,6 @@ def test_2_unknown_worker_with_known_containers_does_not_block_cancel():
 
 # -- 3: a Running container that fits no configured type is left alone ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 3")
 def test_3_running_container_of_retired_type_is_not_killed():
     dp = {"BootTime": "10s", "BootTimeJitter": "0s", "ContainerRunTime": "300s"}
     c = cluster(types=(1, 2), driver_parameters=dp)
