@@ -498,7 +498,6 @@ def test_14_priority_zero_supervisor_past_max_containers():
 
 # -- 15: startup-fatal config problems are found before any cloud call ------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 15")
 def test_15_check_config_rejects_empty_dispatch_private_key(tmp_path):
     cfg = tmp_path / "config.yml"
     cfg.write_text((ROOT / "tests/data/minimal.yml").read_text().replace("Driver: stub", "Driver: local"))

@@ -37,6 +37,7 @@ from conf.model import InstanceType, thaw
 __all__ = ["StubCloud", "StubInstanceSet", "StubInstance", "StubExecutor", "StubParams",
            "StubParamsError", "StubVM", "driver"]
 
+OWN_EXECUTOR = True  # commands reach stub VMs without SSH: no DispatchPrivateKey needed
 REALTIME_INTERVAL = 0.1  # seconds between advance() calls in real-time mode
 DUE_WAIT = 1.0  # how long a call waits for another thread that is running due events
 KILL_WAIT = 1.0  # like crunch-run --kill, which polls the process for up to 1 s
