@@ -134,8 +134,6 @@ class Future(pykka.ThreadingFuture):
         if self.runtime is not None and self._result is None and self._get_hook is None:
             self.runtime.run_until_set(self)
         return super().get(timeout=timeout)
-
-
 class BaseActor(pykka.ThreadingActor):
     """A pykka actor whose messages are counted and whose crashes are never silent.
 
@@ -174,7 +172,9 @@ class BaseActor(pykka.ThreadingActor):
         if submit is not None:
             submit(job)
         elif pool is not None:
-            pool.submit(job)
+            fut = pool.submit(job)
+            # a job its pool's shutdown cancels never runs: uncount it, or the barrier waits forever
+            fut.add_done_callback(lambda f: ACTIVITY.end() if f.cancelled() else None)
         else:
             threading.Thread(target=job, name=name or None, daemon=True).start()
 

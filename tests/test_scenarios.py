@@ -217,7 +217,6 @@ class _SlowDestroys(Chaos):
             self.park(900, "cloud destroy")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 5")
 def test_5_slow_destroys_do_not_starve_listing_and_creates():
     c = cluster(types=(1,), max_concurrent_instance_create_ops=1, max_instances=40,
                 max_running_containers_per_instance=1, timeout_idle=10.0, sync_interval=10.0,
