@@ -294,8 +294,9 @@ class SchedulerActor(TickedActor):
         old, w.view = w.view, view
         # Every probe moves ``probed``/``busy``; only what the planner reads is worth a pass now
         # (the periodic pass publishes the rest). At 1,000 workers this is 1 pass/s, not 37.
-        if (old.state, old.idle_behavior, old.running, old.probe_done, old.instance_type) != (
-                view.state, view.idle_behavior, view.running, view.probe_done, view.instance_type):
+        if (old.state, old.idle_behavior, old.running, old.probe_done, old.instance_type, old.draining) != (
+                view.state, view.idle_behavior, view.running, view.probe_done, view.instance_type,
+                view.draining):
             self._touch()
 
     def container_ended(self, uuid: str, instance_id: str, at: float) -> None:
@@ -411,7 +412,8 @@ class SchedulerActor(TickedActor):
         self._conc = quota.adjust(self._conc, now, len(running), at_quota, n_workers, self._last_503)
         maxc = self._conc.max_containers
         maxs = quota.supervisor_limit(maxc, self._cfg.supervisor_fraction)
-        slots = [Slot(iid, w.view.instance_type, w.view.state, w.view.idle_behavior, w.view.running)
+        slots = [Slot(iid, w.view.instance_type, w.view.state,
+                      Behavior.DRAIN if w.view.draining else w.view.idle_behavior, w.view.running)
                  for iid, w in self._workers.items() if w.view.state is not _SHUTDOWN]
         slots += [Slot("", c.it, State.BOOTING, Behavior.RUN, ()) for c in self._creating.values()]
         limits = Limits(

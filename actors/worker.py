@@ -507,15 +507,18 @@ class WorkerActor(TickedActor):
             # than TimeoutIdle made the worker eligible for shutdown the moment it was ready,
             # before the scheduler could give it work (Arvados is saved by only checking at the
             # next probe round; here the idle deadline wakes the worker at once).
-            self._set(state=verdict.state, busy=now)
+            if v.draining:
+                self._log.info("boot probe succeeded again; the instance's own idle behavior applies",
+                               extra=self._fields(IdleBehavior=str(v.idle_behavior)))
+            self._set(state=verdict.state, busy=now, draining="")
             self._report_boot_outcome("success")
             self._log.info("probes succeeded, instance is in service", extra=self._fields())
-        elif verdict.drain:
-            # Found at startup running containers but failing its boot probe: drain it.
+        elif verdict.drain and not v.draining:
+            # Found at startup running containers but failing its boot probe: drain it, for as
+            # long as that lasts; the operator's setting (and the tag) stay as they are.
             self._log.info("crunch-run probe succeeded, but boot probe is still failing; draining",
                            extra=self._fields(RunningContainers=len(self._runners)))
-            self._set(idle_behavior=Behavior.DRAIN)
-            self._save_tags()
+            self._set(draining="boot probe failing")
         elif verdict.state is not v.state:
             self._set(state=verdict.state)
 

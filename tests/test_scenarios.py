@@ -437,7 +437,6 @@ def test_11_cancel_keeps_runtime_status():
 
 # -- 12: a transient boot-probe failure does not drain for good ------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 12")
 def test_12_drain_for_failing_boot_probe_is_lifted_when_it_recovers():
     dp = {"BootTime": "10s", "BootTimeJitter": "0s", "ContainerRunTime": "600s"}
     c = cluster(types=(1,), driver_parameters=dp)
