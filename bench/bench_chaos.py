@@ -37,13 +37,20 @@ def main() -> int:
     logging.basicConfig(level=logging.CRITICAL)
     totals: Counter = Counter()
     kinds: Counter = Counter()
-    bad = []
+    bad, errors = [], []
     t_all = time.perf_counter()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = ChaosConfig(seed=seed, containers=args.containers, hours=args.hours,
                           restart_every=args.restart_every, check_actor_thread_calls=args.g0)
         t0 = time.perf_counter()
-        c = Chaos(cfg).run()
+        c = Chaos(cfg)
+        try:
+            c.run()
+        except Exception as e:  # the harness itself failed (say, a simulation that never settles)
+            errors.append(seed)
+            print(f"seed {seed:4d}: HARNESS ERROR {type(e).__name__}: {e}", flush=True)
+            print(c.report_text(args.trace), flush=True)
+            continue
         s = c.summary()
         wall = time.perf_counter() - t0
         for k in ("containers", "faults", "restarts", "checks", "violations"):
@@ -58,9 +65,10 @@ def main() -> int:
     print(f"\n{args.seeds} seeds, {totals['containers']} containers in "
           f"{time.perf_counter() - t_all:.0f} s: {totals['faults']} faults injected, "
           f"{totals['restarts']} restarts, {totals['checks']} invariant checks, "
-          f"{totals['violations']} violations" + (f" (seeds {bad})" if bad else ""))
+          f"{totals['violations']} violations" + (f" (seeds {bad})" if bad else "")
+          + (f"; harness errors in seeds {errors}" if errors else ""))
     print("faults by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
-    return 1 if bad else 0
+    return 1 if bad or errors else 0
 
 
 if __name__ == "__main__":
