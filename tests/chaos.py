@@ -304,7 +304,8 @@ class Chaos:
         with self._plock:
             self._parked[ev] = label
             self._park_gen += 1
-        self.impaired_at = max(self.impaired_at, self.sim.now + seconds)
+        # after a slow poll the next one waits as long again (Go's back-off, issue 10 item 7)
+        self.impaired_at = max(self.impaired_at, self.sim.now + 2 * seconds)
 
         def release(at):
             self._release(ev)
