@@ -118,7 +118,20 @@ class Simulation:
                 if (self.ticker.next_deadline() or float("inf")) > self.clock.now() and (
                         ACTIVITY.pending == 0 or stuck):
                     return
-        raise RuntimeError(f"simulation did not settle at t={self.now - START:.3f}")
+        raise RuntimeError(f"simulation did not settle at t={self.now - START:.3f} "
+                           f"({self._busy_report()})")
+
+    def _busy_report(self) -> str:
+        """Who keeps the instant busy: actors due now, the next cloud events, work pending."""
+        import pykka
+        now = self.clock.now()
+        due = []
+        for key, when in list(self.ticker._due.items()):
+            if when <= now:
+                ref = pykka.ActorRegistry.get_by_urn(key)
+                due.append(ref.actor_class.__name__ if ref is not None else str(key))
+        events = [label for at, _, label, _ in sorted(self.cloud._events)[:5] if at <= now]
+        return f"due: {sorted(due)}; cloud events due: {events}; pending: {ACTIVITY.pending}"
 
     def _wait(self) -> bool:
         """Wait for the actor system to go idle; True if it is stuck behind parked calls
