@@ -531,7 +531,10 @@ class Chaos:
         locked = self.oracle.list_containers(
             filters=[["state", "=", "Locked"], ["locked_by_uuid", "=", self.me]],
             select=["uuid", "lock_count"], limit=1000)
-        limit = (2 * self.cluster.containers.stale_lock_timeout + 3 * cv.poll_interval
+        # "long": what the dispatcher may legitimately need to learn the attempt is over (an
+        # unresponsive VM is given TimeoutProbe; a restart waits up to StaleLockTimeout for its
+        # probes, then unlocks) plus the polls and probes that carry the news
+        limit = (2 * self.cluster.containers.stale_lock_timeout + cv.timeout_probe + 3 * cv.poll_interval
                  + 2 * cv.probe_interval + cv.timeout_term + 60)
         still = set()
         for c in locked:
