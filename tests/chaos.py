@@ -231,6 +231,7 @@ class Chaos:
         kw = dict(store=old.store, cloud=old.cloud, clock=old.clock) if old is not None else {}
         sim = Simulation(self.cluster, stub_params=self.params, seed=self.seed + 7919 * self.restarts,
                          metrics=False, wrap_api=self._wrap_api, worker_reports=self._wrap_reports,
+                         runtime="threads",  # slow calls park real threads
                          **kw)
         sim.blocked = self.blocked
         sim.cloud.fault_hook = self._cloud_fault
