@@ -203,6 +203,7 @@ class Chaos:
         self.checks = 0
         self.violations: list[str] = []
         self.restarts = 0
+        self.unsettled = 0
         self.outage_until = 0.0
         self.slow_until = 0.0
         self.impaired_at = 0.0  # last time the API was impaired (outage, slow, parked calls)
@@ -253,6 +254,7 @@ class Chaos:
         actor system cannot be left with cloud calls queued behind them."""
         self.note("RESTART")
         self.restarts += 1
+        self.unsettled += self.sim.unsettled
         self.restarting = True
         try:
             self.release_parked()
@@ -657,6 +659,7 @@ class Chaos:
     def summary(self) -> dict:
         states = Counter(c["state"] for c in self.oracle.iter_containers(select=["uuid", "state"]))
         return {"seed": self.seed, "containers": len(self.submitted), "states": dict(states),
+                "unsettled": self.unsettled + self.sim.unsettled,
                 "faults": sum(self.faults.values()), "by_kind": dict(self.faults),
                 "restarts": self.restarts, "checks": self.checks, "violations": len(self.violations),
                 "simulated_hours": round(self.t / 3600, 2)}
