@@ -148,7 +148,7 @@ class QueueActor(TickedActor):
     def _client_503(self) -> float:
         return getattr(self._client, "last_503", 0.0) or 0.0
 
-    def _fetch(self, started: float, known: set[str], have: frozenset, me: str) -> PollResult:
+    def _fetch(self, started: float, known: set[str], have: frozenset = frozenset(), me: str = "") -> PollResult:
         c = self._client
         if not me:
             me = c.current_token_uuid()
