@@ -25,17 +25,25 @@ class Activity:
 
     def __init__(self):
         self._n = 0
+        self._changes = 0  # every begin/end: a barrier that sees it stand still knows nothing moves
         self._cond = threading.Condition()
+        self._stall_waiters = 0
 
     def begin(self, n: int = 1) -> None:
         with self._cond:
             self._n += n
+            self._changes += 1
+            if self._stall_waiters:
+                self._cond.notify_all()
 
     def end(self, n: int = 1) -> None:
         with self._cond:
             self._n -= n
+            self._changes += 1
             if self._n <= 0:
                 self._n = 0
+                self._cond.notify_all()
+            elif self._stall_waiters:
                 self._cond.notify_all()
 
     @property
@@ -46,6 +54,37 @@ class Activity:
         with self._cond:
             if not self._cond.wait_for(lambda: self._n == 0, timeout=timeout):
                 raise TimeoutError(f"actor system still busy after {timeout}s ({self._n} pending)")
+
+    def wait_settled(self, blocked: Callable[[], object], stall: float = 0.01, timeout: float = 30.0,
+                      known: tuple | None = None) -> tuple | None:
+        """Like :meth:`wait_idle`, for a simulation where some calls are slow on purpose (parked
+        until a later simulated time). ``blocked()`` is None when no call is parked, else a token
+        that changes with every park and release. Returns None when idle; else, once what is left
+        waits behind parked calls (nothing has begun or ended for ``stall`` seconds), the stall as
+        ``(token, pending)``. Given a stall already seen (``known``), the same token with the same
+        pending count is the same stall (only a release can shrink stuck work): no waiting."""
+        waited = 0.0
+        with self._cond:
+            self._stall_waiters += 1
+            try:
+                while True:
+                    if self._n == 0:
+                        return None
+                    if known is not None and (blocked(), self._n) == known:
+                        return known
+                    seen = self._changes
+                    self._cond.wait(stall)
+                    if self._n == 0:
+                        return None
+                    if self._changes == seen:
+                        token = blocked()
+                        if token is not None:
+                            return (token, self._n)
+                        waited += stall
+                        if waited >= timeout:
+                            raise TimeoutError(f"actor system still busy after {timeout}s ({self._n} pending)")
+            finally:
+                self._stall_waiters -= 1
 
 
 ACTIVITY = Activity()
@@ -95,8 +134,6 @@ class Future(pykka.ThreadingFuture):
         if self.runtime is not None and self._result is None and self._get_hook is None:
             self.runtime.run_until_set(self)
         return super().get(timeout=timeout)
-
-
 class BaseActor(pykka.ThreadingActor):
     """A pykka actor whose messages are counted and whose crashes are never silent.
 
@@ -135,7 +172,9 @@ class BaseActor(pykka.ThreadingActor):
         if submit is not None:
             submit(job)
         elif pool is not None:
-            pool.submit(job)
+            fut = pool.submit(job)
+            # a job its pool's shutdown cancels never runs: uncount it, or the barrier waits forever
+            fut.add_done_callback(lambda f: ACTIVITY.end() if f.cancelled() else None)
         else:
             threading.Thread(target=job, name=name or None, daemon=True).start()
 

@@ -41,6 +41,8 @@ class SchedulerInbox(Protocol):
 
     def container_op_done(self, uuid: str, op: str, entry: QueueEntry | None, error: str) -> None: ...
 
+    def api_503(self, at: float) -> None: ...
+
 
 class SchedulerAsks(Protocol):
     """Management requests, asked by API threads with a timeout (they raise NotFound)."""

@@ -2,7 +2,10 @@
 
 It lists instances every SyncInterval (filtered by our InstanceSetID tag), and creates, destroys
 and re-tags instances on request. Every cloud call runs on a bounded thread pool, so a create
-that takes minutes (Azure) never blocks the mailbox; results come back as messages.
+that takes minutes (Azure) never blocks the mailbox; results come back as messages. Each kind of
+call has its own threads (listing one, creates MaxConcurrentInstanceCreateOps, destroys and tag
+updates their own), so a dozen destroys that take minutes never starve listing or creates; all
+still share the MaxCloudOpsPerSecond slots.
 
 Throttles, as Arvados applies them:
 * MaxCloudOpsPerSecond: one shared slot per 1/N s for every call; a call whose slot is in the
@@ -39,10 +42,11 @@ class InstanceSetActor(TickedActor):
         self._scheduler = scheduler
         self._filter = {cluster.tag("InstanceSetID"): set_id}
         self._limiter = OpsLimiter(self._cfg.max_cloud_ops_per_second)
-        # room for every create MaxConcurrentInstanceCreateOps allows, plus list/destroy/tags
-        # (a cap of 32 held the bench's 50 concurrent creates to 32); threads start on demand
-        n = pool_size or max(4, min(MAX_POOL, (self._cfg.max_concurrent_instance_create_ops or 16) + 4))
-        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cloud-op")
+        # each kind of call its own threads (started on demand), so slow destroys never starve
+        # listing or creates; creates get room for all MaxConcurrentInstanceCreateOps allows
+        creates = pool_size or max(1, min(MAX_POOL, self._cfg.max_concurrent_instance_create_ops or 16))
+        self._pools = {op: ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"cloud-{op.lower()}")
+                       for op, n in (("List", 1), ("Create", creates), ("Destroy", 8), ("SetTags", 4))}
         self._queue: list = []  # (slot time, seq, op name, fn, args)
         self._seq = itertools.count()
         self._next_sync = first_now
@@ -54,22 +58,23 @@ class InstanceSetActor(TickedActor):
 
     def on_stop(self) -> None:
         super().on_stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- scheduling of cloud calls ------------------------------------------------------------------
 
     def _enqueue(self, now: float, op: str, fn, *args, not_before: float = 0.0) -> None:
         at = self._limiter.reserve(max(now, not_before))
         if at <= now:
-            self._off_mailbox(fn, *args, pool=self._pool)
+            self._off_mailbox(fn, *args, pool=self._pools[op])
         else:
             heapq.heappush(self._queue, (at, next(self._seq), op, fn, args))
             self.wake_at(at)
 
     def tick(self, now: float) -> None:
         while self._queue and self._queue[0][0] <= now:
-            _, _, _, fn, args = heapq.heappop(self._queue)
-            self._off_mailbox(fn, *args, pool=self._pool)
+            _, _, op, fn, args = heapq.heappop(self._queue)
+            self._off_mailbox(fn, *args, pool=self._pools[op])
         if not self._listing and now >= self._next_sync:
             if now < self._hold["list"]:
                 self._next_sync = self._hold["list"]
@@ -77,10 +82,13 @@ class InstanceSetActor(TickedActor):
                 self._listing = True
                 self._next_sync = now + self._cfg.sync_interval
                 self._enqueue(now, "List", self._list, now)
-        when = [self._next_sync]
+        # while a listing is in flight its answer books the next one: an overdue deadline
+        # booked now would wake this actor again and again for nothing
+        when = [] if self._listing else [self._next_sync]
         if self._queue:
             when.append(self._queue[0][0])
-        self.wake_at(min(when))
+        if when:
+            self.wake_at(min(when))
 
     # -- requests from the scheduler and workers -------------------------------------------------------
 
@@ -109,6 +117,7 @@ class InstanceSetActor(TickedActor):
 
     def listed(self, infos, started: float, failure: CreateFailure | None) -> None:
         self._listing = False
+        self.wake_at(self._next_sync)
         if failure is not None:
             log.warning("sync failed", extra={"error": failure.message})
             if failure.retry_at:

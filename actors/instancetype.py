@@ -271,7 +271,6 @@ class TypeTable:
         self.by_price = tuple(cluster.types_by_price())
         self.factor = max(cluster.containers.maximum_price_factor, 1.0)
         self.any_preemptible = any(t.preemptible for t in types)
-        self.always_preemptible = cluster.containers.always_use_preemptible_instances
         self.rows = tuple(
             _Row(t, t.price, t.scratch, t.ram, t.vcpus, t.preemptible, t.gpu.stack,
                  t.gpu.device_count, t.gpu.vram, _go_float(t.gpu.driver_version),
@@ -279,16 +278,12 @@ class TypeTable:
             for t in types)
 
     def wants_preemptible(self, shape: Shape) -> bool:
-        """scheduling_parameters.preemptible, with AlwaysUsePreemptibleInstances applied.
+        """scheduling_parameters.preemptible, as the API server gives it.
 
-        Arvados applies that flag in the API server to *child* container requests, when some
-        configured type is preemptible. We see containers, not requests, so we apply it to every
-        container that is not a supervisor (``scheduling_parameters.supervisor``), under the same
-        "some type is preemptible" condition. A top-level non-supervisor container therefore goes
-        to spot here where Arvados would have kept it on demand.
-        """
-        return shape.preemptible or (self.always_preemptible and not shape.supervisor
-                                     and self.any_preemptible)
+        AlwaysUsePreemptibleInstances is applied by the Arvados API server, to *child* container
+        requests only; the dispatcher cannot tell a child from a top-level container, so applying
+        it here again overrode an explicit ``preemptible: false`` (issue 10 item 13)."""
+        return shape.preemptible
 
     def choose(self, shape: Shape, need: Resources) -> tuple[InstanceType, ...]:
         """Eligible types cheapest first, capped at cheapest eligible price x max(factor, 1)."""

@@ -106,6 +106,15 @@ class WorkerView:
     probed: float = 0.0  # last successful probe
     destroyed: float = 0.0
     probe_done: bool = False  # at least one probe attempt has completed
+    # How many start_container messages this worker has handled (refused ones too). The scheduler
+    # numbers the starts it sends; a view that has not seen a start yet cannot erase it (Go
+    # throws away probe results that began before a start).
+    starts_seen: int = 0
+    run_probed: bool = False  # a run probe has answered: its containers are known
+    # The dispatcher's own reason to drain (a boot probe failing on an adopted VM that runs
+    # containers), kept apart from the operator's idle behaviour: never saved in the tag, and
+    # dropped when the boot probe recovers, so the operator's setting applies again.
+    draining: str = ""
     price: float | None = None  # the driver's latest price (spot); None: the type's configured Price
 
 

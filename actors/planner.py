@@ -214,12 +214,12 @@ def plan(queue: Sequence[QueueEntry], running: Mapping[str, float | None], slots
                     continue
                 if e.supervisor:
                     supervisors += 1
-                    if maxs > 0 and supervisors > maxs:
-                        over_max_super(e)
-                    elif e.priority < 1:
-                        not_scheduled(e)
-                elif e.priority < 1:
+                # priority 0 first, as Go does: such a supervisor is not "waiting in the workflow
+                # queue", nor over quota, nor unlocked for capacity (issue 10 item 14)
+                if e.priority < 1:
                     not_scheduled(e)
+                elif maxs > 0 and supervisors > maxs:
+                    over_max_super(e)
             break
         if ent.supervisor:
             supervisors += 1

@@ -5,6 +5,14 @@ containers with priority > 0, highest first, and (3) any cached container the fi
 return, so nothing is silently lost. A poll runs in a helper thread, so lock/unlock/cancel
 requests from the scheduler never wait behind a slow listing; a change we make ourselves while a
 poll is in flight is never overwritten by that (older) poll's result (Arvados' ``dontupdate``).
+The next poll starts max(PollInterval, the last poll's duration) after it ended, as in Go, so an
+overloaded API server gets room to recover.
+
+Lock, unlock, cancel (and the cancel of unsatisfiable containers) run on a small pool of threads
+and their results come back as ``op_done`` messages: a container API that hangs or retries for
+minutes never stalls this actor's mailbox. Neither the poll thread nor the pool touch actor
+state; what they need arrives as arguments. The API's last 503 reaches the scheduler as an
+``api_503`` message.
 
 The scheduler hears about changes as ``queue_update(changed, removed, updated_at)`` diffs, not as
 whole copies of a 10,000-entry queue.
@@ -16,7 +24,8 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from actors.base import TickedActor
@@ -37,6 +46,7 @@ UUID_RE = re.compile(r"[a-z0-9]{5}-dz642-[a-z0-9]{15}")
 
 def valid_uuid(uuid) -> bool:
     return isinstance(uuid, str) and UUID_RE.fullmatch(uuid) is not None
+OP_THREADS = 8  # container API calls in flight at once (lock/unlock/cancel)
 
 
 def parse_time(v) -> float:
@@ -82,6 +92,9 @@ class PollResult:
     mounts: Mapping  # uuid -> mounts for containers new to the cache
     deleted: tuple  # uuids the controller no longer has
     error: str = ""
+    ended_at: float = 0.0
+    me: str = ""  # our token's uuid, learnt by the first poll
+    last_503: float = 0.0
 
 
 class QueueActor(TickedActor):
@@ -101,6 +114,13 @@ class QueueActor(TickedActor):
         self._skipped: set[str] = set()  # malformed UUIDs already logged
         self._next_poll = first_now
         self._loaded = False
+        self._inflight: dict[str, int] = {}  # uuid -> our calls about it in flight
+        self._last_503 = 0.0
+        self._ops = ThreadPoolExecutor(max_workers=OP_THREADS, thread_name_prefix="queue-op")
+
+    def on_stop(self) -> None:
+        super().on_stop()
+        self._ops.shutdown(wait=False)  # calls in flight finish; their answers go nowhere
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -110,26 +130,30 @@ class QueueActor(TickedActor):
     def tick(self, now: float) -> None:
         if not self._polling and now >= self._next_poll:
             self._polling = True
-            self._dontupdate = set()
+            self._dontupdate = set(self._inflight)  # their answers are newer than this poll
             known = {u for u, e in self._entries.items() if e.state not in FINAL}
-            self._off_mailbox(self._poll, now, known, name="queue-poll")
+            self._off_mailbox(self._poll, now, known, frozenset(self._entries), self._me, name="queue-poll")
         self.wake_at(self._next_poll if not self._polling else now + self._poll_interval)
 
     # -- polling (runs in a helper thread; touches no actor state) -------------------------------
 
-    def _poll(self, started: float, known: set[str]) -> None:
+    def _poll(self, started: float, known: set[str], have: frozenset, me: str) -> None:
         try:
-            res = self._fetch(started, known)
+            res = self._fetch(started, known, have, me)
         except Exception as e:  # any API failure: report, retry later
             res = PollResult(started, (), {}, (), error=f"{type(e).__name__}: {e}")
+        res = replace(res, ended_at=self._ticker.clock.now(), last_503=self._client_503())
         self._self.poll_done.defer(res)
 
-    def _fetch(self, started: float, known: set[str]) -> PollResult:
+    def _client_503(self) -> float:
+        return getattr(self._client, "last_503", 0.0) or 0.0
+
+    def _fetch(self, started: float, known: set[str], have: frozenset = frozenset(), me: str = "") -> PollResult:
         c = self._client
-        if not self._me:
-            self._me = c.current_token_uuid()
+        if not me:
+            me = c.current_token_uuid()
         seen: dict[str, dict] = {}
-        for ctr in c.iter_containers(filters=[["locked_by_uuid", "=", self._me]], select=SELECT):
+        for ctr in c.iter_containers(filters=[["locked_by_uuid", "=", me]], select=SELECT):
             if self._acceptable(ctr):
                 seen[ctr["uuid"]] = ctr
         offset, nonsuper = 0, 0
@@ -159,8 +183,8 @@ class QueueActor(TickedActor):
                     raise RuntimeError("BUG? server response did not match requested filters")
                 seen[ctr["uuid"]] = ctr
         new = [uuid for uuid, ctr in seen.items()
-               if uuid not in known and uuid not in self._entries and ctr.get("state") not in FINAL]
-        return PollResult(started, tuple(seen.values()), fetch_mounts(c, new), tuple(deleted))
+               if uuid not in known and uuid not in have and ctr.get("state") not in FINAL]
+        return PollResult(started, tuple(seen.values()), fetch_mounts(c, new), tuple(deleted), me=me)
 
     def _acceptable(self, ctr) -> bool:
         """Skip (and log once) a record whose uuid is not a container UUID (a malicious or
@@ -176,15 +200,26 @@ class QueueActor(TickedActor):
 
     # -- applying results (actor thread) -----------------------------------------------------------
 
+    def _note_503(self, at: float) -> None:
+        if at > self._last_503:
+            self._last_503 = at
+            self._scheduler.api_503(at)
+
     def poll_done(self, res: PollResult) -> None:
         self._polling = False
+        self._note_503(res.last_503)
+        ended = max(res.ended_at, res.started_at)
+        took = ended - res.started_at
         if res.error:
             retry = max(self._poll_interval / 10, 1.0) if not self._loaded else self._poll_interval
             log.error("error updating queue: %s", res.error, extra={"error": res.error})
-            self._next_poll = res.started_at + retry
+            self._next_poll = ended + max(took, retry)
             self.wake_at(self._next_poll)
             return
-        self._next_poll = res.started_at + self._poll_interval
+        if res.me:
+            self._me = res.me
+        # a slow poll means an overloaded API server: wait as long as it took (Go does)
+        self._next_poll = ended + max(took, self._poll_interval) if took else res.started_at + self._poll_interval
         self.wake_at(self._next_poll)
         changed, removed = [], []
         returned = set()
@@ -197,6 +232,8 @@ class QueueActor(TickedActor):
             if old is None:
                 if ctr.get("state") in FINAL:
                     continue  # never add a finished container we hadn't seen
+                if uuid not in res.mounts:
+                    continue  # its mounts could not be fetched: try again next poll
                 entry = self._new_entry(ctr, res.mounts.get(uuid, {}), res.started_at)
                 if entry is None:
                     continue
@@ -231,8 +268,16 @@ class QueueActor(TickedActor):
             if ctr.get("state") in ("Queued", "Locked"):
                 log.warning("cancel container with no suitable instance type",
                             extra={"ContainerUUID": ctr["uuid"], "error": e.reason})
-                self._cancel_unsatisfiable(ctr, e.reason)
-            return None
+                self._off_mailbox(self._cancel_unsatisfiable, ctr, e.reason, pool=self._ops)
+                return None
+            # Running (say, its type was retired and we restarted): track it, with no type to
+            # choose, so it is neither cancelled nor killed as "not in queue" (issue 10 item 3)
+            try:
+                types, need = (), self._chooser.needed(full)
+            except Exception:
+                return None
+            log.info("tracking running container that fits no configured instance type",
+                     extra={"ContainerUUID": ctr["uuid"], "error": e.reason})
         log.info("adding container to queue", extra={
             "ContainerUUID": ctr["uuid"], "State": ctr.get("state"), "Priority": ctr.get("priority"),
             "InstanceTypes": ",".join(t.name for t in types)})
@@ -245,6 +290,7 @@ class QueueActor(TickedActor):
                           locked_by_uuid=ctr.get("locked_by_uuid") or "")
 
     def _cancel_unsatisfiable(self, ctr: dict, reason: str) -> None:
+        """(pool thread)"""
         uuid = ctr["uuid"]
         try:
             if ctr.get("state") == "Queued":
@@ -258,7 +304,14 @@ class QueueActor(TickedActor):
     # -- scheduler requests ------------------------------------------------------------------------
 
     def _apply(self, uuid: str, op: str, call, reason: str = "") -> None:
-        entry, err = None, ""
+        self._inflight[uuid] = self._inflight.get(uuid, 0) + 1
+        if self._polling:
+            self._dontupdate.add(uuid)
+        self._off_mailbox(self._call, uuid, op, call, reason, pool=self._ops)
+
+    def _call(self, uuid: str, op: str, call, reason: str) -> None:
+        """(pool thread) One API call; the answer, or the refreshed record, goes back as op_done."""
+        err = ""
         try:
             resp = call(uuid)
         except Exception as e:
@@ -269,6 +322,19 @@ class QueueActor(TickedActor):
             resp = self._refresh(uuid)  # our view was stale? learn the real state now
         else:
             log.debug(f"{op} succeeded", extra={"ContainerUUID": uuid})
+        try:
+            self._self.op_done.defer(uuid, op, resp, err, self._client_503())
+        except Exception:
+            pass  # stopped meanwhile
+
+    def op_done(self, uuid: str, op: str, resp: dict | None, err: str, last_503: float) -> None:
+        n = self._inflight.get(uuid, 0) - 1
+        if n > 0:
+            self._inflight[uuid] = n
+        else:
+            self._inflight.pop(uuid, None)
+        self._note_503(last_503)
+        entry = None
         if resp is not None:
             if self._polling:
                 self._dontupdate.add(uuid)
@@ -300,8 +366,15 @@ class QueueActor(TickedActor):
     def cancel(self, uuid: str, reason: str) -> None:
         """Cancel, saying why in runtime_status.error (Arvados leaves it empty here)."""
         log.info("cancelling container because %s", reason, extra={"ContainerUUID": uuid, "Reason": reason})
-        fields = {"state": "Cancelled", "runtime_status": {"error": f"Cancelled by the dispatcher: {reason}"}}
-        self._apply(uuid, "cancel", lambda u: self._client.update(u, fields), reason)
+        self._apply(uuid, "cancel", lambda u: self._cancel_call(u, reason), reason)
+
+    def _cancel_call(self, uuid: str, reason: str) -> dict:
+        """(pool thread) Cancelled, with our reason added to runtime_status only if it holds no
+        error yet: crunch-run's own error and warnings stay (the API replaces the whole field)."""
+        status = dict(self._client.get_container(uuid, select=["runtime_status"]).get("runtime_status") or {})
+        if not status.get("error"):
+            status["error"] = f"Cancelled by the dispatcher: {reason}"
+        return self._client.update(uuid, {"state": "Cancelled", "runtime_status": status})
 
     def forget(self, uuid: str) -> None:
         """Drop a finished (or priority-0 Queued) container the scheduler is done with."""

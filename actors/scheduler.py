@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Callable
 
 import pykka
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from actors import quota, render
@@ -34,6 +34,7 @@ from conf.model import InstanceType
 log = logging.getLogger("dispatch.scheduler")
 
 PASS_INTERVAL = 10.0  # a full pass at least this often, as a safety net; changes trigger one at once
+OP_BACKOFF_MAX = 600.0  # a failing lock/unlock/cancel is retried at least this often
 PUBLISH_INTERVAL = 2.0  # fresh probe/busy times for /instances and /metrics between passes
 _SHUTDOWN, _UNKNOWN = State.SHUTDOWN, State.UNKNOWN  # enum attribute lookups are slow in a hot loop
 
@@ -47,6 +48,9 @@ class SnapshotBox:
 
     def __init__(self):
         self.snapshot = Snapshot()
+        # uuid -> (entry, status, QueueEntryView), reused across snapshots; replaced, never
+        # changed in place, by whichever reader renders a snapshot's queue
+        self.row_memo: dict = {}
 
 
 @dataclass
@@ -57,6 +61,8 @@ class _Worker:
     secret: str = ""
     boot_reported: bool = False
     info: InstanceInfo | None = None  # the latest listing of its instance
+    starts_sent: int = 0
+    pending: dict = field(default_factory=dict)  # uuid -> number of a start its views predate
 
 
 @dataclass
@@ -79,6 +85,7 @@ class SchedulerActor(TickedActor):
         self._make_worker = worker_factory  # (info, it, state, behavior, now, secret) -> WorkerInbox
         self._public_key = public_key
         self._api = api_client
+        self._last_503 = 0.0  # told by the queue (api_503), never read from the client
         self._metrics = metrics
         self._quota_group = quota_group or (lambda it: "")
         self._queue_inbox: QueueInbox | None = None
@@ -99,6 +106,7 @@ class SchedulerActor(TickedActor):
         # escalates on its own timer (TimeoutSignal, TimeoutTERM), so a pass never repeats it
         self._killing: dict[str, str] = {}
         self._lock_for: dict[str, str] = {}  # uuid being locked -> instance the last pass holds for it
+        self._op_fails: dict[str, tuple[int, float]] = {}  # uuid -> (failures, retry not before)
         self._pool = quota.PoolState()
         self._dirty = True
         self._next_pass = first_now
@@ -114,7 +122,6 @@ class SchedulerActor(TickedActor):
         # reconcile's actions does not depend on string hashing (simulations repeat exactly)
         self._special: dict[str, None] = {}
         self._iviews: dict[str, tuple[WorkerView, InstanceView]] = {}
-        self._qviews: dict = {}  # uuid -> (entry, status, QueueEntryView), reused across snapshots
 
     def wire(self, queue: QueueInbox, instance_set: InstanceSetInbox) -> None:
         self._queue_inbox = queue
@@ -148,7 +155,8 @@ class SchedulerActor(TickedActor):
                         extra={"Instance": v.instance_id, "State": str(v.state)})
             state = State.SHUTDOWN if v.state is State.SHUTDOWN else State.UNKNOWN
             w.inbox = self._make_worker(w.info, v.instance_type, state, v.idle_behavior, self._now, w.secret)
-            w.view = replace(v, state=state, probe_done=False)
+            w.view = replace(v, state=state, probe_done=False, starts_seen=0)
+            w.starts_sent, w.pending = 0, {}
             self._touch()
             return False
 
@@ -278,11 +286,17 @@ class SchedulerActor(TickedActor):
             return  # already gone
         if view.state is not State.BOOTING and view.state is not State.UNKNOWN:
             w.boot_reported = True  # the worker reported success, failure or aborted
+        if w.pending:
+            # A report that predates a start we sent must not erase it (design rule 8).
+            w.pending = {u: n for u, n in w.pending.items() if n > view.starts_seen}
+            if w.pending:
+                view = replace(view, running=tuple(sorted({*view.running, *w.pending})))
         old, w.view = w.view, view
         # Every probe moves ``probed``/``busy``; only what the planner reads is worth a pass now
         # (the periodic pass publishes the rest). At 1,000 workers this is 1 pass/s, not 37.
-        if (old.state, old.idle_behavior, old.running, old.probe_done, old.instance_type) != (
-                view.state, view.idle_behavior, view.running, view.probe_done, view.instance_type):
+        if (old.state, old.idle_behavior, old.running, old.probe_done, old.instance_type, old.draining) != (
+                view.state, view.idle_behavior, view.running, view.probe_done, view.instance_type,
+                view.draining):
             self._touch()
 
     def container_ended(self, uuid: str, instance_id: str, at: float) -> None:
@@ -298,6 +312,8 @@ class SchedulerActor(TickedActor):
     # -- events from the queue ---------------------------------------------------------------------
 
     def _put_entry(self, e: QueueEntry) -> None:
+        if e.state in ("Queued", "Complete", "Cancelled"):
+            self._exited.pop(e.uuid, None)  # its last attempt is over: requeued or finished
         self._queue[e.uuid] = e
         self._qver += 1
         if needs_reconcile(e):
@@ -306,6 +322,8 @@ class SchedulerActor(TickedActor):
             self._special.pop(e.uuid, None)
 
     def _drop_entry(self, uuid: str) -> None:
+        self._exited.pop(uuid, None)
+        self._op_fails.pop(uuid, None)
         if self._queue.pop(uuid, None) is not None:
             self._qver += 1
         self._special.pop(uuid, None)
@@ -323,12 +341,28 @@ class SchedulerActor(TickedActor):
     def container_op_done(self, uuid: str, op: str, entry: QueueEntry | None, error: str) -> None:
         self._ops.pop(uuid, None)
         old = self._queue.get(uuid)
-        if entry is not None and entry != old:
+        changed = entry is not None and entry != old
+        if changed:
             self._put_entry(entry)
         if op == "lock" and not error and self._start_locked(uuid):
+            self._op_fails.pop(uuid, None)
             return  # started where the last pass held room for it: no pass needed for this
-        if not error or entry != old:
-            self._touch()  # a failure that changed nothing is retried by the next periodic pass
+        if error and not changed:
+            # Nothing learnt (the follow-up GET failed too, or said nothing new): retry no
+            # sooner than the next poll, then back off, instead of at once (issue 10 item 6).
+            n = self._op_fails.get(uuid, (0, 0.0))[0] + 1
+            wait = min(self._cfg.poll_interval * 2 ** (n - 1), OP_BACKOFF_MAX)
+            self._op_fails[uuid] = (n, self._now + wait)
+            self._pass_at(self._now + wait)
+            return
+        self._op_fails.pop(uuid, None)
+        self._touch()
+
+    def api_503(self, at: float) -> None:
+        """The container API answered 503 at ``at``: fewer containers at once for a while."""
+        if at > self._last_503:
+            self._last_503 = at
+            self._touch()
 
     # -- management requests (asked with .get(timeout) by API threads) ------------------------------
 
@@ -365,17 +399,21 @@ class SchedulerActor(TickedActor):
     def _pass(self, now: float) -> None:
         p = self._pool = quota.expire(self._pool, now)
         running = self._running()
-        any_unknown = any(w.view.state is _UNKNOWN for w in self._workers.values())
+        # Only an unknown worker whose containers are still unknown (no run probe has answered)
+        # suspends "Running on no worker -> cancel": an adopted, drained one that runs
+        # containers for hours must not block it cluster-wide (issue 10 item 2).
+        any_unknown = any(w.view.state is _UNKNOWN and not (w.view.run_probed or w.view.running)
+                          for w in self._workers.values())
         if not self._gate(now, running):
             self._publish(now, running, None)
             return
         n_workers = len(self._workers)
         at_quota = p.at_quota(now) or (0 < self._cfg.max_instances <= n_workers + len(self._creating))
-        self._conc = quota.adjust(self._conc, now, len(running), at_quota, n_workers,
-                                  getattr(self._api, "last_503", 0.0) or 0.0)
+        self._conc = quota.adjust(self._conc, now, len(running), at_quota, n_workers, self._last_503)
         maxc = self._conc.max_containers
         maxs = quota.supervisor_limit(maxc, self._cfg.supervisor_fraction)
-        slots = [Slot(iid, w.view.instance_type, w.view.state, w.view.idle_behavior, w.view.running)
+        slots = [Slot(iid, w.view.instance_type, w.view.state,
+                      Behavior.DRAIN if w.view.draining else w.view.idle_behavior, w.view.running)
                  for iid, w in self._workers.items() if w.view.state is not _SHUTDOWN]
         slots += [Slot("", c.it, State.BOOTING, Behavior.RUN, ()) for c in self._creating.values()]
         limits = Limits(
@@ -432,12 +470,14 @@ class SchedulerActor(TickedActor):
     def _apply(self, pl, now: float) -> None:
         self._lock_for = pl.lock_targets
         for uuid in pl.locks:
-            if uuid in self._ops:
+            if uuid in self._ops or self._backing_off(uuid, now):
                 continue  # a lock/unlock of it is already in flight (Arvados' uuidLock)
             self._ops[uuid] = "lock"
             self._queue_inbox.lock(uuid)
         for uuid, iid in pl.starts:
             w = self._workers.get(iid)
+            if uuid in self._ops:
+                continue  # being unlocked or cancelled: never start it (issue 10 item 9)
             if w is not None:
                 self._send_start(w, self._queue[uuid], now)
         for it, uuid in pl.creates:
@@ -484,10 +524,16 @@ class SchedulerActor(TickedActor):
         return True
 
     def _send_start(self, w: _Worker, e: QueueEntry, now: float) -> None:
-        """Every start goes out here, from a pass or with its lock's answer."""
+        """Every start goes out here, from a pass or with its lock's answer. Starts are numbered
+        per worker: a report that predates one cannot erase it (see worker_changed)."""
+        w.starts_sent += 1
+        w.pending[e.uuid] = w.starts_sent
         self._tell(w, w.inbox.start_container, e, now)
         # optimistic: count it as running on that worker until the worker reports
         w.view = replace(w.view, running=tuple(sorted({*w.view.running, e.uuid})))
+    def _backing_off(self, uuid: str, now: float) -> bool:
+        f = self._op_fails.get(uuid)
+        return f is not None and now < f[1]
 
     def _create(self, it: InstanceType, now: float) -> None:
         secret = secrets.token_hex(20)
@@ -517,14 +563,16 @@ class SchedulerActor(TickedActor):
             self._drop_entry(uuid)
             self._queue_inbox.forget(uuid)
             return
-        if uuid in self._ops:
+        if uuid in self._ops or self._backing_off(uuid, self._now):
             return
         self._ops[uuid] = action
         if action == "cancel":
             self._queue_inbox.cancel(uuid, reason)
         elif action == "requeue":
             log.info("requeueing locked container because %s", reason, extra={"ContainerUUID": uuid})
-            self._exited.pop(uuid, None)
+            # The exit record stays until the container is seen Queued (or finished): until then
+            # it counts as running, so no pass starts it again under the lock being released,
+            # and a failed unlock is retried (Go: kill/ForgetContainer).
             self._queue_inbox.unlock(uuid, reason)
 
     # -- publishing ----------------------------------------------------------------------------------
@@ -535,13 +583,18 @@ class SchedulerActor(TickedActor):
             (c.it for c in self._creating.values()), self._iviews)
         qsorted = None if pl is not None else sorted(self._queue.values(), key=lambda e: e.first_seen_at)
         at_quota = pl.at_quota if pl is not None else self._pool.at_quota(now)
-        qviews = self._qviews
+        box = self._box
 
         def lazy():
-            """Runs in whichever thread first reads the snapshot's queue (API, /metrics)."""
+            """Runs in whichever thread first reads the snapshot's queue (API, /metrics). It
+            touches no scheduler state: it renders into a copy of the box's row cache and
+            publishes that copy for the next snapshot (two renders at once never share a dict)."""
             order = pl.order if pl is not None else qsorted
             statuses = pl.status_list() if pl is not None else [""] * len(order)
-            return render.queue_rows(order, statuses, running, now, qviews)
+            memo = dict(box.row_memo)
+            out = render.queue_rows(order, statuses, running, now, memo)
+            box.row_memo = memo
+            return out
 
         self._box.snapshot = LiveSnapshot(
             lazy=lazy, taken_at=now, instances=tuple(views),

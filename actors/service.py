@@ -45,7 +45,7 @@ def instance_set_id(token: str) -> str:
 
 class Dispatcher:
     def __init__(self, cluster, *, clock, driver_set, api_client, metrics=None, ticker=None,
-                 logger=None, seed: int | None = None, runtime=None):
+                 logger=None, seed: int | None = None, runtime=None, worker_reports=None):
         from actors.instancetype import TypeChooser
         from cloud.ssh import executor_for, public_key_line
         self.cluster = cluster
@@ -59,6 +59,9 @@ class Dispatcher:
         self.seed = seed  # simulations seed each worker's probe jitter, so runs repeat exactly
         # where the actors run: None, pykka's threads; a simulation passes an actors.simruntime.SimRuntime
         self.runtime = runtime
+        # what workers report to: the scheduler's proxy, or a simulation's wrapper around it
+        # that delays reports (``worker_reports(proxy) -> proxy-like``)
+        self._worker_reports = worker_reports or (lambda proxy: proxy)
         self.probe_limiter = OpsLimiter(cluster.cloud_vms.max_probes_per_second)
         self.crashed = threading.Event()
         self.crash_error: BaseException | None = None
@@ -94,7 +97,7 @@ class Dispatcher:
 
         return tell(self._start(
             WorkerActor, instance=info, instance_type=it, state=state, behavior=behavior, now=now,
-            executor_factory=executor_factory, scheduler=self._scheduler_inbox,
+            executor_factory=executor_factory, scheduler=self._worker_reports(self._scheduler_inbox),
             instance_set=self._iset_inbox, ticker=self.ticker, cluster=cluster, metrics=metrics,
             clock=self.clock,
             rng=None if self.seed is None else random.Random(f"{self.seed}:{info.id}"),

@@ -231,6 +231,7 @@ class WorkerActor(TickedActor):
     @_handler
     def start_container(self, entry: QueueEntry, now: float) -> None:
         self._now = now
+        self._set(starts_seen=self._view.starts_seen + 1)
         v = self._view
         uuid = entry.uuid
         if v.state not in BOOTED or v.idle_behavior is not Behavior.RUN or uuid in self._runners:
@@ -277,9 +278,11 @@ class WorkerActor(TickedActor):
         """The scheduler's Shutdown(): only booting/idle workers, never on hold."""
         self._now = now
         v = self._view
-        self._log.info("shutdown requested", extra=self._fields(Reason=reason))
         if v.idle_behavior is Behavior.HOLD or v.state not in (State.BOOTING, State.IDLE):
+            # repeated by every pass until our new state reaches the scheduler: not news
+            self._log.debug("shutdown requested", extra=self._fields(Reason=reason))
             return
+        self._log.info("shutdown requested", extra=self._fields(Reason=reason))
         self._report_boot_outcome("aborted")
         self._shutdown(now, reason)
 
@@ -479,6 +482,8 @@ class WorkerActor(TickedActor):
         uuids, broken, ok = [], False, False
         if wants_run_probe(initial, booted):
             uuids, broken, ok = self._probe_running(now, booted)
+            if ok and not self._view.run_probed:
+                self._set(run_probed=True)
         if broken and self._view.idle_behavior is Behavior.RUN:
             self._log.info("probe reported broken instance", extra=self._fields())
             self._report_boot_outcome("failure")
@@ -502,15 +507,18 @@ class WorkerActor(TickedActor):
             # than TimeoutIdle made the worker eligible for shutdown the moment it was ready,
             # before the scheduler could give it work (Arvados is saved by only checking at the
             # next probe round; here the idle deadline wakes the worker at once).
-            self._set(state=verdict.state, busy=now)
+            if v.draining:
+                self._log.info("boot probe succeeded again; the instance's own idle behavior applies",
+                               extra=self._fields(IdleBehavior=str(v.idle_behavior)))
+            self._set(state=verdict.state, busy=now, draining="")
             self._report_boot_outcome("success")
             self._log.info("probes succeeded, instance is in service", extra=self._fields())
-        elif verdict.drain:
-            # Found at startup running containers but failing its boot probe: drain it.
+        elif verdict.drain and not v.draining:
+            # Found at startup running containers but failing its boot probe: drain it, for as
+            # long as that lasts; the operator's setting (and the tag) stay as they are.
             self._log.info("crunch-run probe succeeded, but boot probe is still failing; draining",
                            extra=self._fields(RunningContainers=len(self._runners)))
-            self._set(idle_behavior=Behavior.DRAIN)
-            self._save_tags()
+            self._set(draining="boot probe failing")
         elif verdict.state is not v.state:
             self._set(state=verdict.state)
 

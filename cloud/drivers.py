@@ -38,14 +38,25 @@ def instance_set(mod, cluster, set_id: str, *, clock, logger, registry=None):
 
 
 def check(cluster) -> None:
-    """The driver's own DriverParameters validation, as a :class:`~conf.loader.ConfigError`."""
-    check_params = getattr(load(cluster.cloud_vms.driver), "check_params", None)
-    if check_params is None:
-        return
-    try:
-        check_params(cluster.cloud_vms.driver_parameters, cluster)
-    except ValueError as e:
-        raise ConfigError(cluster.source, "", str(e)) from None
+    """What would stop ``run`` later, found now: the driver's own DriverParameters validation,
+    and the dispatcher's SSH key for a driver whose instances are reached over SSH (every one but
+    the stub) or whose instances get our public key (DeployPublicKey). As a
+    :class:`~conf.loader.ConfigError`, before any cloud call (issue 10 item 15)."""
+    mod = load(cluster.cloud_vms.driver)
+    check_params = getattr(mod, "check_params", None)
+    if check_params is not None:
+        try:
+            check_params(cluster.cloud_vms.driver_parameters, cluster)
+        except ValueError as e:
+            raise ConfigError(cluster.source, "", str(e)) from None
+    key = cluster.containers.dispatch_private_key
+    if not getattr(mod, "OWN_EXECUTOR", False) or (cluster.cloud_vms.deploy_public_key and key):
+        from cloud.ssh import load_private_key
+        try:
+            load_private_key(key)
+        except ValueError as e:
+            raise ConfigError(cluster.source, f"Clusters.{cluster.cluster_id}.Containers.DispatchPrivateKey",
+                              str(e).removeprefix("DispatchPrivateKey ")) from None
 
 
 def load_config(path: str | None = None, cluster_id: str | None = None):

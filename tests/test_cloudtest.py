@@ -58,6 +58,9 @@ Clusters:
 def write_config(tmp_path, *, driver="stub", params=None, timeout_booting="10s", ptype="s1", key='""',
                  ssh_port="22"):
     params = params if params is not None else {"BootTime": "0.3s", "BootTimeJitter": "0s"}
+    if key == '""' and driver != "stub":  # SSH drivers need the dispatcher's key (check-config says so)
+        from tests.sshd import _new_key_pem
+        key = "|\n" + "".join(f"        {line}\n" for line in _new_key_pem().splitlines()).rstrip("\n")
     lines = "\n".join(f"          {k}: {v}" for k, v in params.items()) or "          {}"
     path = tmp_path / "config.yml"
     path.write_text(CONFIG.format(driver=driver, params=lines, timeout_booting=timeout_booting,

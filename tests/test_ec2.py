@@ -605,12 +605,15 @@ def test_driver_metrics_join_the_dispatcher_registry(env, make_set, tmp_path):
     from api.metrics import DispatchMetrics
     from cloud import drivers
     from conf.loader import load_text
+    from tests.sshd import _new_key_pem
     moto, proxy = env
+    key = "".join(f"\n        {line}" for line in _new_key_pem().splitlines())
     cluster = load_text(f"""
 Clusters:
   zzzzz:
     SystemRootToken: xyzzy
     Containers:
+      DispatchPrivateKey: |{key}
       CloudVMs:
         Driver: ec2
         ImageID: {AMI}

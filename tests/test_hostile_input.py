@@ -282,7 +282,7 @@ def test_queue_skips_and_logs_malformed_uuids(caplog):
                    first_now=0.0)
     caplog.set_level(logging.WARNING, logger="dispatch.queue")
     for _ in range(2):
-        res = q._fetch(0.0, set())
+        res = q._fetch(0.0, set(), frozenset(), "")
         assert [c["uuid"] for c in res.containers] == [good] and set(res.mounts) == {good}
     skipped = [r for r in caplog.records if r.getMessage() == "skipping a container with a malformed UUID"]
     assert sorted(r.ContainerUUID for r in skipped) == sorted(repr(b) for b in bad)  # once each

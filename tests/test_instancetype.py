@@ -292,7 +292,7 @@ PRE_MENU = [itype("od", 1.0, 4 * GiB, 4), itype("spot", 0.5, 4 * GiB, 4, preempt
 @pytest.mark.parametrize("flag,menu,supervisor,asked,want", [
     (False, PRE_MENU, False, False, "od"),
     (False, PRE_MENU, False, True, "spot"),
-    (True, PRE_MENU, False, False, "spot"),  # flag set: child work goes to spot
+    (True, PRE_MENU, False, False, "od"),  # the flag is the API server's (child requests only): as given
     (True, PRE_MENU, True, False, "od"),  # ... but never the supervisor (workflow runner)
     (True, PRE_MENU, True, True, "spot"),  # a supervisor may still ask for spot itself
     (True, PRE_MENU[:1], False, False, "od"),  # no preemptible type configured: flag ignored

@@ -246,9 +246,10 @@ def test_unknown_with_containers_is_drained_not_killed():
     containers run; once they are gone it is shut down."""
     w, ex = make_worker(State.UNKNOWN, {BOOT: FAIL, LIST: RUNNING}, age=BOOT_TIMEOUT * 2)
     w.tick(T0)
-    assert (w.view.state, w.view.idle_behavior, w.view.running) == (State.UNKNOWN, Behavior.DRAIN, (UUID,))
-    merged = w._iset.set_tags.call_args.args[1]
-    assert merged["ArvadosIdleBehavior"] == "drain"
+    # drained for the dispatcher's own reason: the operator's setting and the tag stay "run"
+    assert (w.view.state, w.view.idle_behavior, w.view.draining, w.view.running) == (
+        State.UNKNOWN, Behavior.RUN, "boot probe failing", (UUID,))
+    assert all(c.args[1].get("ArvadosIdleBehavior") != "drain" for c in w._iset.set_tags.call_args_list)
     for t in (T0 + 5, T0 + 300, T0 + 3600):  # far past TimeoutBooting: still there
         w.tick(t)
         assert w.view.state is State.UNKNOWN
@@ -267,7 +268,7 @@ def test_unknown_with_containers_that_stops_answering_is_shut_down():
     VM would be kept, and its containers counted as running, forever)."""
     w, ex = make_worker(State.UNKNOWN, {BOOT: FAIL, LIST: RUNNING})
     w.tick(T0)
-    assert (w.view.state, w.view.idle_behavior, w.view.probed) == (State.UNKNOWN, Behavior.DRAIN, T0)
+    assert (w.view.state, w.view.draining, w.view.probed) == (State.UNKNOWN, "boot probe failing", T0)
     ex.table[LIST] = ExecutorError("connection timed out")
     for t in range(5, int(BOOT_TIMEOUT), 5):  # one probe every ProbeInterval, all failing
         w.tick(T0 + t)

@@ -37,6 +37,7 @@ from conf.model import InstanceType, thaw
 __all__ = ["StubCloud", "StubInstanceSet", "StubInstance", "StubExecutor", "StubParams",
            "StubParamsError", "StubVM", "driver"]
 
+OWN_EXECUTOR = True  # commands reach stub VMs without SSH: no DispatchPrivateKey needed
 REALTIME_INTERVAL = 0.1  # seconds between advance() calls in real-time mode
 DUE_WAIT = 1.0  # how long a call waits for another thread that is running due events
 KILL_WAIT = 1.0  # like crunch-run --kill, which polls the process for up to 1 s
@@ -72,6 +73,12 @@ class StubCloud:
         # destroy, remove. Both are called under the cloud lock and must not call back into it.
         self.run_time_of: Callable[[object], float | None] | None = None
         self.listener: Callable[[str, StubVM, float, str], None] | None = None
+        # Called outside every lock as ``fault_hook(op, target, command)`` when a cloud call
+        # ("create": target is the InstanceType, "instances", "destroy", "set_tags": the instance
+        # id) or a command ("exec": the instance id and the command line) begins. It may raise
+        # (a CloudError, an ExecutorError for a dropped SSH connection) to fail the call, or block
+        # to make it slow. Fault-injecting simulations use it; it must not call back into the cloud.
+        self.fault_hook: Callable[[str, object, str], None] | None = None
         self._rng = random.Random(self.params.seed if seed is None else seed)
         self._lock = threading.RLock()
         self._events_lock = threading.RLock()
@@ -133,6 +140,16 @@ class StubCloud:
     def next_event_time(self) -> float | None:
         with self._lock:
             return self._events[0][0] if self._events else None
+
+    def call_at(self, at: float, label: str, fn: Callable[[float], None]) -> None:
+        """Run ``fn(at)`` as a cloud event at clock time ``at`` (simulations use it to time their
+        own faults: :meth:`next_event_time` then steps the clock to it)."""
+        self._schedule(at, label, fn)
+
+    def _fault(self, op: str, target, command: str = "") -> None:
+        hook = self.fault_hook
+        if hook is not None:
+            hook(op, target, command)
 
     def _schedule(self, at: float, label: str, fn: Callable[[float], None]) -> None:
         with self._lock:
@@ -245,6 +262,7 @@ class StubCloud:
     def create(self, set_id: str, it: InstanceType, image_id: str, tags: Mapping,
                init_command: str, public_key: str | None) -> StubInstance:
         self._pass_hold()
+        self._fault("create", it)
         self._run_due()
         p = self.params
         with self._lock:
@@ -313,6 +331,7 @@ class StubCloud:
                            note("stub VM reports broken in crunch-run --list", logging.WARNING))
 
     def instances(self) -> list[StubInstance]:
+        self._fault("instances", None)
         self._run_due()
         with self._lock:
             now = self.clock.now()
@@ -328,6 +347,7 @@ class StubCloud:
     def set_tags(self, instance_id: str, tags: Mapping) -> None:
         """Applied by the next advance (like Arvados' goroutine), so listings lag a little."""
         new = dict(tags)
+        self._fault("set_tags", instance_id)
         with self._lock:
             if instance_id not in self._vms:
                 raise CloudError(f"StubInstanceSet: SetTags: no such instance {instance_id}")
@@ -342,6 +362,7 @@ class StubCloud:
 
     def destroy(self, instance_id: str) -> None:
         self._pass_hold()
+        self._fault("destroy", instance_id)
         self._run_due()
         with self._lock:
             vm = self._vms.get(instance_id)
@@ -373,6 +394,7 @@ class StubCloud:
 
     def execute(self, instance_id: str, command: str, stdin: bytes = b"") -> ExecResult:
         """Run ``command`` on a stub VM; ExecutorError if the VM is gone (nothing to connect to)."""
+        self._fault("exec", instance_id, command)
         self._run_due()
         with self._lock:
             vm = self._vms.get(instance_id)

@@ -1,0 +1,25 @@
+"""The chaos simulation at a fixed seed (tests/chaos.py): about two hundred containers over three
+simulated hours with every fault kind, API outages and slow answers, delayed worker reports,
+operator and user actions and dispatcher restarts; G1-G4 (and no container API call on an
+actor's thread) checked after every step. bench/bench_chaos.py runs the same over many seeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.chaos import Chaos, ChaosConfig
+
+
+# Open (issue 10): under thread interleavings the run sometimes finds a start sent for a container
+# the API already has Running or Complete (G2; 4 of 50 bench seeds), so this is not yet a gate.
+@pytest.mark.xfail(strict=False, reason="issue 10: open G2 finding (start of a Running/Complete container)")
+def test_chaos_fixed_seed_keeps_every_guarantee():
+    c = Chaos(ChaosConfig(seed=2026, containers=200, hours=3.0, restart_every=1800.0,
+                          check_actor_thread_calls=True)).run()
+    s = c.summary()
+    assert not c.violations, c.report_text(60)
+    # the run did what it says: faults of every kind the seed draws, restarts, many checks
+    assert s["restarts"] >= 2 and s["checks"] > 10_000
+    for kind in ("api 503", "api slow", "ssh drop", "report delayed", "slow destroy"):
+        assert c.faults[kind] > 0, (kind, dict(c.faults))
+    assert s["states"].get("Complete", 0) > s["containers"] // 2
