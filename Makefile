@@ -15,10 +15,15 @@ LOWEST_TESTS := tests/test_azure.py tests/test_fakearm_strict.py tests/test_conf
 	tests/test_actorbase.py tests/test_ticker.py tests/test_sim.py tests/test_dispatchlock.py \
 	tests/test_ec2.py
 
-.PHONY: run test test-lowest bench sysdeps clean
+.PHONY: run test test-lowest bench sysdeps venvdep installs clean
 
-$(STAMP): setup.py
-	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update && apt-get install -y python3-venv; }
+# Debian's python3 has the venv module but not ensurepip until python3-venv is installed. apt
+# takes one client at a time, so this runs before the other installs, which then run side by side.
+venvdep:
+	@$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv; }
+
+$(STAMP): setup.py | venvdep
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -28,7 +33,7 @@ $(STAMP): setup.py
 # a real server scraping the dispatcher), PostgreSQL (the dispatch lock; tests start their own
 # server in a temp dir, so the package's default cluster is not needed) and the openssl command (an
 # independent check of EC2 key fingerprints).
-sysdeps:
+sysdeps: | venvdep
 	@{ test -x /usr/sbin/sshd && command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
 	   && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; } || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -37,11 +42,15 @@ sysdeps:
 run: $(STAMP)
 	$(VENV)/bin/dispatch-cloud run --demo
 
-test: $(STAMP) sysdeps
+# Everything to install (system packages, .venv, .venv-lowest) at once: apt and two pips overlap.
+installs:
+	$(MAKE) -j3 --no-print-directory $(STAMP) $(LOWEST_STAMP) sysdeps
+
+test: installs
 	$(PY) -m pytest -q -p no:cacheprovider tests
 	$(MAKE) test-lowest
 
-$(LOWEST_STAMP): setup.py .ci/lowest_pins.py
+$(LOWEST_STAMP): setup.py .ci/lowest_pins.py | venvdep
 	rm -rf $(LOWEST)
 	$(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install -q --upgrade pip
