@@ -28,6 +28,7 @@ def base_site() -> dict:
     return {"Clusters": {"zzzzz": {
         "ManagementToken": "m" * 40,
         "SystemRootToken": "s" * 40,
+        "Services": {"Controller": {"ExternalURL": "https://zzzzz.example.org"}},
         "Containers": {"CloudVMs": {"Driver": "stub"}},
         "InstanceTypes": {"m5": {"RAM": "8GiB", "Price": 0.2}},
     }}}
