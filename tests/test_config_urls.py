@@ -6,23 +6,18 @@ the same one line naming file and key, before any cloud call, never showing a se
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from conf.loader import ConfigError, load
 from conf.urls import check_listen_url, check_url, shown, valid_host
-from tests.util import free_port, stop_process, wait_for
+from tests.dispatcher_proc import RunProcess, dispatch_cli, dispatch_key
+from tests.util import free_port, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 C = "Clusters.zzzzz"
 SECRET = "hunter2-" + "q" * 24
 EXTERNAL = "https://zzzzz.example.org"
@@ -187,11 +182,8 @@ def test_management_api_listens_on_each_listen_url(monkeypatch):
 # --- check-config and run, as processes: the same line, no secret, before any cloud call ---------------
 
 def _key_file(tmp_path: Path) -> str:
-    p = tmp_path / "dispatch.key"
-    p.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    p.chmod(0o600)
-    return f"file://{p}"
+    dispatch_key(tmp_path / "dispatch.key")
+    return f"file://{tmp_path / 'dispatch.key'}"
 
 
 def _driver(driver: str, key: str, **params) -> dict:
@@ -222,9 +214,7 @@ PROCESS_CASES = [
 
 
 def _cli(args, tmp_path, env=None):
-    return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO),
-                                           "DISPATCH_CLOUD_STATE": str(tmp_path / "state"), **(env or {})})
+    return dispatch_cli(args, tmp_path / "state", env=env)
 
 
 @pytest.mark.parametrize("over, key", PROCESS_CASES, ids=[f"{k.rsplit('.', 1)[-1]}-{i}" for i, (_, k) in enumerate(PROCESS_CASES)])
@@ -261,11 +251,7 @@ def test_run_serves_the_management_api_on_the_listen_url(tmp_path):
     port = free_port()
     path = write(tmp_path, site(Services=services(
         "http://127.0.0.1:9", {"https://dispatch.zzzzz.example:9006": {"ListenURL": f"http://127.0.0.1:{port}"}})))
-    with open(tmp_path / "run.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", path], cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO),
-                                     "DISPATCH_CLOUD_STATE": str(tmp_path / "state")},
-                                stdout=subprocess.DEVNULL, stderr=log)
+    proc = RunProcess(path, tmp_path / "run.log")
     try:
         def ping():
             try:
@@ -275,4 +261,4 @@ def test_run_serves_the_management_api_on_the_listen_url(tmp_path):
                 return None
         assert wait_for(ping, 30, "the management API on the ListenURL") == {"health": "OK"}
     finally:
-        assert stop_process(proc) == 0, (tmp_path / "run.log").read_text()[-2000:]
+        assert proc.stop() == 0, proc.text()[-2000:]

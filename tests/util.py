@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -24,6 +25,23 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: flo
             return v
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextmanager
+def closing_each(factory):
+    """A ``make(...)`` that calls ``factory(...)`` and closes each thing it made on exit, for
+    fixtures that let a test make several (clusters, live servers)."""
+    made = []
+
+    def make(*args, **kw):
+        thing = factory(*args, **kw)
+        made.append(thing)
+        return thing
+    try:
+        yield make
+    finally:
+        for thing in made:
+            thing.close()
 
 
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, wait: float = 30.0) -> int | None:
