@@ -27,22 +27,22 @@ def known(params: Mapping | None, keys) -> Iterator[tuple[str, object]]:
             yield key, v
 
 
-def string(v, key: str, error: type[DriverParamsError] = DriverParamsError) -> str:
+def string(v, key: str) -> str:
     """A string value; None (an empty YAML value) is ``""``."""
     if v is None:
         return ""
     if not isinstance(v, str):
         # never the value: a secret written as a bare number is still a secret
-        raise error(f"DriverParameters.{key}: expected a string, got {type(v).__name__} (put it in quotes)")
+        raise DriverParamsError(f"DriverParameters.{key}: expected a string, got {type(v).__name__} (put it in quotes)")
     return v
 
 
-def endpoint(url: str, key: str, error: type[DriverParamsError] = DriverParamsError) -> str:
+def endpoint(url: str, key: str) -> str:
     """An endpoint override (``""``: the SDK's own); the URL in a message shows no user info."""
     if not url:
         return ""
     try:
         check_url(url, schemes=("https", "http"), http_loopback_only=True)
     except ValueError as e:
-        raise error(f"DriverParameters.{key}: {shown(url)!r} {e}") from None
+        raise DriverParamsError(f"DriverParameters.{key}: {shown(url)!r} {e}") from None
     return url

@@ -74,6 +74,21 @@ class LoopbackApi:
         self.store.close()
 
 
+def stub_site(api_url: str, mgmt_url: str, token: str, mgmt_token: str, **vms) -> dict:
+    """A cluster config on the stub cloud, quick to boot and run (CloudVMs keys in ``vms`` win),
+    with a 1-VCPU ``small`` and a 4-VCPU ``big`` type."""
+    return {"Clusters": {"zzzzz": {
+        "SystemRootToken": token, "ManagementToken": mgmt_token,
+        "Services": {"Controller": {"ExternalURL": api_url}, "DispatchCloud": {"InternalURLs": {mgmt_url: {}}}},
+        "Containers": {"ReserveExtraRAM": 0, "LocalKeepBlobBuffersPerVCPU": 0, "CloudVMs": {
+            "Driver": "stub", "BootProbeCommand": "true", "PollInterval": "1s", "ProbeInterval": "1s",
+            "SyncInterval": "2s", "TimeoutIdle": "3s",
+            "DriverParameters": {"BootTime": "1s", "BootTimeJitter": "0s", "ContainerRunTime": "2s"}, **vms}},
+        "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1},
+                          "big": {"VCPUs": 4, "RAM": "4GiB", "Price": 0.4}},
+    }}}
+
+
 def _env(state: Path, env: dict | None) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "DISPATCH_CLOUD_STATE": str(state), **(env or {})}
 

@@ -13,6 +13,7 @@ import requests
 from api.wsgi import WsgiServer, parse_listen_url
 from api.arvados.server import make_app, serve
 from api.arvados.store import ContainerStore
+from tests.util import run_threads
 
 ADMIN = "admin-secret-token-1234567890"
 USER = "user-secret-token-0987654321"
@@ -313,11 +314,7 @@ def test_concurrent_dispatchers_over_http_lock_each_container_once(tmp_path):
                         errors.append(e)
                 except Exception as e:  # pragma: no cover - what the test is looking for
                     errors.append(e)
-        threads = [threading.Thread(target=race, args=(c,)) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        run_threads(race, [(c,) for c in clients], 20)
         assert errors == []
         assert sorted(u for u, _ in wins) == sorted(uuids)
         owners = dict(wins)

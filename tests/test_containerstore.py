@@ -11,6 +11,7 @@ from cloud.clock import FakeClock
 from api.arvados.store import (MAX_LIMIT, ContainerStore, NotFound, PermissionDenied, StoreError,
                                   TokenInfo, Unprocessable, check_select, compile_filters,
                                   compile_order, parse_time, rfc3339)
+from tests.util import run_threads
 
 ADMIN = "admin-token-xxxxxxxxxxxxxxxx"
 
@@ -297,11 +298,7 @@ def test_concurrent_locks_each_container_once(tmp_path):
                 pass
             except Exception as e:  # pragma: no cover - what the test is looking for
                 errors.append(e)
-    threads = [threading.Thread(target=race, args=(w,)) for w in callers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    run_threads(race, [(w,) for w in callers], 20)
     try:
         assert errors == []
         assert sorted(wins) == sorted(uuids) and all(len(v) == 1 for v in wins.values())

@@ -33,7 +33,7 @@ from cloud.ssh import AuthError, SSHExecutor
 from conf.model import CloudVMs, Cluster, Containers, InstanceType
 
 from tests.dispatcher_proc import LoopbackApi, RunProcess, dispatch_key
-from tests.util import free_port, wait_for as _wait_for
+from tests.util import free_port, run_threads, wait_for as _wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 def wait_for(pred, timeout=15.0, what="condition"):
@@ -471,7 +471,6 @@ def test_a_command_never_closes_its_channel_before_the_exec_reply(env, monkeypat
 
 def test_many_sequential_and_concurrent_commands_on_one_transport(env):
     """The reported flake as a bounded stress: one VM, one executor, sequential then 8 threads."""
-    import threading
     inst = env.instance_set().create(IT, "image-1", {}, INIT, env.pub)
     ex = env.wait_ssh(inst)
     for i in range(100):
@@ -485,9 +484,5 @@ def test_many_sequential_and_concurrent_commands_on_one_transport(env):
                     failures.append(f"{k}-{i}: wrong output")
             except base.ExecutorError as e:
                 failures.append(f"{k}-{i}: {e}")
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(worker, [(k,) for k in range(8)], 60)
     assert failures == [] and ex.connects == 1

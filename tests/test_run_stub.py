@@ -12,7 +12,7 @@ import requests
 import yaml
 
 from api.arvados.client import ArvadosClient
-from tests.dispatcher_proc import LoopbackApi, RunProcess, dispatch_cli
+from tests.dispatcher_proc import LoopbackApi, RunProcess, dispatch_cli, stub_site
 from tests.util import free_port, wait_for
 
 TOKEN = "systemroot" + "a" * 30
@@ -23,17 +23,7 @@ def test_run_on_stub_cloud_in_real_time(tmp_path):
     api = LoopbackApi(TOKEN, tmp_path / "c.db")
     mgmt = f"http://127.0.0.1:{free_port()}"
     cfg = tmp_path / "config.yml"
-    cfg.write_text(yaml.safe_dump({"Clusters": {"zzzzz": {
-        "SystemRootToken": TOKEN, "ManagementToken": MGMT,
-        "Services": {"Controller": {"ExternalURL": api.url},
-                     "DispatchCloud": {"InternalURLs": {mgmt: {}}}},
-        "Containers": {"ReserveExtraRAM": 0, "LocalKeepBlobBuffersPerVCPU": 0, "CloudVMs": {
-            "Driver": "stub", "BootProbeCommand": "true", "PollInterval": "1s", "ProbeInterval": "1s",
-            "SyncInterval": "2s", "TimeoutIdle": "3s",
-            "DriverParameters": {"BootTime": "1s", "BootTimeJitter": "0s", "ContainerRunTime": "2s"}}},
-        "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1},
-                          "big": {"VCPUs": 4, "RAM": "4GiB", "Price": 0.4}},
-    }}}))
+    cfg.write_text(yaml.safe_dump(stub_site(api.url, mgmt, TOKEN, MGMT)))
     log = tmp_path / "run.log"
     proc = RunProcess(cfg, log)
     try:

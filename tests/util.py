@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 
@@ -16,6 +17,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class WaitTimeout(AssertionError, TimeoutError):
+    """``wait_for`` gave up: a failed assertion to pytest, a TimeoutError to a bench script."""
+
+
 def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
     """Poll ``cond`` until it returns something truthy, at most ``timeout`` seconds."""
     deadline = time.time() + timeout
@@ -24,7 +29,17 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: flo
         if v:
             return v
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise WaitTimeout(f"timed out after {timeout}s waiting for {what}")
+
+
+def run_threads(target, args_list, timeout: float) -> None:
+    """``target(*args)`` for each of ``args_list`` on its own thread, all started before any is
+    joined (each for at most ``timeout`` seconds): the shape of every race test."""
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
 
 
 @contextmanager

@@ -765,40 +765,43 @@ class ContainerStore:
         c.execute(f"UPDATE containers SET {cols} WHERE uuid = ?",
                   (*(_to_db(k, v) for k, v in changes.items()), uuid))
 
-    def lock(self, uuid: str, *, caller: TokenInfo) -> dict:
-        """Queued -> Locked by the caller; lock_count + 1. Returns Arvados' lock selection."""
+    def _lock_op(self, uuid: str, caller: TokenInfo, verb: str, state: str,
+                 changes: Callable[[sqlite3.Connection, sqlite3.Row], dict]) -> dict:
+        """lock and unlock: one transaction of an admin on a container that must be in ``state``;
+        ``changes(c, row)`` checks the rest and says what to set. Returns Arvados' lock selection."""
         _require_admin(caller)
         with self._write() as c:
             row = self._fetch(c, uuid)
-            if row["state"] != QUEUED:
-                raise Unprocessable(f"cannot lock when {row['state']}")
+            if row["state"] != state:
+                raise Unprocessable(f"cannot {verb} when {row['state']}")
+            self._set(c, uuid, changes(c, row))
+            return self._render(self._fetch(c, uuid), LOCK_SELECT)
+
+    def lock(self, uuid: str, *, caller: TokenInfo) -> dict:
+        """Queued -> Locked by the caller; lock_count + 1; the container's own token is made."""
+        def changes(c: sqlite3.Connection, row: sqlite3.Row) -> dict:
             if row["priority"] <= 0:
                 raise Unprocessable("cannot lock when priority<=0")
             auth_uuid, secret = random_uuid(self.cluster_id, "gj3su", self._rng), secrets.token_hex(20)
             c.execute("INSERT OR REPLACE INTO tokens (token_key, uuid, admin) VALUES (?, ?, 0)",
                       (_token_key(secret), auth_uuid))
-            self._set(c, uuid, {"state": LOCKED, "locked_by_uuid": caller.uuid,
-                                "lock_count": row["lock_count"] + 1, "auth_uuid": auth_uuid,
-                                "auth_secret": secret, "modified_at": self._micros()})
-            return self._render(self._fetch(c, uuid), LOCK_SELECT)
+            return {"state": LOCKED, "locked_by_uuid": caller.uuid, "lock_count": row["lock_count"] + 1,
+                    "auth_uuid": auth_uuid, "auth_secret": secret, "modified_at": self._micros()}
+        return self._lock_op(uuid, caller, "lock", QUEUED, changes)
 
     def unlock(self, uuid: str, *, caller: TokenInfo) -> dict:
         """Locked -> Queued by the locker, or -> Cancelled once lock_count reaches the limit."""
-        _require_admin(caller)
-        with self._write() as c:
-            row = self._fetch(c, uuid)
-            if row["state"] != LOCKED:
-                raise Unprocessable(f"cannot unlock when {row['state']}")
+        def changes(c: sqlite3.Connection, row: sqlite3.Row) -> dict:
             if row["locked_by_uuid"] != caller.uuid:
                 raise PermissionDenied("locked by a different token")
             now = self._micros()
-            changes = {"state": QUEUED, "locked_by_uuid": None, "modified_at": now}
-            self._expire_auth(c, row, changes)
+            out = {"state": QUEUED, "locked_by_uuid": None, "modified_at": now}
+            self._expire_auth(c, row, out)
             if 0 < self.max_dispatch_attempts <= row["lock_count"]:
-                changes.update(state=CANCELLED, finished_at=now, runtime_status={
+                out.update(state=CANCELLED, finished_at=now, runtime_status={
                     "error": MAX_DISPATCH_TEXT.format(n=row["lock_count"])})
-            self._set(c, uuid, changes)
-            return self._render(self._fetch(c, uuid), LOCK_SELECT)
+            return out
+        return self._lock_op(uuid, caller, "unlock", LOCKED, changes)
 
     def update(self, uuid: str, fields: Mapping, *, caller: TokenInfo) -> dict:
         """Change state (per :data:`UPDATE_TRANSITIONS`) and/or progress fields.

@@ -37,8 +37,7 @@ ENVIRONMENTS = {e.name.lower(): e for e in (
 )}
 
 
-class AzureConfigError(DriverParamsError):
-    """A DriverParameters value is missing or wrong; the message names the key."""
+AzureConfigError = DriverParamsError  # a DriverParameters value is missing or wrong; names the key
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,7 @@ def parse(params: Mapping | None) -> AzureConfig:
             if v < 0:
                 raise AzureConfigError(f"DriverParameters.{key}: must not be negative")
         else:
-            v = string(v, key, AzureConfigError) or _DEFAULTS[name]
+            v = string(v, key) or _DEFAULTS[name]
             # (None or an explicit "" keeps the Arvados default, as the merged defaults do)
         values[name] = v
     cfg = AzureConfig(**values)
@@ -149,8 +148,8 @@ def parse(params: Mapping | None) -> AzureConfig:
         names = ", ".join(e.name for e in ENVIRONMENTS.values())
         raise AzureConfigError(f"DriverParameters.CloudEnvironment: unknown environment "
                                f"{cfg.cloud_environment!r} (one of {names})")
-    endpoint(cfg.arm_endpoint, "ResourceManagerEndpoint", AzureConfigError)
-    endpoint(cfg.aad_authority, "AuthorityHost", AzureConfigError)
+    endpoint(cfg.arm_endpoint, "ResourceManagerEndpoint")
+    endpoint(cfg.aad_authority, "AuthorityHost")
     for key in ("StorageAccount", "BlobContainer"):
         if getattr(cfg, KEYS[key]):
             raise AzureConfigError(f"DriverParameters.{key}: {RETIRED_VHD}")

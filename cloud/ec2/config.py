@@ -19,8 +19,7 @@ DEFAULT_QUOTA_GROUPS = {**dict.fromkeys("acdhimrtz", "standard"), "vt": "g", "p5
 VOLUME_TYPES = ("standard", "io1", "io2", "gp2", "sc1", "st1", "gp3")
 
 
-class EC2ConfigError(DriverParamsError):
-    """A DriverParameters value is wrong; the message names the key."""
+EC2ConfigError = DriverParamsError  # a DriverParameters value is wrong; the message names the key
 
 
 @dataclass(frozen=True)
@@ -106,17 +105,17 @@ def parse(params: Mapping | None) -> EC2Config:
     for key, v in known(params, KEYS):
         name = KEYS[key]
         if key in _STRINGS:
-            v = string(v, key, EC2ConfigError)
+            v = string(v, key)
             if key == "AdminUsername" and not v:
                 continue  # an explicit "" keeps the Arvados default, as the merged defaults do
             if key == "EndpointURL":
-                v = endpoint(v, key, EC2ConfigError)
+                v = endpoint(v, key)
         elif key == "SubnetID":
             v = _id_list(v, key, allow_map=False)
         elif key == "SecurityGroupIDs":
             v = _id_list(v, key, allow_map=True)
         elif key == "EBSVolumeType":
-            v = string(v, key, EC2ConfigError) or "gp2"  # Go defaults an empty value to gp2 too
+            v = string(v, key) or "gp2"  # Go defaults an empty value to gp2 too
             if v not in VOLUME_TYPES:
                 raise _err(key, f"unknown EBS volume type {v!r} (one of {', '.join(VOLUME_TYPES)})")
         elif key == "EBSPrice":
