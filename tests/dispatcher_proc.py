@@ -47,8 +47,8 @@ def dispatch_key(path: Path) -> str:
 class LoopbackApi:
     """The SQLite container API server on 127.0.0.1, with ``token`` as an admin token."""
 
-    def __init__(self, token: str, db: str | Path = ":memory:", **store_kw):
-        self.store = ContainerStore(str(db), cluster_id="zzzzz", **store_kw)
+    def __init__(self, token: str, db: str | Path = ":memory:", *, cluster_id: str = "zzzzz", **store_kw):
+        self.store = ContainerStore(str(db), cluster_id=cluster_id, **store_kw)
         self.store.add_token(token, admin=True)
         self.admin = self.store.authenticate(token)
         self.server = serve(self.store, "127.0.0.1", 0)
