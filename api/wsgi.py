@@ -19,10 +19,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from conf.urls import check_listen_url, shown
 
 from waitress import wasyncore
 from waitress.server import create_server
+
+from conf.urls import check_listen_url, shown
 
 log = logging.getLogger(__name__)
 

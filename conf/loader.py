@@ -518,14 +518,14 @@ class _Builder:
                 conn.fail(k, _not_a_string(v))
             if v:
                 out[k.lower()] = v  # Arvados lower-cases the keys and drops empty values
-        for k, v in conn.data.items():  # what the dispatch lock would trip over, found now
+        for key, v in out.items():  # what the dispatch lock would trip over, found now
+            k = next(k for k in conn.data if isinstance(k, str) and k.lower() == key)
             try:
-                if v and k.lower() in ("host", "port"):
-                    check_pg_address(k.lower(), str(v))
-                if v:
-                    check_pg_option(k.lower())
+                check_pg_option(key)
+                if key in ("host", "port"):
+                    check_pg_address(key, v)
             except ValueError as e:
-                conn.fail(k, f"{_show(str(v))} {e}" if k.lower() in ("host", "port") else str(e))
+                conn.fail(k, f"{_show(v)} {e}" if key in ("host", "port") else str(e))
         return freeze(out)
 
     @staticmethod
