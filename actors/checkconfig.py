@@ -84,6 +84,11 @@ def _lock(c: Cluster) -> str:
     return "a lock file in the state directory (this host only: set PostgreSQL.Connection for the cluster)"
 
 
+def _served(c: Cluster, url: str) -> str:
+    listen = c.dispatch_listen.get(url, url)
+    return url if listen == url else f"{url} (listening on {listen})"
+
+
 def summary(c: Cluster) -> str:
     """The human summary ``check-config`` prints: a pure function of the loaded Cluster."""
     vms, ct = c.cloud_vms, c.containers
@@ -91,7 +96,7 @@ def summary(c: Cluster) -> str:
         f"Cluster {c.cluster_id}: configuration OK",
         f"  source:            {c.source}",
         f"  driver:            {vms.driver}",
-        f"  management URLs:   {', '.join(c.dispatch_urls)}"
+        f"  management URLs:   {', '.join(_served(c, u) for u in c.dispatch_urls)}"
         + ("" if c.management_token else "  (ManagementToken is empty: API disabled)"),
         f"  controller URL:    {c.controller_url or '(not set)'}"
         + ("  (TLS verification off)" if c.tls_insecure else ""),

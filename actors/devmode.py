@@ -164,7 +164,6 @@ DEMO = [  # (name, vcpus, ram MiB, command)
 def run_dev(args) -> int:
     from actors.service import serve
     from api.arvados.server import serve as serve_api
-    from api.arvados.store import ContainerStore
     from conf.loader import ConfigError, load
     root = state_root(getattr(args, "state_dir", None))
     try:
@@ -179,8 +178,7 @@ def run_dev(args) -> int:
         return 1
     from conf import logsetup
     logsetup.configure(cluster, level_override=getattr(args, "log_level", None), dev=True)
-    store = ContainerStore(str(root / "containers.db"), cluster_id=cluster.cluster_id,
-                           max_dispatch_attempts=cluster.containers.max_dispatch_attempts)
+    store = open_store(cluster, str(root / "containers.db"))
     if store.authenticate(cluster.system_root_token) is None:
         store.add_token(cluster.system_root_token, admin=True)
     host, port = _host_port(cluster.controller_url)
@@ -205,6 +203,17 @@ def run_dev(args) -> int:
             shutdown_vms(cluster)
         store.close()
     return rc
+
+
+def open_store(cluster, path: str):
+    """The dev container API's store, applying the cluster's API-server-side settings as Arvados'
+    API server would: MaxDispatchAttempts, and AlwaysUsePreemptibleInstances for child containers
+    (ignored when no instance type is preemptible; ``preemptible: true`` is then refused)."""
+    from api.arvados.store import ContainerStore
+    return ContainerStore(path, cluster_id=cluster.cluster_id,
+                          max_dispatch_attempts=cluster.containers.max_dispatch_attempts,
+                          always_use_preemptible_instances=cluster.containers.always_use_preemptible_instances,
+                          preemptible_types=any(t.preemptible for t in cluster.instance_types.values()))
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -296,15 +296,18 @@ def notify_ready() -> None:
 
 
 def listen_urls(cluster) -> tuple[str, ...]:
-    """Every InternalURL, or only ``$ARVADOS_SERVICE_INTERNAL_URL`` when set: as in Arvados, the
-    way two dispatchers on one host (an active one and a standby) share one config."""
+    """Where the management API listens: each InternalURL's ListenURL (or the InternalURL
+    itself), or only ``$ARVADOS_SERVICE_INTERNAL_URL``'s when set: as in Arvados, the way two
+    dispatchers on one host (an active one and a standby) share one config."""
+    listen = {u.rstrip("/"): cluster.dispatch_listen.get(u, u) for u in cluster.dispatch_urls}
     want = os.environ.get("ARVADOS_SERVICE_INTERNAL_URL", "")
     if not want:
-        return cluster.dispatch_urls
-    if want.rstrip("/") not in {u.rstrip("/") for u in cluster.dispatch_urls}:
+        return tuple(listen.values())
+    if want.rstrip("/") not in listen:
         log.warning("possible configuration error: listening on $ARVADOS_SERVICE_INTERNAL_URL even though "
                     "Services.DispatchCloud.InternalURLs has no matching entry", extra={"URL": want})
-    return (want,)
+        return (want,)
+    return (listen[want.rstrip("/")],)
 
 
 def serve(cluster, *, on_ready=None, state_dir=None) -> int:
@@ -316,12 +319,16 @@ def serve(cluster, *, on_ready=None, state_dir=None) -> int:
     from cloud.clock import SystemClock
     from api.app import make_app
     from api.server import ApiServer
+    from api.wsgi import parse_listen_url
     from actors.statusline import INTERVAL, status
     from actors.fdlimit import raise_nofile_limit
     sys.setswitchinterval(0.001)  # keep the API responsive while a pass holds the GIL
     raise_nofile_limit()
     clock = SystemClock()
     try:
+        listen = listen_urls(cluster)
+        for url in listen:  # $ARVADOS_SERVICE_INTERNAL_URL is no config: checked here, before the cloud
+            parse_listen_url(url)
         driver_set, client, metrics = build_real(cluster, clock)
         lock = dispatchlock.for_cluster(cluster, dispatchlock.state_dir(state_dir))
     except Exception as e:
@@ -342,7 +349,7 @@ def serve(cluster, *, on_ready=None, state_dir=None) -> int:
     role = RoleBackend()
     metrics.standby = True
     try:
-        api = ApiServer(make_app(cluster, role, metrics), listen_urls(cluster)).start()
+        api = ApiServer(make_app(cluster, role, metrics), listen).start()
     except (OSError, ValueError) as e:
         log.error("cannot start: %s", e, extra={"error": str(e)})
         print(f"dispatch-cloud: cannot start: {e}", file=sys.stderr)

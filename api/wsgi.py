@@ -19,10 +19,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from waitress import wasyncore
 from waitress.server import create_server
+
+from conf.urls import check_listen_url, shown
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,14 @@ def parse_listen_url(url: str) -> tuple[str, int]:
     """``"http://localhost:9006"`` -> ``("127.0.0.1", 9006)``; ValueError naming the URL if bad.
 
     Only plain http is served here (TLS belongs to a proxy in front, as with Arvados'
-    InternalURLs); a URL without a port listens on 80.
+    InternalURLs); a URL without a port listens on 80. The rules are the config loader's
+    (:func:`conf.urls.check_listen_url`), so ``check-config`` refuses what this would.
     """
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"listen URL {url!r}: expected http://host:port")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"listen URL {url!r}: must not have a path, query or fragment")
     try:
-        port = parts.port
+        parts = check_listen_url(url)
     except ValueError as e:
-        raise ValueError(f"listen URL {url!r}: bad port ({e})") from None
+        raise ValueError(f"listen URL {shown(url)!r} {e}") from None
+    port = parts.port
     return _ALIASES.get(parts.hostname, parts.hostname), 80 if port is None else port
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import statistics
@@ -47,6 +48,7 @@ from api.arvados.client import ArvadosClient  # noqa: E402
 from api.arvados.server import make_app  # noqa: E402
 from api.arvados.store import ContainerStore  # noqa: E402
 from api.wsgi import WsgiServer  # noqa: E402
+from tests.util import free_port as _free_port, wait_for  # noqa: E402
 
 TOKEN = "systemroot" + "a" * 30
 MGMT = "management" + "b" * 30
@@ -92,13 +94,6 @@ def _config(api_url: str, mgmt: str, n: int, max_probes: int) -> dict:
     }}}
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LogTail:
     """The dispatcher's JSON log, parsed once: each call reads only what was added since.
 
@@ -132,14 +127,7 @@ def _t(rec: dict) -> float:
     return datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).timestamp()
 
 
-def _wait(pred, timeout: float, what: str, step: float = 0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+_wait = functools.partial(wait_for, interval=0.2)  # raises a TimeoutError (WaitTimeout)
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from conf.logsetup import setup
     setup("info", sys.stderr)  # JSON logs on stderr; stdout carries the step report only
     try:
-        cluster = load_config(args.config or default_path(), cluster_id=args.cluster)
+        cluster = load_config(args.config or default_path(), cluster_id=args.cluster, service=False)
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import importlib
 import inspect
 
 from conf.loader import ConfigError, load as load_file
+from conf.runcheck import check_run
 
 DRIVERS = {
     "stub": "cloud.stub.driver",
@@ -59,9 +60,12 @@ def check(cluster) -> None:
                               str(e).removeprefix("DispatchPrivateKey ")) from None
 
 
-def load_config(path: str | None = None, cluster_id: str | None = None):
+def load_config(path: str | None = None, cluster_id: str | None = None, *, service: bool = True):
     """Load the cluster config and check its driver parameters: what ``run``, ``check-config``
-    and ``cloudtest`` read."""
+    and ``cloudtest`` read. ``service``: also what ``run`` needs to serve
+    (:func:`conf.runcheck.check_run`); ``cloudtest`` talks to the cloud only."""
     cluster = load_file(path, cluster_id)
     check(cluster)
+    if service:
+        check_run(cluster)
     return cluster

@@ -47,7 +47,6 @@ import re
 import stat
 from collections.abc import Mapping
 from importlib import resources
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -55,6 +54,7 @@ from conf.gotypes import GoTypeError, to_go_json
 from conf.drivers import IMPLEMENTED, NOT_IMPLEMENTED, local_default_instance_type
 from conf.model import GPU, LOG_FORMATS, LOG_LEVELS, CloudVMs, Cluster, Containers, InstanceType, freeze
 from conf.units import parse_duration, parse_size
+from conf.urls import check_listen_url, check_pg_address, check_pg_option, check_url, shown
 
 DEFAULT_PATH = "/etc/arvados/config.yml"
 log = logging.getLogger(__name__)
@@ -485,7 +485,8 @@ class _Builder:
             system_root_token=top.str("SystemRootToken"),
             management_token=top.str("ManagementToken"),
             controller_url=self._url(controller, "ExternalURL", empty_ok=True),
-            dispatch_urls=self._internal_urls(dispatch),
+            dispatch_urls=(internal := self._internal_urls(dispatch))[0],
+            dispatch_listen=internal[1],
             tls_insecure=tls.bool("Insecure"),
             postgresql_connection=self._pg_connection(top.section("PostgreSQL")),
             log_level=self._log_level(top.section("SystemLogs")),
@@ -517,6 +518,14 @@ class _Builder:
                 conn.fail(k, _not_a_string(v))
             if v:
                 out[k.lower()] = v  # Arvados lower-cases the keys and drops empty values
+        for key, v in out.items():  # what the dispatch lock would trip over, found now
+            k = next(k for k in conn.data if isinstance(k, str) and k.lower() == key)
+            try:
+                check_pg_option(key)
+                if key in ("host", "port"):
+                    check_pg_address(key, v)
+            except ValueError as e:
+                conn.fail(k, f"{_show(v)} {e}" if key in ("host", "port") else str(e))
         return freeze(out)
 
     @staticmethod
@@ -562,30 +571,42 @@ class _Builder:
         return url
 
     @staticmethod
-    def _check_url(sec: _Section, k: str, url: str) -> None:
+    def _check_url(sec: _Section, k: str, url: str, listen: bool = False) -> None:
+        """One rule set for every URL (:mod:`conf.urls`); the message shows no user info."""
         try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
+            if listen:
+                check_listen_url(url)
+            else:
+                check_url(url, path=False)
         except ValueError as e:
-            sec.fail(k, f"{_show(url)} is not a valid URL ({e})")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            sec.fail(k, f"{_show(url)} is not an http:// or https:// URL with a host")
+            sec.fail(k, f"{_show(shown(url))} {e}")
 
-    def _internal_urls(self, dispatch: _Section) -> tuple[str, ...]:
+    def _internal_urls(self, dispatch: _Section) -> tuple[tuple[str, ...], Mapping]:
+        """The InternalURLs, and the address each is served on: its ListenURL, or itself. Either
+        must be one this process can listen on (plain http, no path), or ``run`` would fail."""
         urls = dispatch.section("InternalURLs")
+        listen = {}
         for url, extra in urls.data.items():
             if not isinstance(url, str):
                 urls.fail(str(url), "expected a URL string as the key")
             self._check_url(dispatch, "InternalURLs", url)
             if not isinstance(extra, Mapping):
-                urls.fail(url, f"expected a mapping (e.g. {{}} or {{ListenURL: ...}}), got {_kind(extra)}")
-            entry = _Section(self, urls.key(url), extra)
+                urls.fail(shown(url), f"expected a mapping (e.g. {{}} or {{ListenURL: ...}}), got {_kind(extra)}")
+            entry = _Section(self, urls.key(shown(url)), extra)
             entry.warn_unknown(("ListenURL",))
             if "ListenURL" in extra and entry.str("ListenURL"):
-                self._check_url(entry, "ListenURL", extra["ListenURL"])
+                self._check_url(entry, "ListenURL", extra["ListenURL"], listen=True)
+                listen[url] = extra["ListenURL"]
+            else:
+                try:
+                    check_listen_url(url)
+                except ValueError as e:
+                    dispatch.fail("InternalURLs", f"{_show(shown(url))} cannot be listened on: {e}; "
+                                  "give it a ListenURL")
+                listen[url] = url
         if not urls.data:
             dispatch.fail("InternalURLs", "is empty: the management API needs a URL to listen on")
-        return tuple(sorted(urls.data))
+        return tuple(sorted(urls.data)), freeze(listen)
 
     # -- Containers -----------------------------------------------------------------------------
 

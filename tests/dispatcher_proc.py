@@ -1,6 +1,16 @@
-"""A real ``dispatch-cloud run --config`` process on the local driver, against the SQLite container
-API server on loopback in the test process (so a test can stop it, restart it on the same port,
-and read the store directly). Used by the process-level guarantee tests."""
+"""Real ``dispatch-cloud`` processes for tests, and what they run against.
+
+The parts (each used by the process-level tests on every driver: stub, local, ec2):
+
+* :class:`LoopbackApi`: the SQLite container API server on 127.0.0.1 in the test process, with an
+  admin token (a test can stop it, restart it on the same port, and read the store directly);
+* :class:`RunProcess`: ``dispatch-cloud run --config`` as a child, stderr to a log file, its lock
+  file in a state directory of the test's own (DISPATCH_CLOUD_STATE), stopped by pid;
+* :func:`dispatch_cli`: any other ``dispatch-cloud`` command, run to completion;
+* :func:`dispatch_key`: a fresh DispatchPrivateKey file.
+
+:class:`Cluster` puts them together on the local driver for the guarantee tests.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +29,112 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from actors.devmode import crunch_run_path
 from api.arvados.server import serve
-from api.arvados.store import ContainerStore, TokenInfo
+from api.arvados.store import ContainerStore
 from tests.util import free_port, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def dispatch_key(path: Path) -> str:
+    """A fresh ed25519 DispatchPrivateKey written to ``path`` (mode 0600); returns the PEM."""
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+    path.write_text(pem)
+    path.chmod(0o600)
+    return pem
+
+
+class LoopbackApi:
+    """The SQLite container API server on 127.0.0.1, with ``token`` as an admin token."""
+
+    def __init__(self, token: str, db: str | Path = ":memory:", *, cluster_id: str = "zzzzz", **store_kw):
+        self.store = ContainerStore(str(db), cluster_id=cluster_id, **store_kw)
+        self.store.add_token(token, admin=True)
+        self.admin = self.store.authenticate(token)
+        self.server = serve(self.store, "127.0.0.1", 0)
+        self.port = self.server.port
+        self.url = self.server.url
+
+    def create(self, fields: dict) -> str:
+        """A Queued container (image and command defaulted); its uuid."""
+        return self.store.create({"container_image": "img", "command": ["true"], **fields}, caller=self.admin)["uuid"]
+
+    def get(self, uuid: str) -> dict:
+        return self.store.get(uuid, caller=self.admin)
+
+    def stop(self) -> None:
+        """Connections refused from now on (an outage); :meth:`restart` ends it."""
+        self.server.stop()
+
+    def restart(self) -> None:
+        self.server = serve(self.store, "127.0.0.1", self.port)
+
+    def close(self) -> None:
+        self.server.stop()
+        self.store.close()
+
+
+def stub_site(api_url: str, mgmt_url: str, token: str, mgmt_token: str, **vms) -> dict:
+    """A cluster config on the stub cloud, quick to boot and run (CloudVMs keys in ``vms`` win),
+    with a 1-VCPU ``small`` and a 4-VCPU ``big`` type."""
+    return {"Clusters": {"zzzzz": {
+        "SystemRootToken": token, "ManagementToken": mgmt_token,
+        "Services": {"Controller": {"ExternalURL": api_url}, "DispatchCloud": {"InternalURLs": {mgmt_url: {}}}},
+        "Containers": {"ReserveExtraRAM": 0, "LocalKeepBlobBuffersPerVCPU": 0, "CloudVMs": {
+            "Driver": "stub", "BootProbeCommand": "true", "PollInterval": "1s", "ProbeInterval": "1s",
+            "SyncInterval": "2s", "TimeoutIdle": "3s",
+            "DriverParameters": {"BootTime": "1s", "BootTimeJitter": "0s", "ContainerRunTime": "2s"}, **vms}},
+        "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1},
+                          "big": {"VCPUs": 4, "RAM": "4GiB", "Price": 0.4}},
+    }}}
+
+
+def _env(state: Path, env: dict | None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "DISPATCH_CLOUD_STATE": str(state), **(env or {})}
+
+
+class RunProcess:
+    """``dispatch-cloud run --config cfg`` as a child of the test: stderr appended to ``log``, its
+    dispatch lock file under ``state`` (default: beside the log), never the user's own."""
+
+    def __init__(self, cfg: Path | str, log: Path, *, state: Path | None = None, env: dict | None = None,
+                 pass_fds: tuple[int, ...] = ()):
+        self.log = Path(log)
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
+                env=_env(state or self.log.parent / "state", env), stdout=subprocess.DEVNULL, stderr=err,
+                pass_fds=pass_fds)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def records(self) -> list[dict]:
+        """The JSON log lines (others as ``{"msg": line}``)."""
+        out = []
+        for line in self.text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"msg": line})
+        return out
+
+    def send(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, sig: int = signal.SIGTERM, wait: float = 30.0) -> int:
+        """``sig``, then SIGKILL after ``wait`` seconds; the exit status."""
+        return stop_process(self.proc, sig, wait)
+
+
+def dispatch_cli(args, state: Path, *, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``dispatch-cloud ARGS...`` run to completion, output captured, state under ``state``."""
+    return subprocess.run([sys.executable, "-m", "actors.cli", *map(str, args)], cwd=REPO, env=_env(state, env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 class Cluster:
@@ -33,17 +145,10 @@ class Cluster:
         self.tmp = tmp
         self.token = "sys" + secrets.token_hex(20)
         self.mgmt_token = "mgmt" + secrets.token_hex(20)
-        key = ed25519.Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
-        self.key_pem = key
         keyfile = tmp / "dispatch_key"
-        keyfile.write_text(key)
-        keyfile.chmod(0o600)
-        self.store = ContainerStore(str(tmp / "containers.db"), cluster_id="zzzzz", max_dispatch_attempts=10)
-        self.store.add_token(self.token, admin=True)
-        self.admin = TokenInfo(uuid=self.store.authenticate(self.token).uuid, admin=True)
-        self.api_port = free_port()
-        self.api = serve(self.store, "127.0.0.1", self.api_port)
+        self.key_pem = dispatch_key(keyfile)
+        self.api = LoopbackApi(self.token, tmp / "containers.db", max_dispatch_attempts=10)
+        self.store, self.admin, self.api_port = self.api.store, self.api.admin, self.api.port
         self.mgmt = f"http://127.0.0.1:{free_port()}"
         self.state_dir = tmp / "vms"
         self.marks = tmp / "marks"
@@ -74,27 +179,22 @@ class Cluster:
         self.cfg.chmod(0o600)
         self.log = tmp / "dispatcher.log"
         self.extra_fds = extra_fds or []
-        self.proc: subprocess.Popen | None = None
+        self.run: RunProcess | None = None
         self.starts = 0
 
     # -- the dispatcher process
 
     def start(self, wait: bool = True) -> None:
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "actors.cli", "run", "--config", str(self.cfg)], cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=err,
-                pass_fds=self.extra_fds)
+        self.run = RunProcess(self.cfg, self.log, state=self.tmp / "state", pass_fds=tuple(self.extra_fds))
         self.starts += 1
         if wait:
             wait_for(lambda: self.mgmt_get("/_health/ping") is not None, 30, "the management API")
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.run.kill()
 
     def stop(self) -> int:
-        return stop_process(self.proc) or 0
+        return (self.run.stop() if self.run is not None else 0) or 0
 
     def mgmt_get(self, path: str, timeout: float = 2.0):
         try:
@@ -125,13 +225,7 @@ class Cluster:
         return [p for p in self.state_dir.iterdir() if p.is_dir()] if self.state_dir.exists() else []
 
     def log_lines(self) -> list[dict]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"msg": line})
-        return out
+        return self.run.records() if self.run is not None else []
 
     def secrets(self) -> list[str]:
         """Every secret this cluster's config holds (the key by its base64 lines)."""
@@ -142,7 +236,7 @@ class Cluster:
 
     def close(self) -> None:
         self.stop()
-        self.api.stop()
+        self.api.server.stop()
         if self.vm_dirs():  # a failed test may leave VMs: destroy them by the driver, by pid
             from cloud.local import driver as local
             from conf.loader import load

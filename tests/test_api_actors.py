@@ -9,12 +9,9 @@ no step runs (the actors answer asks on their own threads); simulated time moves
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import threading
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import requests
@@ -24,9 +21,10 @@ from actors.sim import START, Simulation
 from api.app import make_app
 from api.server import ApiServer
 from tests import promtext
+from tests.dispatcher_proc import dispatch_cli
 from tests.simcluster import GiB, cluster, with_vms
+from tests.util import closing_each
 
-ROOT = Path(__file__).resolve().parent.parent
 P = "/arvados/v1/dispatch"
 INSTANCE_KEYS = {"instance", "address", "price", "arvados_instance_type", "provider_instance_type",
                  "last_container_uuid", "last_busy", "running_container_uuids", "worker_state", "idle_behavior"}
@@ -114,16 +112,8 @@ class Live:
 
 @pytest.fixture
 def live():
-    made: list[Live] = []
-
-    def make(c, **kw) -> Live:
-        lv = Live(c, **kw)
-        made.append(lv)
-        return lv
-
-    yield make
-    for lv in made:
-        lv.close()
+    with closing_each(Live) as make:
+        yield make
 
 
 def at(ts: str) -> float:
@@ -489,10 +479,8 @@ def test_metrics_scrape_matches_the_simulation(live):
 # -- the admin CLI ---------------------------------------------------------------------------------
 
 def cli(lv: Live, tmp_path, *args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ARVADOS_CONFIG=str(tmp_path / "absent.yml"), DISPATCH_CLOUD_STATE=str(tmp_path / "state"))
-    return subprocess.run([sys.executable, "-m", "actors.cli", *args, "--url", lv.url,
-                           "--token", lv.cluster.management_token], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return dispatch_cli([*args, "--url", lv.url, "--token", lv.cluster.management_token], tmp_path / "state",
+                        env={"ARVADOS_CONFIG": str(tmp_path / "absent.yml")})
 
 
 def test_admin_cli_against_the_live_dispatcher(live, tmp_path):

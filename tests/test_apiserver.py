@@ -13,6 +13,7 @@ import requests
 from api.wsgi import WsgiServer, parse_listen_url
 from api.arvados.server import make_app, serve
 from api.arvados.store import ContainerStore
+from tests.util import run_threads
 
 ADMIN = "admin-secret-token-1234567890"
 USER = "user-secret-token-0987654321"
@@ -313,11 +314,7 @@ def test_concurrent_dispatchers_over_http_lock_each_container_once(tmp_path):
                         errors.append(e)
                 except Exception as e:  # pragma: no cover - what the test is looking for
                     errors.append(e)
-        threads = [threading.Thread(target=race, args=(c,)) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        run_threads(race, [(c,) for c in clients], 20)
         assert errors == []
         assert sorted(u for u, _ in wins) == sorted(uuids)
         owners = dict(wins)
@@ -329,3 +326,123 @@ def test_concurrent_dispatchers_over_http_lock_each_container_once(tmp_path):
             c.close()
         server.stop()
         store.close()
+
+
+# -- child containers: requesting_container_uuid, container tokens, AlwaysUsePreemptibleInstances ---
+
+def preemptible_srv(**kw):
+    store = ContainerStore(":memory:", **kw)
+    store.add_token(ADMIN, admin=True)
+    store.add_token(USER)
+    return store, serve(store)
+
+
+def create_as(base, token, **kw):
+    body = {"container": {"container_image": "img", "command": ["true"], **kw}}
+    return requests.post(f"{base}/containers", json=body, headers={"Authorization": f"Bearer {token}"})
+
+
+def container_token(base, uuid):
+    """Lock ``uuid`` as the dispatcher and fetch its own token as crunch-run does."""
+    assert requests.post(f"{base}/containers/{uuid}/lock", headers=H).status_code == 200
+    r = requests.get(f"{base}/containers/{uuid}/auth", headers=H)
+    assert r.status_code == 200, r.text
+    a = r.json()
+    assert a["kind"] == "arvados#apiClientAuthorization" and a["uuid"].startswith("zzzzz-gj3su-")
+    return f"v2/{a['uuid']}/{a['api_token']}/{uuid}"  # crunchrun.go ContainerToken
+
+
+def test_always_use_preemptible_instances_applies_to_child_containers_only():
+    store, server = preemptible_srv(always_use_preemptible_instances=True, preemptible_types=True)
+    base = server.url + "/arvados/v1"
+    try:
+        parent = create(base, scheduling_parameters={"preemptible": False, "supervisor": True})
+        top = create(base, scheduling_parameters={"preemptible": False})
+        bare = create(base)
+        # Top-level containers keep what they asked, an explicit false included.
+        assert parent["scheduling_parameters"] == {"preemptible": False, "supervisor": True}
+        assert top["scheduling_parameters"] == {"preemptible": False}
+        assert bare["scheduling_parameters"] == {}
+        # A child named by requesting_container_uuid is made preemptible; other keys stay.
+        child = create(base, requesting_container_uuid=parent["uuid"],
+                       scheduling_parameters={"preemptible": False, "max_run_time": 60})
+        assert child["scheduling_parameters"] == {"preemptible": True, "max_run_time": 60}
+        assert "requesting_container_uuid" not in child  # a request's attribute, not a container's
+        # A child made with the running parent's own token, as a workflow runner makes its steps.
+        tok = container_token(base, parent["uuid"])
+        r = create_as(base, tok, scheduling_parameters={"preemptible": False})
+        assert r.status_code == 200, r.text
+        assert r.json()["scheduling_parameters"] == {"preemptible": True}
+        got = requests.get(f"{base}/containers/{r.json()['uuid']}", headers=H).json()
+        assert got["scheduling_parameters"] == {"preemptible": True}  # stored, not only answered
+        # The same token in its three-part form works too; a user token is no container's.
+        short = "/".join(tok.split("/")[:3])
+        assert create_as(base, short).json()["scheduling_parameters"] == {"preemptible": True}
+        assert_json_error(create_as(base, USER), 403, "admin token or a container's token")
+        # Once the parent ends its token is expired: no more children from it.
+        assert requests.put(f"{base}/containers/{parent['uuid']}", headers=H,
+                            json={"container": {"state": "Cancelled"}}).status_code == 200
+        assert_json_error(create_as(base, tok), 401, "Not logged in")
+    finally:
+        server.stop()
+        store.close()
+
+
+@pytest.mark.parametrize("flag, types, want", [(False, True, False), (True, False, False),
+                                               (False, None, False), (True, None, True)])
+def test_child_preemptible_needs_the_flag_and_a_preemptible_type(flag, types, want):
+    store, server = preemptible_srv(always_use_preemptible_instances=flag, preemptible_types=types)
+    base = server.url + "/arvados/v1"
+    try:
+        parent = create(base)
+        child = create(base, requesting_container_uuid=parent["uuid"])
+        assert child["scheduling_parameters"] == ({"preemptible": True} if want else {})
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_preemptible_request_refused_without_preemptible_types():
+    store, server = preemptible_srv(preemptible_types=False)
+    base = server.url + "/arvados/v1"
+    try:
+        r = requests.post(f"{base}/containers", headers=H, json={"container": {
+            "container_image": "i", "command": ["x"], "scheduling_parameters": {"preemptible": True}}})
+        assert_json_error(r, 422, "preemptible instances are not configured in InstanceTypes")
+        assert store.count() == 0
+        assert create(base, scheduling_parameters={"preemptible": False})["state"] == "Queued"
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_requesting_container_uuid_must_name_a_container(srv):
+    store, base = srv
+    r = requests.post(f"{base}/containers", headers=H, json={"container": {
+        "container_image": "i", "command": ["x"], "requesting_container_uuid": "zzzzz-dz642-000000000000000"}})
+    assert_json_error(r, 422, "requesting_container_uuid: container zzzzz-dz642-000000000000000 not found")
+    r = requests.post(f"{base}/containers", headers=H, json={"container": {
+        "container_image": "i", "command": ["x"], "requesting_container_uuid": 7}})
+    assert_json_error(r, 422, "requesting_container_uuid: expected a string")
+    assert store.count() == 0
+
+
+def test_container_auth_only_for_the_locker_and_expires_on_unlock(srv):
+    store, base = srv
+    other = "other-admin-token-000000000000000"
+    store.add_token(other, admin=True)
+    u = create(base)["uuid"]
+    assert_json_error(requests.get(f"{base}/containers/{u}/auth", headers=H), 403, "Not locked by your token")
+    tok = container_token(base, u)
+    assert_json_error(requests.get(f"{base}/containers/{u}/auth",
+                                   headers={"Authorization": f"Bearer {other}"}), 403, "Not locked by your token")
+    cur = requests.get(f"{base}/api_client_authorizations/current", headers={"Authorization": f"Bearer {tok}"})
+    assert cur.status_code == 200 and cur.json()["uuid"] == tok.split("/")[1]
+    # A container token is no admin: it cannot lock, unlock or update.
+    assert_json_error(requests.post(f"{base}/containers/{u}/unlock",
+                                    headers={"Authorization": f"Bearer {tok}"}), 403, "admin")
+    assert requests.post(f"{base}/containers/{u}/unlock", headers=H).status_code == 200
+    assert_json_error(requests.get(f"{base}/api_client_authorizations/current",
+                                   headers={"Authorization": f"Bearer {tok}"}), 401, "Not logged in")
+    # Locked again: a new token, not the old one.
+    assert container_token(base, u) != tok

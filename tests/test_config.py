@@ -24,10 +24,23 @@ C = "Clusters.zzzzz"
 VMS = f"{C}.Containers.CloudVMs"
 
 
+URL_SECRET = "hunter2-" + "q" * 24
+EXTERNAL = "https://zzzzz.example.org"
+D = f"{C}.Services.DispatchCloud.InternalURLs"
+
+
+def services(external=EXTERNAL, internal=None) -> dict:
+    out = {"Controller": {"ExternalURL": external}}
+    if internal is not None:
+        out["DispatchCloud"] = {"InternalURLs": internal}
+    return out
+
+
 def base_site() -> dict:
     return {"Clusters": {"zzzzz": {
         "ManagementToken": "m" * 40,
         "SystemRootToken": "s" * 40,
+        "Services": {"Controller": {"ExternalURL": "https://zzzzz.example.org"}},
         "Containers": {"CloudVMs": {"Driver": "stub"}},
         "InstanceTypes": {"m5": {"RAM": "8GiB", "Price": 0.2}},
     }}}
@@ -400,6 +413,34 @@ BAD = [
     ({"Services": {"DispatchCloud": {"InternalURLs": {"http://localhost:99999": {}}}}}, f"{C}.Services.DispatchCloud.InternalURLs", '"http://localhost:99999" is not a valid URL (Port out of range 0-65535)'),
     ({"Services": {"DispatchCloud": {"InternalURLs": {"http://h:1": "x"}}}}, f"{C}.Services.DispatchCloud.InternalURLs.http://h:1", "expected a mapping (e.g. {} or {ListenURL: ...}), got a string"),
     ({"Services": {"DispatchCloud": "http://x"}}, f"{C}.Services.DispatchCloud", "expected a mapping, got a string"),
+    # URLs (issue 10 item 15): conf/urls.py's rules; never the user info or query (URL_SECRET)
+    (dict(Services=services(f"https://dispatch:{URL_SECRET}@zzzzz.example.org")), f"{C}.Services.Controller.ExternalURL",
+     '"https://***@zzzzz.example.org" must not hold a user name or password'),
+    (dict(Services=services(f"{EXTERNAL}/arvados")), f"{C}.Services.Controller.ExternalURL",
+     f"\"{EXTERNAL}/arvados\" must not have a path (got '/arvados')"),
+    (dict(Services=services(f"{EXTERNAL}/?api_token={URL_SECRET}")), f"{C}.Services.Controller.ExternalURL",
+     f'"{EXTERNAL}/?..." must not have a query or fragment'),
+    (dict(Services=services("https://zzzzz.example.org:0")), f"{C}.Services.Controller.ExternalURL",
+     '"https://zzzzz.example.org:0" has port 0 (only a listen address may ask for any free port)'),
+    (dict(Services=services(internal={"https://dispatch.example:9006": {}})), D,
+     '"https://dispatch.example:9006" cannot be listened on: is https: this dispatcher serves plain http '
+     "(TLS belongs to a proxy in front); give it a ListenURL"),
+    (dict(Services=services(internal={"http://dispatch.example:9006/mgmt": {}})), D,
+     "\"http://dispatch.example:9006/mgmt\" must not have a path (got '/mgmt')"),
+    (dict(Services=services(internal={"https://dispatch.example:9006": {"ListenURL": "http://0.0.0.0:port"}})),
+     f"{D}.https://dispatch.example:9006.ListenURL",
+     "\"http://0.0.0.0:port\" is not a valid URL (Port could not be cast to integer value as 'port')"),
+    (dict(Services=services(internal={"https://dispatch.example:9006": {"ListenURL": "https://0.0.0.0:9006"}})),
+     f"{D}.https://dispatch.example:9006.ListenURL",
+     '"https://0.0.0.0:9006" is https: this dispatcher serves plain http (TLS belongs to a proxy in front)'),
+    (dict(Services=services(internal={f"http://admin:{URL_SECRET}@dispatch.example:9006": {}})), D,
+     '"http://***@dispatch.example:9006" must not hold a user name or password'),
+    (dict(PostgreSQL={"Connection": {"host": "db.example", "port": "fivefourthreetwo", "password": URL_SECRET}}),
+     f"{C}.PostgreSQL.Connection.port", '"fivefourthreetwo" is not a port number (1-65535)'),
+    (dict(PostgreSQL={"Connection": {"host": "db example", "password": URL_SECRET}}),
+     f"{C}.PostgreSQL.Connection.host", '"db example" is not a host name, an IP address or a socket directory'),
+    (dict(PostgreSQL={"Connection": {"host": "db.example", "SSLMode": "require", "Passwd": URL_SECRET}}),
+     f"{C}.PostgreSQL.Connection.Passwd", "is not a PostgreSQL connection option"),
 ]
 
 
@@ -409,7 +450,7 @@ def test_bad_values_give_one_line_naming_file_and_key(tmp_path, overlay, key, re
     with pytest.raises(ConfigError) as e:
         load(path)
     assert str(e.value) == f"{path}: {key}: {reason}"
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and URL_SECRET not in str(e.value)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -11,6 +11,7 @@ from cloud.clock import FakeClock
 from api.arvados.store import (MAX_LIMIT, ContainerStore, NotFound, PermissionDenied, StoreError,
                                   TokenInfo, Unprocessable, check_select, compile_filters,
                                   compile_order, parse_time, rfc3339)
+from tests.util import run_threads
 
 ADMIN = "admin-token-xxxxxxxxxxxxxxxx"
 
@@ -224,6 +225,58 @@ def test_survives_close_and_reopen(tmp_path):
         s.close()
 
 
+def test_file_from_before_container_tokens_opens_and_locks(tmp_path):
+    """A queue file made before the auth_secret column gains it on open; its queue stays usable."""
+    db = tmp_path / "old.sqlite"
+    s = ContainerStore(str(db))
+    who = s.authenticate(s.add_token(ADMIN, admin=True) and ADMIN)
+    queued, locked = make(s, who)["uuid"], make(s, who)["uuid"]
+    s.lock(locked, caller=who)
+    s.close()
+    old = sqlite3.connect(str(db))
+    old.execute("ALTER TABLE containers DROP COLUMN auth_secret")
+    old.execute("PRAGMA user_version = 1")
+    old.commit()
+    old.close()
+    s = ContainerStore(str(db))
+    try:
+        assert s.get(locked, caller=who)["state"] == "Locked"
+        with pytest.raises(NotFound, match="has no token"):  # locked before tokens were kept
+            s.auth(locked, caller=who)
+        assert s.unlock(locked, caller=who)["state"] == "Queued"
+        assert s.lock(queued, caller=who)["state"] == "Locked"
+        tok = s.auth(queued, caller=who)
+        assert s.authenticate(f"v2/{tok['uuid']}/{tok['api_token']}") == TokenInfo(tok["uuid"], False)
+        assert sqlite3.connect(str(db)).execute("PRAGMA user_version").fetchone()[0] == 2
+    finally:
+        s.close()
+
+
+def test_dev_store_takes_the_cluster_preemptible_settings(tmp_path):
+    from dataclasses import replace
+
+    from actors.devmode import open_store
+    from tests.simcluster import cluster, instance_type
+    spot = replace(instance_type(1, preemptible=True), name="type1p")
+    for types, flag, want_child, spot_ok in (((spot, 2), True, True, True), ((1, 2), True, False, False),
+                                            ((spot, 2), False, False, True)):
+        c = cluster(types=types, containers={"always_use_preemptible_instances": flag, "max_dispatch_attempts": 3})
+        s = open_store(c, str(tmp_path / f"{flag}{len(types)}{want_child}.sqlite"))
+        try:
+            who = s.authenticate(s.add_token(ADMIN, admin=True) and ADMIN)
+            assert s.max_dispatch_attempts == 3
+            parent = make(s, who)["uuid"]
+            child = make(s, who, requesting_container_uuid=parent)
+            assert child["scheduling_parameters"].get("preemptible", False) is want_child
+            if spot_ok:
+                assert make(s, who, scheduling_parameters={"preemptible": True})["state"] == "Queued"
+            else:
+                with pytest.raises(Unprocessable, match="preemptible instances are not configured"):
+                    make(s, who, scheduling_parameters={"preemptible": True})
+        finally:
+            s.close()
+
+
 def test_concurrent_locks_each_container_once(tmp_path):
     """Eight dispatchers race to lock the same 40 containers: each is locked exactly once."""
     s = ContainerStore(str(tmp_path / "race.sqlite"))
@@ -245,11 +298,7 @@ def test_concurrent_locks_each_container_once(tmp_path):
                 pass
             except Exception as e:  # pragma: no cover - what the test is looking for
                 errors.append(e)
-    threads = [threading.Thread(target=race, args=(w,)) for w in callers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    run_threads(race, [(w,) for w in callers], 20)
     try:
         assert errors == []
         assert sorted(wins) == sorted(uuids) and all(len(v) == 1 for v in wins.values())

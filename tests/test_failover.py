@@ -6,13 +6,9 @@ own SSH servers, which outlive a dispatcher) on loopback; bounded polling, no fi
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -20,25 +16,22 @@ import yaml
 
 from actors.devmode import CLUSTER_ID, ensure_state, shutdown_vms
 from api.arvados.client import ArvadosClient
-from api.arvados.server import serve
-from api.arvados.store import ContainerStore
 from conf.loader import load
 from tests import pgserver
+from tests.dispatcher_proc import LoopbackApi, RunProcess
 from tests.promtext import samples
-from tests.util import free_port, stop_process, wait_for
+from tests.util import free_port, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 STANDBY = ("arvados_dispatchcloud_standby", ())
 
 
-class Proc:
+class Proc(RunProcess):
+    """One of the two dispatchers: its own InternalURL and state directory."""
+
     def __init__(self, name, url, cfg, tmp, token):
         self.name, self.url, self.token = name, url, token
-        self.log = tmp / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "ARVADOS_SERVICE_INTERNAL_URL": url,
-               "DISPATCH_CLOUD_STATE": str(tmp / f"state-{name}")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)],
-                                     env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        super().__init__(cfg, tmp / f"{name}.log", state=tmp / f"state-{name}",
+                         env={"ARVADOS_SERVICE_INTERNAL_URL": url})
 
     def get(self, path):
         try:
@@ -60,14 +53,8 @@ class Proc:
     def instances(self) -> set[str]:
         return {x["instance"] for x in self.get("/arvados/v1/dispatch/instances").json()["items"]}
 
-    def records(self) -> list[dict]:
-        return [json.loads(x) for x in self.log.read_text().splitlines() if x.startswith("{")]
-
     def said(self, msg) -> list[dict]:
         return [r for r in self.records() if r["msg"] == msg]
-
-    def stop(self, sig=signal.SIGTERM):
-        stop_process(self.proc, sig)
 
 
 @pytest.fixture
@@ -78,9 +65,7 @@ def cluster_setup(tmp_path):
     cfg = ensure_state(tmp_path / "dev")  # the dev cluster's config: local driver, keys, runner
     doc = yaml.safe_load(cfg.read_text())
     c = doc["Clusters"][CLUSTER_ID]
-    store = ContainerStore(str(tmp_path / "c.db"), cluster_id=CLUSTER_ID)
-    store.add_token(c["SystemRootToken"], admin=True)
-    api = serve(store)
+    api = LoopbackApi(c["SystemRootToken"], tmp_path / "c.db", cluster_id=CLUSTER_ID)
     urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
     c["Services"]["Controller"]["ExternalURL"] = api.url
     c["Services"]["DispatchCloud"]["InternalURLs"] = {u: {} for u in urls}
@@ -103,8 +88,7 @@ def cluster_setup(tmp_path):
         for p in procs:
             p.stop(signal.SIGKILL)
         shutdown_vms(load(str(cfg)))
-        api.stop()
-        store.close()
+        api.close()
         pg.close()
 
 

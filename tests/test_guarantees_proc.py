@@ -24,24 +24,16 @@ import time
 import pytest
 import requests
 
-from api.arvados.server import serve
 from tests.dispatcher_proc import Cluster, assert_no_secrets
-from tests.util import wait_for
+from tests.util import closing_each, wait_for
 
 SEED = int(os.environ.get("DISPATCH_TEST_SEED", "0")) or random.randrange(1 << 30)
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    made = []
-
-    def make(**kw) -> Cluster:
-        c = Cluster(tmp_path, **kw)
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.close()
+    with closing_each(lambda **kw: Cluster(tmp_path, **kw)) as make:
+        yield make
 
 
 def no_secrets_logged(c: Cluster) -> None:
@@ -104,7 +96,7 @@ def test_container_api_outage_shuts_nothing_down_and_dispatch_resumes_within_a_p
     late = [c.submit(10 + i, seconds=0.5) for i in range(2)]  # queued while the API is away
     time.sleep(OUTAGE / 2)
     assert sorted(p.name for p in c.vm_dirs()) == vms_before  # nothing shut down during it
-    c.api = serve(c.store, "127.0.0.1", c.api_port)
+    c.api.restart()
     t_up = time.monotonic()
     wait_for(lambda: any(r["state"] != "Queued" for r in c.containers(late).values()), 10,
              "dispatch to resume (a late container locked)", interval=0.02)

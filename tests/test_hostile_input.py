@@ -169,7 +169,8 @@ def _cloud_site(driver, secret, key_file=None) -> str:
                   "ImageResourceGroup": "img"}
     else:
         params = {"AccessKeyID": "AKIAEXAMPLE", "SecretAccessKey": secret, "Region": "us-east-1"}
-    return yaml.safe_dump(site(Containers={**containers, "CloudVMs": {"Driver": driver, "DriverParameters": params}}))
+    return yaml.safe_dump(site(Services={"Controller": {"ExternalURL": "https://zzzzz.example.org"}},
+                               Containers={**containers, "CloudVMs": {"Driver": driver, "DriverParameters": params}}))
 
 
 @pytest.mark.parametrize("driver,key", [("azure", "ClientSecret"), ("ec2", "SecretAccessKey")])

@@ -27,14 +27,13 @@ from cloud import base
 from cloud.local import driver as local
 from conf.drivers import local_default_instance_type
 from cloud.local import vm as localvm
-from api.arvados.server import serve
-from api.arvados.store import ContainerStore
 from cloud.local.runner import pid_alive
 from cloud.crunchrun import detach_command, instance_secret_command, list_command
 from cloud.ssh import AuthError, SSHExecutor
 from conf.model import CloudVMs, Cluster, Containers, InstanceType
 
-from tests.util import wait_for as _wait_for
+from tests.dispatcher_proc import LoopbackApi, RunProcess, dispatch_key
+from tests.util import free_port, run_threads, wait_for as _wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 def wait_for(pred, timeout=15.0, what="condition"):
@@ -53,12 +52,6 @@ def new_key() -> tuple[paramiko.PKey, str]:
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
     key = paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
     return key, f"{key.get_name()} {key.get_base64()} test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Env:
@@ -259,20 +252,17 @@ def _ok(ex, cmd) -> bool:
 
 
 def test_crunch_run_over_ssh_and_destroy_kills_everything(env):
-    store = ContainerStore(":memory:")
-    store.add_token(TOKEN, admin=True)
-    admin = store.authenticate(TOKEN)
-    server = serve(store)
+    api = LoopbackApi(TOKEN)
     try:
         s = env.instance_set()
         inst = s.create(IT, "img", {}, INIT, env.pub)
         ex = env.wait_ssh(inst)
-        config = json.dumps({"Env": {"ARVADOS_API_HOST": urlsplit(server.url).netloc,
+        config = json.dumps({"Env": {"ARVADOS_API_HOST": urlsplit(api.url).netloc,
                                      "ARVADOS_API_TOKEN": TOKEN}}).encode()
 
         def start(command) -> str:
-            uuid = store.create({"container_image": "i", "command": command}, caller=admin)["uuid"]
-            store.lock(uuid, caller=admin)
+            uuid = api.create({"container_image": "i", "command": command})
+            api.store.lock(uuid, caller=api.admin)
             r = ex.execute(detach_command("crunch-run", ["--runtime-engine=docker"], uuid, sudo=True),
                            stdin=config)
             assert r.ok, r.stderr
@@ -280,11 +270,11 @@ def test_crunch_run_over_ssh_and_destroy_kills_everything(env):
             return uuid
 
         def state(uuid):
-            return store.get(uuid, caller=admin)["state"]
+            return api.get(uuid)["state"]
 
         quick = start(["sh", "-c", "exit 3"])
         wait_for(lambda: state(quick) == "Complete", what="the quick container to complete")
-        assert store.get(quick, caller=admin)["exit_code"] == 3
+        assert api.get(quick)["exit_code"] == 3
 
         slow = start(["sleep", "300"])
         wait_for(lambda: state(slow) == "Running", what="the slow container to run")
@@ -308,8 +298,7 @@ def test_crunch_run_over_ssh_and_destroy_kills_everything(env):
         # container finished (the dispatcher's job is to notice and give it up).
         assert state(slow) == "Running"
     finally:
-        server.stop()
-        store.close()
+        api.close()
 
 
 def test_a_crashed_vm_is_still_listed_and_destroy_cleans_up_after_it(env):
@@ -399,39 +388,40 @@ Clusters:
 """
 
 
-def test_dispatcher_runs_a_container_on_a_local_vm(env, tmp_path):
-    store = ContainerStore(":memory:")
-    store.add_token(TOKEN, admin=True)
-    admin = store.authenticate(TOKEN)
-    server = serve(store)
-    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
+def run_one_container(env, tmp_path, *, edit=lambda text: text, timeout: float = 30.0, then=None):
+    """``dispatch-cloud run`` on :data:`E2E_CONFIG` (``edit`` may change its text) with one
+    container that prints and exits 6; waits for it to end, then for ``then()`` if given, and
+    stops the dispatcher. Returns (the container's final record, the stopped RunProcess, its exit
+    status)."""
+    api = LoopbackApi(TOKEN)
+    pem = dispatch_key(tmp_path / "dispatch.key")
     cfg = tmp_path / "config.yml"
-    cfg.write_text(E2E_CONFIG.format(token=TOKEN, api=server.url, mport=free_port(), port=env.port,
-                                     key=json.dumps(pem), state=env.state, base=env.base))
-    uuid = store.create({"container_image": "i", "command": ["sh", "-c", "echo hi; exit 6"],
-                         "runtime_constraints": {"vcpus": 1, "ram": 100 << 20}}, caller=admin)["uuid"]
-    log = open(tmp_path / "dispatcher.log", "wb")
-    disp = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=str(ROOT),
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
+    cfg.write_text(edit(E2E_CONFIG.format(token=TOKEN, api=api.url, mport=free_port(), port=env.port,
+                                          key=json.dumps(pem), state=env.state, base=env.base)))
+    uuid = api.create({"container_image": "i", "command": ["sh", "-c", "echo hi; exit 6"],
+                       "runtime_constraints": {"vcpus": 1, "ram": 100 << 20}})
+    proc = RunProcess(cfg, tmp_path / "dispatcher.log")
     try:
-        done = wait_for(lambda: (c := store.get(uuid, caller=admin))["state"] in ("Complete", "Cancelled") and c,
-                        timeout=30, what="the dispatcher to run the container")
-        assert (done["state"], done["exit_code"]) == ("Complete", 6)
-        # TimeoutIdle: the dispatcher destroys the idle VM, and with it the whole process tree.
-        wait_for(lambda: env.state.exists() and not [d for d in env.state.iterdir() if d.is_dir()],
-                 timeout=20, what="the idle VM to be destroyed")
-    finally:
-        disp.terminate()
         try:
-            disp.wait(10)
-        except subprocess.TimeoutExpired:
-            disp.kill()
-            disp.wait()
-        log.close()
-        server.stop()
-        store.close()
-    assert disp.returncode == 0, (tmp_path / "dispatcher.log").read_text()[-3000:]
+            done = wait_for(lambda: (c := api.get(uuid))["state"] in ("Complete", "Cancelled") and c,
+                            timeout=timeout, what="the dispatcher to run the container")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{proc.text()[-4000:]}") from None
+        if then is not None:
+            then()
+    finally:
+        rc = proc.stop(wait=10)
+        api.close()
+    return done, proc, rc
+
+
+def test_dispatcher_runs_a_container_on_a_local_vm(env, tmp_path):
+    # TimeoutIdle: the dispatcher destroys the idle VM, and with it the whole process tree.
+    done, proc, rc = run_one_container(env, tmp_path, then=lambda: wait_for(
+        lambda: env.state.exists() and not [d for d in env.state.iterdir() if d.is_dir()],
+        timeout=20, what="the idle VM to be destroyed"))
+    assert (done["state"], done["exit_code"]) == ("Complete", 6)
+    assert rc == 0, proc.text()[-3000:]
 
 
 def test_an_unusable_state_dir_is_a_config_error_naming_the_key(tmp_path):
@@ -481,7 +471,6 @@ def test_a_command_never_closes_its_channel_before_the_exec_reply(env, monkeypat
 
 def test_many_sequential_and_concurrent_commands_on_one_transport(env):
     """The reported flake as a bounded stress: one VM, one executor, sequential then 8 threads."""
-    import threading
     inst = env.instance_set().create(IT, "image-1", {}, INIT, env.pub)
     ex = env.wait_ssh(inst)
     for i in range(100):
@@ -495,9 +484,5 @@ def test_many_sequential_and_concurrent_commands_on_one_transport(env):
                     failures.append(f"{k}-{i}: wrong output")
             except base.ExecutorError as e:
                 failures.append(f"{k}-{i}: {e}")
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(worker, [(k,) for k in range(8)], 60)
     assert failures == [] and ex.connects == 1

@@ -7,9 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import requests
@@ -18,9 +15,8 @@ import yaml
 from actors.statusline import status
 from conf import logsetup
 from tests import api_data as d
+from tests.dispatcher_proc import LoopbackApi, RunProcess
 from tests.util import free_port, wait_for
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -74,12 +70,8 @@ def test_status_line():
     assert msg.startswith("status: 7 instances (") and "longest wait 60s" in msg and msg.endswith("at quota")
 
 
-def _run(tmp_path, system_logs: dict) -> tuple[subprocess.Popen, str, Path]:
-    from api.arvados.server import serve
-    from api.arvados.store import ContainerStore
-    store = ContainerStore(str(tmp_path / "c.db"), cluster_id="zzzzz")
-    store.add_token("t" * 40, admin=True)
-    api = serve(store)
+def _run(tmp_path, system_logs: dict) -> tuple[RunProcess, str, LoopbackApi]:
+    api = LoopbackApi("t" * 40, tmp_path / "c.db")
     url = f"http://127.0.0.1:{free_port()}"
     cfg = tmp_path / "config.yml"
     cfg.write_text(yaml.safe_dump({"Clusters": {"zzzzz": {
@@ -87,15 +79,10 @@ def _run(tmp_path, system_logs: dict) -> tuple[subprocess.Popen, str, Path]:
         "Services": {"Controller": {"ExternalURL": api.url}, "DispatchCloud": {"InternalURLs": {url: {}}}},
         "Containers": {"CloudVMs": {"Driver": "stub"}},
         "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1}}}}}))
-    log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "DISPATCH_CLOUD_STATE": str(tmp_path)},
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
-    proc.cleanup = lambda: (api.stop(), store.close())
-    return proc, url, log
+    return RunProcess(cfg, tmp_path / "run.log"), url, api
 
 
-def _drive(proc, url, log, expect_status: bool) -> str:
+def _drive(proc, url, api, expect_status: bool) -> str:
     try:
         def dispatching():
             try:
@@ -104,17 +91,14 @@ def _drive(proc, url, log, expect_status: bool) -> str:
             except requests.ConnectionError:
                 return False
         wait_for(dispatching, 30, "the dispatcher to start")
-        proc.send_signal(signal.SIGUSR2)
+        proc.send(signal.SIGUSR2)
         if expect_status:
-            wait_for(lambda: "status: 0 instances" in log.read_text(), 10, "the status line")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        return log.read_text()
+            wait_for(lambda: "status: 0 instances" in proc.text(), 10, "the status line")
+        assert proc.stop() == 0
+        return proc.text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.cleanup()
+        proc.stop(signal.SIGKILL)
+        api.close()
 
 
 def test_run_honours_system_logs_text(tmp_path):

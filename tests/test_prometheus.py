@@ -6,24 +6,18 @@ return data, as they do against the Go dispatcher."""
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
 from api.arvados.client import ArvadosClient
-from api.arvados.server import serve
-from api.arvados.store import ContainerStore
 from tests.test_metrics import GO_METRICS
-from tests.util import free_port, wait_for
+from tests.dispatcher_proc import LoopbackApi, RunProcess, stub_site
+from tests.util import free_port, stop_process, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "systemroot" + "p" * 30
 MGMT = "management" + "q" * 30
 NS = "arvados_dispatchcloud_"
@@ -65,22 +59,11 @@ def test_prometheus_scrapes_the_dispatcher_and_the_dashboard_has_data(tmp_path):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus not installed (make sysdeps installs Debian's prometheus)")
-    store = ContainerStore(str(tmp_path / "c.db"), cluster_id="zzzzz")
-    store.add_token(TOKEN, admin=True)
-    api = serve(store)
+    api = LoopbackApi(TOKEN, tmp_path / "c.db")
     mgmt_port = free_port()
     cfg = tmp_path / "config.yml"
-    cfg.write_text(yaml.safe_dump({"Clusters": {"zzzzz": {
-        "SystemRootToken": TOKEN, "ManagementToken": MGMT,
-        "Services": {"Controller": {"ExternalURL": api.url},
-                     "DispatchCloud": {"InternalURLs": {f"http://127.0.0.1:{mgmt_port}": {}}}},
-        "Containers": {"ReserveExtraRAM": 0, "LocalKeepBlobBuffersPerVCPU": 0, "CloudVMs": {
-            "Driver": "stub", "BootProbeCommand": "true", "PollInterval": "1s", "ProbeInterval": "1s",
-            "SyncInterval": "1s", "TimeoutIdle": "2s",
-            "DriverParameters": {"BootTime": "1s", "BootTimeJitter": "0s", "ContainerRunTime": "2s"}}},
-        "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1},
-                          "big": {"VCPUs": 4, "RAM": "4GiB", "Price": 0.4}},
-    }}}))
+    cfg.write_text(yaml.safe_dump(stub_site(api.url, f"http://127.0.0.1:{mgmt_port}", TOKEN, MGMT,
+                                            SyncInterval="1s", TimeoutIdle="2s")))
     prom_port = free_port()
     prom = f"http://127.0.0.1:{prom_port}"
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
@@ -89,16 +72,12 @@ def test_prometheus_scrapes_the_dispatcher_and_the_dashboard_has_data(tmp_path):
             "job_name": "arvados-dispatch-cloud",
             "authorization": {"type": "Bearer", "credentials": MGMT},
             "static_configs": [{"targets": [f"127.0.0.1:{mgmt_port}"]}]}]}))
-    procs = []
+    dispatcher, prom_proc = RunProcess(cfg, tmp_path / "run.log"), None
     try:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), "DISPATCH_CLOUD_STATE": str(tmp_path / "state")},
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "run.log", "wb")))
-        procs.append(subprocess.Popen(
+        prom_proc = subprocess.Popen(
             [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb")))
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
 
         def up():
             try:
@@ -140,12 +119,6 @@ def test_prometheus_scrapes_the_dispatcher_and_the_dashboard_has_data(tmp_path):
         # and no scrape failed along the way
         assert query(prom, 'min_over_time(up[1m])')[0]["value"][1] == "1"
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
-        api.stop()
-        store.close()
+        stop_process(prom_proc)
+        dispatcher.stop()
+        api.close()

@@ -11,26 +11,17 @@ it created ends terminated in EC2.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import requests
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from api.arvados.client import ArvadosClient
-from api.arvados.server import serve
-from api.arvados.store import ContainerStore
+from tests.dispatcher_proc import LoopbackApi, RunProcess, dispatch_key
 from tests.ec2fake import ACCESS_KEY, REGION, SECRET_KEY, SpotPrice
 from tests.util import free_port, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "systemroot" + "c" * 30
 MGMT = "management" + "d" * 30
 AMI = "ami-12c6146b"
@@ -43,12 +34,8 @@ def _ec2_instances(moto):
 def test_run_creates_for_the_queue_and_destroys_when_it_empties(tmp_path, ec2_endpoint):
     moto, proxy = ec2_endpoint
     key = tmp_path / "dispatch.key"
-    key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    key.chmod(0o600)
-    store = ContainerStore(str(tmp_path / "c.db"), cluster_id="zzzzz")
-    store.add_token(TOKEN, admin=True)
-    api = serve(store)
+    dispatch_key(key)
+    api = LoopbackApi(TOKEN, tmp_path / "c.db")
     mgmt = f"http://127.0.0.1:{free_port()}"
     cfg = tmp_path / "config.yml"
     cfg.write_text(yaml.safe_dump({"Clusters": {"zzzzz": {
@@ -69,10 +56,7 @@ def test_run_creates_for_the_queue_and_destroys_when_it_empties(tmp_path, ec2_en
     now = time.time()  # spot prices in every AZ moto may choose; the newest is what a spot VM costs
     proxy.serve_spot_prices([SpotPrice("t3.micro", f"{REGION}{z}", p, now - age) for z in "abcdef"
                              for p, age in (("0.0123", 600), ("0.0456", 7200))])
-    log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    proc = RunProcess(cfg, tmp_path / "run.log")
     auth = {"Authorization": f"Bearer {MGMT}"}
     set_id = hashlib.md5(TOKEN.encode()).hexdigest()
     try:
@@ -117,10 +101,9 @@ def test_run_creates_for_the_queue_and_destroys_when_it_empties(tmp_path, ec2_en
         assert len(proxy.calls("RunInstances")) == created
         assert len(proxy.calls("TerminateInstances")) >= created
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        text = log.read_text()
-        lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+        assert proc.stop() == 0
+        text = proc.text()
+        lines = [x for x in proc.records() if "level" in x]
         msgs = {x["msg"] for x in lines}
         shutdowns = [(x.get("Reason"), x.get("State")) for x in lines if x["msg"] == "shutting down"]
         assert len(shutdowns) >= 2 and set(shutdowns) == {("unresponsive", "booting")}  # after TimeoutBooting
@@ -128,8 +111,5 @@ def test_run_creates_for_the_queue_and_destroys_when_it_empties(tmp_path, ec2_en
         assert not [x for x in lines if x["level"] in ("error", "fatal")]
         assert "Traceback" not in text and SECRET_KEY not in text
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        api.stop()
-        store.close()
+        proc.stop(signal.SIGKILL)
+        api.close()

@@ -5,48 +5,27 @@ cleanly on SIGTERM. The container API is the SQLite-backed server on loopback.""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import requests
 import yaml
 
-from api.arvados.server import serve
 from api.arvados.client import ArvadosClient
-from api.arvados.store import ContainerStore
+from tests.dispatcher_proc import LoopbackApi, RunProcess, dispatch_cli, stub_site
 from tests.util import free_port, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "systemroot" + "a" * 30
 MGMT = "management" + "b" * 30
 
 
 def test_run_on_stub_cloud_in_real_time(tmp_path):
-    store = ContainerStore(str(tmp_path / "c.db"), cluster_id="zzzzz")
-    store.add_token(TOKEN, admin=True)
-    api = serve(store)
+    api = LoopbackApi(TOKEN, tmp_path / "c.db")
     mgmt = f"http://127.0.0.1:{free_port()}"
     cfg = tmp_path / "config.yml"
-    cfg.write_text(yaml.safe_dump({"Clusters": {"zzzzz": {
-        "SystemRootToken": TOKEN, "ManagementToken": MGMT,
-        "Services": {"Controller": {"ExternalURL": api.url},
-                     "DispatchCloud": {"InternalURLs": {mgmt: {}}}},
-        "Containers": {"ReserveExtraRAM": 0, "LocalKeepBlobBuffersPerVCPU": 0, "CloudVMs": {
-            "Driver": "stub", "BootProbeCommand": "true", "PollInterval": "1s", "ProbeInterval": "1s",
-            "SyncInterval": "2s", "TimeoutIdle": "3s",
-            "DriverParameters": {"BootTime": "1s", "BootTimeJitter": "0s", "ContainerRunTime": "2s"}}},
-        "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1},
-                          "big": {"VCPUs": 4, "RAM": "4GiB", "Price": 0.4}},
-    }}}))
+    cfg.write_text(yaml.safe_dump(stub_site(api.url, mgmt, TOKEN, MGMT)))
     log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
-                                           "DISPATCH_CLOUD_STATE": str(tmp_path / "state")},
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    proc = RunProcess(cfg, log)
     try:
         client = ArvadosClient(api.url, TOKEN)
         base = {"command": ["true"], "container_image": "img", "cwd": "/", "output_path": "/out"}
@@ -70,7 +49,7 @@ def test_run_on_stub_cloud_in_real_time(tmp_path):
         wait_for(lambda: requests.get(mgmt + "/arvados/v1/dispatch/instances", headers=auth,
                                       timeout=10).json()["items"] == [], 30, "idle shutdown")
         # SIGUSR1: every thread's stack, as one JSON log line
-        proc.send_signal(signal.SIGUSR1)
+        proc.send(signal.SIGUSR1)
 
         def dumped():
             for line in log.read_text().splitlines():
@@ -79,26 +58,20 @@ def test_run_on_stub_cloud_in_real_time(tmp_path):
             return None
         rec = wait_for(dumped, 10, "the thread dump")
         assert "SchedulerActor" in rec["stacks"] and "Ticker" in rec["stacks"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        assert proc.stop() == 0
+        lines = [x for x in proc.records() if "level" in x]
         assert not [x for x in lines if x["level"] in ("error", "fatal") and "create failed" not in x["msg"]]
-        assert "Traceback" not in log.read_text()
+        assert "Traceback" not in proc.text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        api.stop()
-        store.close()
+        proc.stop(signal.SIGKILL)
+        api.close()
 
 
 def test_run_with_a_bad_config_is_one_line_and_no_traceback(tmp_path):
     cfg = tmp_path / "bad.yml"
     cfg.write_text("Clusters:\n  zzzzz:\n    Containers: {CloudVMs: {Driver: stub}}\n"
                    "    InstanceTypes:\n      m5: {RAM: 16 gigs, Price: 1}\n")
-    p = subprocess.run([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                       timeout=60)
+    p = dispatch_cli(["run", "--config", cfg], tmp_path / "state")
     assert p.returncode == 1
     err = [x for x in p.stderr.splitlines() if x.startswith("dispatch-cloud:")]
     assert len(err) == 1 and "InstanceTypes.m5.RAM" in err[0] and str(cfg) in err[0]

@@ -4,26 +4,20 @@ runner command. Against a real OpenSSH sshd, then end to end through the local d
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from unittest.mock import Mock
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from actors.messages import Behavior, InstanceInfo, State
 from actors.worker import WorkerActor
-from api.arvados.server import serve
-from api.arvados.store import ContainerStore
 from cloud import crunchrun, runner_deploy, ssh
 from cloud.local import vm as localvm
 from tests.simcluster import cluster, instance_type, with_vms
 from tests.sshd import sshd, sshd_factory  # noqa: F401  (fixtures)
-from tests.test_local import E2E_CONFIG, ROOT, TOKEN, env, free_port, wait_for  # noqa: F401  (env: fixture)
+from tests.test_local import ROOT, env, run_one_container  # noqa: F401  (env: fixture)
 from tests.test_ssh import Target, accept
 from tests.test_worker import ZeroJitter, entry
 
@@ -115,50 +109,20 @@ def test_dispatcher_deploys_the_runner_to_a_local_openssh_vm_and_runs_a_containe
                        else f"#!{sys.executable}\nfrom cloud.local.runner import main\nmain()\n".encode())
     md5 = hashlib.md5(runner.read_bytes()).hexdigest()
     deploy = tmp_path / "deploy"
-    store = ContainerStore(":memory:")
-    store.add_token(TOKEN, admin=True)
-    admin = store.authenticate(TOKEN)
-    server = serve(store)
-    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()).decode()
-    text = E2E_CONFIG.format(token=TOKEN, api=server.url, mport=free_port(), port=env.port,
-                             key=json.dumps(pem), state=env.state, base=env.base)
-    text = text.replace("      CrunchRunCommand: dispatch-cloud-crunch-run\n",
-                        "      CrunchRunCommand: /nonexistent/crunch-run\n")
-    text = text.replace("        Driver: local\n", f"        Driver: local\n        DeployRunnerBinary: {runner}\n"
-                                                   f"        DeployRunnerDirectory: {deploy}\n")
-    text = text.replace("          BootDelay: 0s\n", "          BootDelay: 0s\n          SSHServer: openssh\n")
-    # --list starts a Python runner through a fresh OpenSSH session: give it 1.6 s, not 0.4
-    text = text.replace("        ProbeInterval: 0.5s\n", "        ProbeInterval: 2s\n")
-    text = text.replace("        TimeoutIdle: 1s\n", "        TimeoutIdle: 30s\n")
-    cfg = tmp_path / "config.yml"
-    cfg.write_text(text)
-    uuid = store.create({"container_image": "i", "command": ["sh", "-c", "echo hi; exit 6"],
-                         "runtime_constraints": {"vcpus": 1, "ram": 100 << 20}}, caller=admin)["uuid"]
-    logpath = tmp_path / "dispatcher.log"
-    log = open(logpath, "wb")
-    disp = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=str(ROOT),
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
-    try:
-        try:
-            done = wait_for(lambda: (c := store.get(uuid, caller=admin))["state"] in ("Complete", "Cancelled") and c,
-                            timeout=40, what="the dispatcher to run the container")
-        except AssertionError as e:
-            log.flush()
-            raise AssertionError(f"{e}\n{logpath.read_text()[-4000:]}") from None
-        assert (done["state"], done["exit_code"]) == ("Complete", 6), logpath.read_text()[-3000:]
-    finally:
-        disp.terminate()
-        try:
-            disp.wait(10)
-        except subprocess.TimeoutExpired:
-            disp.kill()
-            disp.wait()
-        log.close()
-        server.stop()
-        store.close()
+
+    def edit(text: str) -> str:
+        text = text.replace("      CrunchRunCommand: dispatch-cloud-crunch-run\n",
+                            "      CrunchRunCommand: /nonexistent/crunch-run\n")
+        text = text.replace("        Driver: local\n", f"        Driver: local\n        DeployRunnerBinary: {runner}\n"
+                                                       f"        DeployRunnerDirectory: {deploy}\n")
+        text = text.replace("          BootDelay: 0s\n", "          BootDelay: 0s\n          SSHServer: openssh\n")
+        # --list starts a Python runner through a fresh OpenSSH session: give it 1.6 s, not 0.4
+        text = text.replace("        ProbeInterval: 0.5s\n", "        ProbeInterval: 2s\n")
+        return text.replace("        TimeoutIdle: 1s\n", "        TimeoutIdle: 30s\n")
+    done, proc, _ = run_one_container(env, tmp_path, edit=edit, timeout=40)
+    assert (done["state"], done["exit_code"]) == ("Complete", 6), proc.text()[-3000:]
     installed = deploy / f"crunch-run~{md5}"
     assert installed.read_bytes() == runner.read_bytes()
-    text = logpath.read_text()
+    text = proc.text()
     assert "installing runner binary on worker" in text
     assert "/nonexistent/crunch-run" not in text.replace("CrunchRunCommand", "")

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cloud import base, ssh
 from conf.model import Cluster, CloudVMs, Containers
 from tests.sshd import sshd, sshd_factory  # noqa: F401  (fixtures)
+from tests.util import run_threads
 
 TOKEN = "xyzzy-systemroottoken-f00"
 SECRET = "0123456789abcdef0123456789abcdef01234567"
@@ -412,11 +413,7 @@ def test_threads_that_all_lose_the_transport_make_one_new_one(sshd, closing):
             results[k] = ex.execute(f"sleep 0.2; echo {k}").stdout
         except base.ExecutorError as e:
             results[k] = e
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    run_threads(run, [(k,) for k in range(6)], 30)
     assert results == {k: f"{k}\n".encode() for k in range(6)}
     assert ex.connects == 2
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -13,6 +15,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class WaitTimeout(AssertionError, TimeoutError):
+    """``wait_for`` gave up: a failed assertion to pytest, a TimeoutError to a bench script."""
 
 
 def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
@@ -23,7 +29,34 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: flo
         if v:
             return v
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise WaitTimeout(f"timed out after {timeout}s waiting for {what}")
+
+
+def run_threads(target, args_list, timeout: float) -> None:
+    """``target(*args)`` for each of ``args_list`` on its own thread, all started before any is
+    joined (each for at most ``timeout`` seconds): the shape of every race test."""
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
+@contextmanager
+def closing_each(factory):
+    """A ``make(...)`` that calls ``factory(...)`` and closes each thing it made on exit, for
+    fixtures that let a test make several (clusters, live servers)."""
+    made = []
+
+    def make(*args, **kw):
+        thing = factory(*args, **kw)
+        made.append(thing)
+        return thing
+    try:
+        yield make
+    finally:
+        for thing in made:
+            thing.close()
 
 
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, wait: float = 30.0) -> int | None:

@@ -1,13 +1,16 @@
 """An Arvados-compatible container API server: Bottle routes over a :class:`ContainerStore`.
 
 It speaks the subset of the Arvados REST API the dispatcher uses (``/arvados/v1/containers`` list,
-get, lock, unlock, update, and ``api_client_authorizations/current``), with Arvados' parameter
+get, lock, unlock, update, auth (the container's own token, for crunch-run), and
+``api_client_authorizations/current``), with Arvados' parameter
 encoding (each parameter a JSON value, in the query string or, for long queries, a POST form body
 with ``X-Http-Method-Override: GET``) and Arvados' error shape ``{"errors": [...]}`` for every
 failure, including unknown routes and wrong methods.
 
 ``POST /arvados/v1/containers`` (create) is a development convenience: Arvados itself creates
-containers from container requests, which this server does not model.
+containers from container requests, which this server does not model; create applies what Arvados
+applies to a committed request (``requesting_container_uuid``, AlwaysUsePreemptibleInstances for
+child containers: see :meth:`ContainerStore.create`).
 
 Run one by hand with ``python -m api.arvados.server --db queue.sqlite --token SECRET``.
 """
@@ -198,6 +201,10 @@ def make_app(store: ContainerStore) -> bottle.Bottle:
     def unlock(uuid):
         return store.unlock(uuid, caller=caller(_params()))
 
+    @app.get(f"{PREFIX}/containers/<uuid>/auth")
+    def auth(uuid):
+        return store.auth(uuid, caller=caller(_params()))
+
     @app.get(f"{PREFIX}/api_client_authorizations/current")
     def current():
         who = caller(_params())
@@ -241,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cluster-id", default="zzzzz")
     p.add_argument("--max-dispatch-attempts", type=int, default=10)
+    p.add_argument("--always-use-preemptible-instances", action="store_true",
+                   help="Containers.AlwaysUsePreemptibleInstances: child containers are made preemptible")
     args = p.parse_args(argv)
     logsetup.setup()
     try:
         store = ContainerStore(args.db, cluster_id=args.cluster_id,
-                               max_dispatch_attempts=args.max_dispatch_attempts)
+                               max_dispatch_attempts=args.max_dispatch_attempts,
+                               always_use_preemptible_instances=args.always_use_preemptible_instances)
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,8 +2,10 @@
 
 It holds what the dispatcher needs from Arvados' ``containers`` and ``api_client_authorizations``
 tables and enforces the server side of the protocol (``services/api/app/models/container.rb``):
-the state machine, ``lock_count`` and the ``Containers.MaxDispatchAttempts`` auto-cancel, so the
-dispatcher can be tested and run against the same rules it meets in production.
+the state machine, ``lock_count`` and the ``Containers.MaxDispatchAttempts`` auto-cancel, the
+container token of a Locked or Running container, and ``Containers.AlwaysUsePreemptibleInstances``
+applied to child containers (``container_request.rb`` ``set_preemptible``), so the dispatcher can be
+tested and run against the same rules it meets in production.
 
 Thread-safe: the HTTP server calls it from several threads. The database runs in WAL mode;
 every write takes one lock and is one ``BEGIN IMMEDIATE`` transaction, so a state change is
@@ -182,10 +184,14 @@ def _token_key(secret: str) -> str:
 
 
 def _split_v2(token: str) -> tuple[str | None, str]:
-    """``v2/<uuid>/<secret>`` -> (uuid, secret); a bare token -> (None, token)."""
+    """``v2/<uuid>/<secret>`` -> (uuid, secret); a bare token -> (None, token).
+
+    crunch-run appends the container's uuid to a container token (``v2/<uuid>/<secret>/<container>``,
+    crunchrun.go ContainerToken); Arvados authenticates it by its first three parts, and so do we.
+    """
     if token.startswith("v2/"):
-        parts = token.split("/", 2)
-        if len(parts) == 3 and parts[1] and parts[2]:
+        parts = token.split("/")
+        if len(parts) in (3, 4) and parts[1] and parts[2]:
             return parts[1], parts[2]
     return None, token
 
@@ -406,7 +412,7 @@ def _check_value(name: str, value):
 
 
 def _to_db(name: str, value):
-    kind = FIELDS[name]
+    kind = FIELDS.get(name)  # None: a column the API never shows (auth_secret)
     if kind in (MAP, LIST):
         return json.dumps(value)
     return value
@@ -452,30 +458,41 @@ CREATE TABLE IF NOT EXISTS containers (
     output TEXT,
     cost REAL,
     progress REAL,
-    gateway_address TEXT
+    gateway_address TEXT,
+    auth_secret TEXT
 );
 CREATE INDEX IF NOT EXISTS containers_state_priority ON containers (state, priority);
 CREATE INDEX IF NOT EXISTS containers_locked_by ON containers (locked_by_uuid);
-PRAGMA user_version = 1;
 """
+# Columns added after the first schema, for files made before them: (name, SQL type).
+_ADDED_COLUMNS = (("auth_secret", "TEXT"),)
+_SCHEMA_VERSION = 2
 
 
 class ContainerStore:
     """Containers and API tokens, with Arvados' server-side rules. See the module docstring.
 
     Every container method takes the caller's :class:`TokenInfo` (from :meth:`authenticate`).
-    Any token may read; creating, locking, unlocking and updating need an admin token (the
-    dispatcher's SystemRootToken is one), as in Arvados. Non-admins read every container here
-    (Arvados would limit them to containers of their own container requests).
+    Any token may read; locking, unlocking and updating need an admin token (the dispatcher's
+    SystemRootToken is one), as in Arvados; creating needs an admin token or the container token
+    of a Locked or Running container (a workflow runner queueing its steps). Non-admins read
+    every container here (Arvados would limit them to containers of their own container requests).
+
+    ``always_use_preemptible_instances`` is ``Containers.AlwaysUsePreemptibleInstances``;
+    ``preemptible_types`` says whether InstanceTypes has a preemptible type (None: not known, so
+    the flag is applied as given and ``preemptible: true`` is not checked against the types).
     """
 
     def __init__(self, path_or_memory: str = ":memory:", *, cluster_id: str = "zzzzz",
                  max_dispatch_attempts: int = 10, clock: Callable[[], float] = time.time,
-                 rng=None):
+                 rng=None, always_use_preemptible_instances: bool = False,
+                 preemptible_types: bool | None = None):
         self.path = str(path_or_memory)
         self._rng = rng  # a random.Random for uuids (simulations); None: the secrets module
         self.cluster_id = cluster_id
         self.max_dispatch_attempts = int(max_dispatch_attempts)
+        self.always_use_preemptible_instances = bool(always_use_preemptible_instances)
+        self.preemptible_types = preemptible_types
         self._now = clock.now if hasattr(clock, "now") else clock
         self._memory = self.path == ":memory:"
         self._write_lock = threading.Lock()
@@ -486,6 +503,7 @@ class ContainerStore:
         try:
             self._conn = self._connect()
             self._conn.executescript(_SCHEMA)
+            self._migrate(self._conn)
         except sqlite3.Error as e:
             raise StoreError(f"container store {self.path}: cannot open ({e})") from e
 
@@ -497,6 +515,15 @@ class ContainerStore:
             conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA case_sensitive_like=ON")
         return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Add the columns a file made by an older version lacks (its queue stays usable)."""
+        have = {r["name"] for r in conn.execute("PRAGMA table_info(containers)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE containers ADD COLUMN {name} {kind}")
+        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._write_lock:
@@ -640,14 +667,28 @@ class ContainerStore:
     # -- containers: writes -------------------------------------------------------------------
 
     def create(self, fields: Mapping, *, caller: TokenInfo) -> dict:
-        """A new Queued container (admin only; Arvados makes these from container requests)."""
-        _require_admin(caller)
+        """A new Queued container: what Arvados makes from a committed container request.
+
+        A child container is one whose request names ``requesting_container_uuid`` or is made
+        with a Locked or Running container's own token (``container_request.rb``
+        get_requesting_container_uuid); with AlwaysUsePreemptibleInstances and a preemptible
+        type configured, a child is made preemptible whatever it asked (set_preemptible).
+        Top-level containers keep what they asked.
+        """
+        _require(caller)
+        parent = None if caller.admin else self._container_of_token(caller)
+        if not caller.admin and parent is None:
+            raise PermissionDenied("permission denied: this needs an admin token or a container's token")
         if not isinstance(fields, Mapping):
             raise Unprocessable("container: expected an object")
+        fields = dict(fields)
+        requesting = fields.pop("requesting_container_uuid", None)
+        if requesting is not None and not isinstance(requesting, str):
+            raise Unprocessable(f"requesting_container_uuid: expected a string, got {requesting!r}")
         unknown = sorted(set(fields) - set(CREATE_FIELDS))
         if unknown:
             raise Unprocessable(f"container: cannot set {', '.join(map(repr, unknown))} on create "
-                                f"(allowed: {', '.join(CREATE_FIELDS)})")
+                                f"(allowed: {', '.join(CREATE_FIELDS)}, requesting_container_uuid)")
         if fields.get("state", QUEUED) != QUEUED:
             raise Unprocessable(f"cannot create a container in state {fields['state']!r}")
         for required in ("container_image", "command"):
@@ -658,16 +699,58 @@ class ContainerStore:
         values.update({k: v for k, v in fields.items() if k != "state"})
         for k, v in values.items():
             _check_value(k, v)
+        if values["scheduling_parameters"].get("preemptible") and self.preemptible_types is False:
+            raise Unprocessable("scheduling_parameters: preemptible instances are not configured "
+                                "in InstanceTypes")
         now = self._micros()
         uuid = random_uuid(self.cluster_id, "dz642", self._rng)
-        row = {k: _to_db(k, v) for k, v in values.items()}
-        row.update(uuid=uuid, state=QUEUED, lock_count=0, created_at=now, modified_at=now,
-                   runtime_status=json.dumps({}))
-        cols = ", ".join(row)
         with self._write() as c:
+            if requesting is not None and c.execute("SELECT 1 FROM containers WHERE uuid = ?",
+                                                    (requesting,)).fetchone() is None:
+                raise Unprocessable(f"requesting_container_uuid: container {requesting} not found")
+            if (requesting or parent) and self._preemptible_children():
+                values["scheduling_parameters"] = {**values["scheduling_parameters"], "preemptible": True}
+            row = {k: _to_db(k, v) for k, v in values.items()}
+            row.update(uuid=uuid, state=QUEUED, lock_count=0, created_at=now, modified_at=now,
+                       runtime_status=json.dumps({}))
+            cols = ", ".join(row)
             c.execute(f"INSERT INTO containers ({cols}) VALUES ({', '.join('?' * len(row))})",
                       tuple(row.values()))
             return self._render(self._fetch(c, uuid), tuple(FIELDS))
+
+    def _preemptible_children(self) -> bool:
+        """AlwaysUsePreemptibleInstances, which Arvados ignores when no type is preemptible."""
+        return self.always_use_preemptible_instances and self.preemptible_types is not False
+
+    def _container_of_token(self, caller: TokenInfo) -> str | None:
+        """The Locked or Running container whose own token this is (Container.for_current_token)."""
+        with self._read() as c:
+            row = c.execute("SELECT uuid FROM containers WHERE auth_uuid = ? AND state IN (?, ?)",
+                            (caller.uuid, LOCKED, RUNNING)).fetchone()
+        return None if row is None else row["uuid"]
+
+    def auth(self, uuid: str, *, caller: TokenInfo) -> dict:
+        """The container's own token (``GET containers/{uuid}/auth``), for the token that locked it.
+
+        crunch-run hands it to the container (as ``v2/<uuid>/<api_token>/<container uuid>``); it
+        is made at lock and expires when the container is unlocked or ends, as in Arvados.
+        """
+        _require(caller)
+        with self._read() as c:
+            row = self._fetch(c, uuid)
+        if row["locked_by_uuid"] is None or row["locked_by_uuid"] != caller.uuid:
+            raise PermissionDenied("Not locked by your token")
+        if row["auth_secret"] is None:  # locked by a version of this store that made none
+            raise NotFound(f"container {uuid} has no token")
+        return {"kind": "arvados#apiClientAuthorization", "uuid": row["auth_uuid"],
+                "api_token": row["auth_secret"], "scopes": ["all"]}
+
+    @staticmethod
+    def _expire_auth(c: sqlite3.Connection, row: sqlite3.Row, changes: dict) -> None:
+        """Unlocked or ended: the container's token stops working (Arvados expires it)."""
+        if row["auth_uuid"] is not None:
+            c.execute("DELETE FROM tokens WHERE uuid = ?", (row["auth_uuid"],))
+        changes.update(auth_uuid=None, auth_secret=None)
 
     @staticmethod
     def _fetch(c: sqlite3.Connection, uuid: str) -> sqlite3.Row:
@@ -682,37 +765,43 @@ class ContainerStore:
         c.execute(f"UPDATE containers SET {cols} WHERE uuid = ?",
                   (*(_to_db(k, v) for k, v in changes.items()), uuid))
 
-    def lock(self, uuid: str, *, caller: TokenInfo) -> dict:
-        """Queued -> Locked by the caller; lock_count + 1. Returns Arvados' lock selection."""
+    def _lock_op(self, uuid: str, caller: TokenInfo, verb: str, state: str,
+                 changes: Callable[[sqlite3.Connection, sqlite3.Row], dict]) -> dict:
+        """lock and unlock: one transaction of an admin on a container that must be in ``state``;
+        ``changes(c, row)`` checks the rest and says what to set. Returns Arvados' lock selection."""
         _require_admin(caller)
         with self._write() as c:
             row = self._fetch(c, uuid)
-            if row["state"] != QUEUED:
-                raise Unprocessable(f"cannot lock when {row['state']}")
+            if row["state"] != state:
+                raise Unprocessable(f"cannot {verb} when {row['state']}")
+            self._set(c, uuid, changes(c, row))
+            return self._render(self._fetch(c, uuid), LOCK_SELECT)
+
+    def lock(self, uuid: str, *, caller: TokenInfo) -> dict:
+        """Queued -> Locked by the caller; lock_count + 1; the container's own token is made."""
+        def changes(c: sqlite3.Connection, row: sqlite3.Row) -> dict:
             if row["priority"] <= 0:
                 raise Unprocessable("cannot lock when priority<=0")
-            self._set(c, uuid, {"state": LOCKED, "locked_by_uuid": caller.uuid,
-                                "lock_count": row["lock_count"] + 1,
-                                "auth_uuid": random_uuid(self.cluster_id, "gj3su", self._rng),
-                                "modified_at": self._micros()})
-            return self._render(self._fetch(c, uuid), LOCK_SELECT)
+            auth_uuid, secret = random_uuid(self.cluster_id, "gj3su", self._rng), secrets.token_hex(20)
+            c.execute("INSERT OR REPLACE INTO tokens (token_key, uuid, admin) VALUES (?, ?, 0)",
+                      (_token_key(secret), auth_uuid))
+            return {"state": LOCKED, "locked_by_uuid": caller.uuid, "lock_count": row["lock_count"] + 1,
+                    "auth_uuid": auth_uuid, "auth_secret": secret, "modified_at": self._micros()}
+        return self._lock_op(uuid, caller, "lock", QUEUED, changes)
 
     def unlock(self, uuid: str, *, caller: TokenInfo) -> dict:
         """Locked -> Queued by the locker, or -> Cancelled once lock_count reaches the limit."""
-        _require_admin(caller)
-        with self._write() as c:
-            row = self._fetch(c, uuid)
-            if row["state"] != LOCKED:
-                raise Unprocessable(f"cannot unlock when {row['state']}")
+        def changes(c: sqlite3.Connection, row: sqlite3.Row) -> dict:
             if row["locked_by_uuid"] != caller.uuid:
                 raise PermissionDenied("locked by a different token")
             now = self._micros()
-            changes = {"state": QUEUED, "locked_by_uuid": None, "auth_uuid": None, "modified_at": now}
+            out = {"state": QUEUED, "locked_by_uuid": None, "modified_at": now}
+            self._expire_auth(c, row, out)
             if 0 < self.max_dispatch_attempts <= row["lock_count"]:
-                changes.update(state=CANCELLED, finished_at=now, runtime_status={
+                out.update(state=CANCELLED, finished_at=now, runtime_status={
                     "error": MAX_DISPATCH_TEXT.format(n=row["lock_count"])})
-            self._set(c, uuid, changes)
-            return self._render(self._fetch(c, uuid), LOCK_SELECT)
+            return out
+        return self._lock_op(uuid, caller, "unlock", LOCKED, changes)
 
     def update(self, uuid: str, fields: Mapping, *, caller: TokenInfo) -> dict:
         """Change state (per :data:`UPDATE_TRANSITIONS`) and/or progress fields.
@@ -751,7 +840,8 @@ class ContainerStore:
                 if new == RUNNING:
                     changes["started_at"] = now
                 if new in FINAL_STATES:
-                    changes.update(finished_at=now, locked_by_uuid=None, auth_uuid=None)
+                    changes.update(finished_at=now, locked_by_uuid=None)
+                    self._expire_auth(c, row, changes)
             elif old in FINAL_STATES and changes:
                 raise Unprocessable(f"cannot update {', '.join(sorted(changes))} when {old}")
             if (row["locked_by_uuid"] is not None and not is_locker

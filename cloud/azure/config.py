@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
+from cloud.params import DriverParamsError, endpoint, known, string
 from conf import units
 from conf.hosts import is_loopback_host
 
@@ -36,8 +37,7 @@ ENVIRONMENTS = {e.name.lower(): e for e in (
 )}
 
 
-class AzureConfigError(ValueError):
-    """A DriverParameters value is missing or wrong; the message names the key."""
+AzureConfigError = DriverParamsError  # a DriverParameters value is missing or wrong; names the key
 
 
 @dataclass(frozen=True)
@@ -124,42 +124,21 @@ def parse_duration(value, key: str) -> float:
                                f"got {value!r}") from None
 
 
-def _check_endpoint(url: str, key: str) -> None:
-    u = urlsplit(url)
-    if u.scheme == "https" and u.hostname:
-        return
-    if u.scheme == "http" and u.hostname and is_loopback_host(u.hostname):
-        return
-    if u.scheme == "http":
-        raise AzureConfigError(f"DriverParameters.{key}: plain http is only allowed for a loopback host "
-                               f"(127.0.0.0/8, localhost, ::1), got {url!r}")
-    raise AzureConfigError(f"DriverParameters.{key}: expected an https:// URL, got {url!r}")
-
-
 def parse(params: Mapping | None) -> AzureConfig:
     """An :class:`AzureConfig` from raw DriverParameters (defaults applied, required keys checked).
 
     Keys of other drivers (the EC2 defaults are always merged in) are ignored, as in Arvados.
     """
-    by_lower = {k.lower(): k for k in KEYS}
     values = dict(_DEFAULTS)
-    for raw_key, v in (params or {}).items():
-        key = by_lower.get(str(raw_key).lower())
-        if key is None:
-            continue
+    for key, v in known(params, KEYS):
         name = KEYS[key]
         if name == "delete_dangling_resources_after":
             v = parse_duration(v, key)
             if v < 0:
                 raise AzureConfigError(f"DriverParameters.{key}: must not be negative")
-        elif v is None:
-            v = _DEFAULTS[name]
-        elif not isinstance(v, str):
-            # never the value: ClientSecret written as a bare number is still a secret
-            raise AzureConfigError(f"DriverParameters.{key}: expected a string, got "
-                                   f"{type(v).__name__} (put it in quotes)")
-        if isinstance(v, str) and v == "" and _DEFAULTS[name] != "":
-            v = _DEFAULTS[name]  # an explicit "" keeps the Arvados default, as the merged defaults do
+        else:
+            v = string(v, key) or _DEFAULTS[name]
+            # (None or an explicit "" keeps the Arvados default, as the merged defaults do)
         values[name] = v
     cfg = AzureConfig(**values)
     for key in REQUIRED:
@@ -169,8 +148,8 @@ def parse(params: Mapping | None) -> AzureConfig:
         names = ", ".join(e.name for e in ENVIRONMENTS.values())
         raise AzureConfigError(f"DriverParameters.CloudEnvironment: unknown environment "
                                f"{cfg.cloud_environment!r} (one of {names})")
-    _check_endpoint(cfg.arm_endpoint, "ResourceManagerEndpoint")
-    _check_endpoint(cfg.aad_authority, "AuthorityHost")
+    endpoint(cfg.arm_endpoint, "ResourceManagerEndpoint")
+    endpoint(cfg.aad_authority, "AuthorityHost")
     for key in ("StorageAccount", "BlobContainer"):
         if getattr(cfg, KEYS[key]):
             raise AzureConfigError(f"DriverParameters.{key}: {RETIRED_VHD}")

@@ -9,10 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from cloud.params import DriverParamsError, endpoint, known, string
 from conf import units
-from conf.hosts import is_loopback_host
 
 # Arvados' default InstanceTypeQuotaGroups; a site map is merged over it, as Arvados' loader does.
 DEFAULT_QUOTA_GROUPS = {**dict.fromkeys("acdhimrtz", "standard"), "vt": "g", "p5": "p5"}
@@ -20,8 +19,7 @@ DEFAULT_QUOTA_GROUPS = {**dict.fromkeys("acdhimrtz", "standard"), "vt": "g", "p5
 VOLUME_TYPES = ("standard", "io1", "io2", "gp2", "sc1", "st1", "gp3")
 
 
-class EC2ConfigError(ValueError):
-    """A DriverParameters value is wrong; the message names the key."""
+EC2ConfigError = DriverParamsError  # a DriverParameters value is wrong; the message names the key
 
 
 @dataclass(frozen=True)
@@ -64,15 +62,6 @@ def _err(key: str, msg: str) -> EC2ConfigError:
     return EC2ConfigError(f"DriverParameters.{key}: {msg}")
 
 
-def _string(v, key: str) -> str:
-    if v is None:
-        return ""
-    if not isinstance(v, str):
-        # never the value: SecretAccessKey written as a bare number is still a secret
-        raise _err(key, f"expected a string, got {type(v).__name__} (put it in quotes)")
-    return v
-
-
 def _id_list(v, key: str, *, allow_map: bool) -> tuple[str, ...]:
     """SubnetID (``""``, ``"subnet-a"`` or a list) and SecurityGroupIDs (a list or a map of ids)."""
     if v is None or v == "":
@@ -110,40 +99,23 @@ def _quota_groups(v, key: str) -> dict[str, str]:
     return out
 
 
-def _endpoint(url: str, key: str) -> str:
-    if not url:
-        return ""
-    u = urlsplit(url)
-    if u.scheme == "https" and u.hostname:
-        return url
-    if u.scheme == "http" and u.hostname and is_loopback_host(u.hostname):
-        return url
-    if u.scheme == "http":
-        raise _err(key, f"plain http is only allowed for a loopback host (127.0.0.0/8, localhost, ::1), got {url!r}")
-    raise _err(key, f"expected an https:// URL, got {url!r}")
-
-
 def parse(params: Mapping | None) -> EC2Config:
     """An :class:`EC2Config` from raw DriverParameters. Keys of other drivers are ignored."""
-    by_lower = {k.lower(): k for k in KEYS}
     values: dict = {}
-    for raw_key, v in (params or {}).items():
-        key = by_lower.get(str(raw_key).lower())
-        if key is None:
-            continue
+    for key, v in known(params, KEYS):
         name = KEYS[key]
         if key in _STRINGS:
-            v = _string(v, key)
+            v = string(v, key)
             if key == "AdminUsername" and not v:
                 continue  # an explicit "" keeps the Arvados default, as the merged defaults do
             if key == "EndpointURL":
-                v = _endpoint(v, key)
+                v = endpoint(v, key)
         elif key == "SubnetID":
             v = _id_list(v, key, allow_map=False)
         elif key == "SecurityGroupIDs":
             v = _id_list(v, key, allow_map=True)
         elif key == "EBSVolumeType":
-            v = _string(v, key) or "gp2"  # Go defaults an empty value to gp2 too
+            v = string(v, key) or "gp2"  # Go defaults an empty value to gp2 too
             if v not in VOLUME_TYPES:
                 raise _err(key, f"unknown EBS volume type {v!r} (one of {', '.join(VOLUME_TYPES)})")
         elif key == "EBSPrice":
