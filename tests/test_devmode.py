@@ -123,7 +123,7 @@ def test_dev_cluster_end_to_end(dev, tmp_path):
 
     # long containers, then SIGKILL the dispatcher mid-run and start a new one
     uuids = [submit(dev, "--", "sh", "-c", f"echo ran >> {marks}/{i}; sleep 6").stdout.strip() for i in range(3)]
-    wait_for(lambda: all(container(dev, x)["state"] == "Running" for x in uuids), 60, "containers running")
+    wait_for(lambda: all(container(dev, x)["state"] == "Running" for x in uuids), 120, "containers running")  # three VMs boot: slow under load
     before = {r[0] for r in dev.instances()}
     dev.proc.kill()
     dev.proc.wait(10)
