@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import pykka
 
-from actors.base import ACTIVITY
+from actors.base import ACTIVITY, holds_count
 from actors.sim import START, Simulation
 from api.arvados.client import error_for
 from api.arvados.inprocess import LocalArvadosClient
@@ -207,9 +207,9 @@ class Chaos:
         self.outage_until = 0.0
         self.slow_until = 0.0
         self.impaired_at = 0.0  # last time the API was impaired (outage, slow, parked calls)
-        self.restarting = False
+        self.closing = False  # stopping or restarting the dispatcher: no call parks
         self._plock = threading.Lock()
-        self._parked: dict[threading.Event, str] = {}
+        self._parked: dict[threading.Event, bool] = {}  # parked call -> it gave back a count
         self._park_gen = 0
         self._ops: Counter = Counter()  # uuid -> our unlock/cancel calls in flight
         self.desired: dict[str, tuple[str, float]] = {}  # instance -> (behavior, since)
@@ -244,6 +244,8 @@ class Chaos:
         return self
 
     def stop(self) -> None:
+        """Stop the dispatcher; no call parks from here on (none may outlive the run)."""
+        self.closing = True
         self.release_parked()
         self.sim.stop()
 
@@ -255,13 +257,13 @@ class Chaos:
         self.note("RESTART")
         self.restarts += 1
         self.unsettled += self.sim.unsettled
-        self.restarting = True
+        self.closing = True
         try:
             self.release_parked()
             self.sim.stop()
             self.sim = self._new_sim(self.sim)
         finally:
-            self.restarting = False
+            self.closing = False
         self.started_at = self.sim.now
         self.sim.start()
 
@@ -300,30 +302,40 @@ class Chaos:
         return self._park_gen if self._parked else None
 
     def park(self, seconds: float, label: str) -> None:
-        """Block the calling thread until the simulated clock has moved ``seconds`` on."""
-        if self.restarting:
+        """Block the calling thread until the simulated clock has moved ``seconds`` on.
+
+        While it waits, the work it runs stops counting in the barrier (else no step could end
+        before the release), and counts again from the instant of the release. Only a thread that
+        holds a count gives one back: a thread started inside a counted job (the poll's mounts
+        fetches) holds none of its own, and its job stays counted while it waits; the barrier
+        sees that as a stall behind a parked call (``blocked``)."""
+        if self.closing:
             return
         ev = threading.Event()
+        gave = holds_count()
         with self._plock:
-            self._parked[ev] = label
+            self._parked[ev] = gave
             self._park_gen += 1
+            if gave:
+                ACTIVITY.end()
         # after a slow poll the next one waits as long again (Go's back-off, issue 10 item 7)
         self.impaired_at = max(self.impaired_at, self.sim.now + 2 * seconds)
 
         def release(at):
             self._release(ev)
         self.sim.cloud.call_at(self.sim.now + seconds, "release " + label, release)
-        ACTIVITY.end()  # the caller's work no longer counts as in flight while it waits...
         if not ev.wait(timeout=120):
             self._release(ev)
             raise RuntimeError(f"parked call {label} never released")
 
     def _release(self, ev: threading.Event) -> None:
         with self._plock:
-            if self._parked.pop(ev, None) is None:
+            if ev not in self._parked:
                 return
+            gave = self._parked.pop(ev)
             self._park_gen += 1
-            ACTIVITY.begin()  # ...and counts again from the moment it is released
+            if gave:
+                ACTIVITY.begin()  # counted again before the parked thread can run on
             ev.set()
 
     def release_parked(self) -> None:
@@ -428,7 +440,7 @@ class Chaos:
                 self.fault("ssh drop", f"{target} {command[:60]}")
                 raise ExecutorError("chaos: SSH connection dropped")
             return
-        if op in ("destroy", "set_tags", "create") and not self.restarting and self.random_faults:
+        if op in ("destroy", "set_tags", "create") and not self.closing and self.random_faults:
             if self.frng.random() < self.cfg.slow_cloud_rate:
                 secs = self.frng.uniform(*self.cfg.slow_cloud)
                 self.fault(f"slow {op}", f"{getattr(target, 'name', target)} {secs:.0f}s")
