@@ -213,7 +213,7 @@ class _SlowDestroys(Chaos):
 
     def _cloud_fault(self, op, target, command):
         self.calls.append((self.t, op))
-        if op == "destroy" and not self.restarting:
+        if op == "destroy" and not self.closing:
             self.park(900, "cloud destroy")
 
 
