@@ -148,6 +148,8 @@ class FaultyApi:
 
     def iter_containers(self, *a, **kw):
         self._chaos.api_before(self, "list", None)
+        if self.role == "dispatcher":
+            self._chaos.note("api list (poll)")
         yield from self._inner.iter_containers(*a, **kw)
 
     def get_container(self, uuid, *a, **kw):
@@ -237,6 +239,7 @@ class Chaos:
         sim.blocked = self.blocked
         sim.cloud.fault_hook = self._cloud_fault
         sim.cloud.setup_vm = self._setup_vm
+        sim.cloud.listener = self._cloud_event
         return sim
 
     def start(self) -> Chaos:
@@ -455,7 +458,8 @@ class Chaos:
         live = [vm.id for vm in self.sim.cloud.vms
                 if (p := vm.procs.get(uuid)) is not None and p.phase is not Phase.EXITED]
         ctr = self.oracle.get_container(uuid, select=["state", "locked_by_uuid", "lock_count"])
-        self.note(f"detach {uuid} on {instance_id} (state={ctr['state']} lock_count={ctr['lock_count']})")
+        self.note(f"detach {uuid} on {instance_id} (state={ctr['state']} lock_count={ctr['lock_count']}; "
+                  f"dispatcher's view {self._views_of(uuid)})")
         if live:
             self.violation("G2", f"{uuid} sent --detach to {instance_id} while still running on {live}",
                            uuid, instance_id, *live)
@@ -468,6 +472,25 @@ class Chaos:
             self.violation("G2", f"{uuid} sent --detach to {instance_id} while we are unlocking or "
                                  "cancelling it", uuid, instance_id)
         self._attempted[uuid] = ctr["lock_count"]
+
+    def _views_of(self, uuid: str) -> str:
+        """What the scheduler and the queue hold about a container (read racily, for the trace)."""
+        out = []
+        for name, attr in (("scheduler", "_queue"), ("queue", "_entries")):
+            try:
+                e = getattr(getattr(self.sim.dispatcher, name)._actor, attr).get(uuid)
+            except Exception:
+                e = None
+            out.append(f"{name}={e.state if e is not None else None}")
+        return " ".join(out)
+
+    def _cloud_event(self, event: str, vm, at: float, uuid: str) -> None:
+        if event in ("running", "exit"):
+            p = vm.procs.get(uuid)
+            why = f" ({p.exit_reason})" if event == "exit" and p is not None and p.exit_reason else ""
+            self.note(f"crunch-run {event} {uuid} on {vm.id}{why}")
+        elif event in ("destroy", "remove"):
+            self.note(f"cloud {event} {vm.id}")
 
     # -- operators and users ---------------------------------------------------------------------
 
