@@ -516,9 +516,11 @@ class SchedulerActor(TickedActor):
             return False
         v = w.view
         per = self._cfg.max_running_containers_per_instance
-        if (v.state not in STARTABLE or v.idle_behavior is not Behavior.RUN or uuid in v.running
+        if (v.state not in STARTABLE or v.idle_behavior is not Behavior.RUN
                 or (per > 0 and len(v.running) >= per)):
             return False
+        if any(uuid in x.view.running for x in self._workers.values()):
+            return False  # an earlier attempt is still known to run (a pass kills it first)
         avail, shared = type_resources(v.instance_type), False
         for u in v.running:
             other = self._queue.get(u)

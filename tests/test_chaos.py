@@ -42,11 +42,6 @@ def test_calls_parked_by_threads_inside_one_counted_job_leave_no_count_behind():
         ch.stop()
 
 
-# Open (issue 10): under thread interleavings the run sometimes finds a start sent for a container
-# the API already has Running or Complete (G2; 4 of 50 bench seeds), and a failed run leaves parked
-# threads counted in the process-wide activity barrier, which then times out later tests in the
-# same process. Skipped in make test until both are fixed; bench/bench_chaos.py runs it.
-@pytest.mark.skip(reason="issue 10: open G2 finding and barrier leak (poisons later tests)")
 def test_chaos_fixed_seed_keeps_every_guarantee():
     c = Chaos(ChaosConfig(seed=2026, containers=200, hours=3.0, restart_every=1800.0,
                           check_actor_thread_calls=True)).run()

@@ -189,6 +189,22 @@ def test_g2_container_on_a_vanished_instance_is_not_started_again_from_an_older_
     assert s.told(s.queue, "cancel", A) == 1  # Running on no worker
 
 
+def test_g2_lock_answer_does_not_start_a_container_an_earlier_attempt_of_which_turned_up():
+    """The start that goes out with a lock's answer checked only the instance held for it: a
+    crunch-run of an earlier attempt that a probe reported meanwhile, on another instance, was
+    not seen, and the container got a second one."""
+    s = Sched()
+    s.list("i-1", "i-2")
+    s.report(s.view("i-1", State.IDLE), s.view("i-2", State.IDLE))
+    s.poll(s.entry(A, "Queued"))
+    s.tick()
+    assert s.told(s.queue, "lock", A) == 1
+    s.report(s.view("i-2", State.RUNNING, running=(A,)))  # an earlier attempt's crunch-run
+    s.s.container_op_done(A, "lock", s.entry(A, "Locked"), "")
+    s.tick(1)
+    assert s.starts(A) == []
+
+
 # -- 3: a Running container that fits no configured type is left alone ---------------------------
 
 def test_3_running_container_of_retired_type_is_not_killed():
