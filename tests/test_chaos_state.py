@@ -94,6 +94,6 @@ class DispatcherMachine(RuleBasedStateMachine):
 
 
 DispatcherMachine.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=30, deadline=None, derandomize=True,
+    max_examples=100, stateful_step_count=30, deadline=None, derandomize=True,
     suppress_health_check=list(HealthCheck))
 test_dispatcher_state_machine = DispatcherMachine.TestCase
