@@ -15,7 +15,13 @@ G4  an operator's hold/drain/run, once saved in the instance's tag, is what the 
     applies, across restarts.
 
 A violation records the seed and the events (faults, restarts, operator actions, starts and
-container API calls) that led to it. :class:`Chaos` is driven either by a seeded random
+container API calls, crunch-run and instance lifecycles, and the dispatcher's view of the
+container at each start) that led to it.
+
+The actors run on pykka's threads, not on the deterministic single-thread runtime: a slow call
+parks the thread that made it (a pool thread, or one a job started itself, such as the poll's
+mounts fetches) until the simulated clock reaches its end, which one thread running every job
+inline cannot model. So a seed fixes the faults and the timeline, not the interleaving. :class:`Chaos` is driven either by a seeded random
 timeline (:meth:`Chaos.run`, used by tests/test_chaos.py and bench/bench_chaos.py) or rule by
 rule (the hypothesis state machine in tests/test_chaos_state.py).
 """
