@@ -109,7 +109,11 @@ def next_wake(view: WorkerView, next_probe: float, cfg: CloudVMs,
     when = [next_probe, *signals]
     if view.state is State.IDLE and view.idle_behavior is Behavior.RUN:
         when.append(view.busy + cfg.timeout_idle)
-    if view.state is State.UNKNOWN and not view.running:
+    # Only a deadline at which the tick can act: an unknown VM on hold (or not yet probed) is not
+    # shut down at TimeoutBooting, and a deadline in the past that changes nothing woke it again at
+    # once, for ever (a busy loop; a simulation never settled)
+    if (view.state is State.UNKNOWN and not view.running and view.probe_done
+            and view.idle_behavior is not Behavior.HOLD):
         when.append(view.appeared + cfg.timeout_booting)
     return min(when)
 

@@ -208,6 +208,11 @@ class SchedulerActor(TickedActor):
                 continue
             log.info("instance disappeared in cloud", extra={"Instance": iid, "WorkerState": str(w.view.state)})
             self._observe_gone(w, now)
+            # Its containers' attempts ended now, as far as we can know (G2): they count as
+            # running until a queue poll newer than this shows where they stand; a queue view
+            # from before could still say Locked, and start the same attempt elsewhere
+            for u in w.view.running:
+                self._exited.setdefault(u, now)
             del self._workers[iid]
             self._tell(w, w.inbox.abandon)
         total = len(self._workers) + len(self._creating)
@@ -401,9 +406,11 @@ class SchedulerActor(TickedActor):
         running = self._running()
         # Only an unknown worker whose containers are still unknown (no run probe has answered)
         # suspends "Running on no worker -> cancel": an adopted, drained one that runs
-        # containers for hours must not block it cluster-wide (issue 10 item 2).
+        # containers for hours must not block it cluster-wide (issue 10 item 2); nor, past
+        # TimeoutBooting, one that never answers (held, it is never shut down: G3)
+        boot_limit = now - self._cfg.timeout_booting
         any_unknown = any(w.view.state is _UNKNOWN and not (w.view.run_probed or w.view.running)
-                          for w in self._workers.values())
+                          and w.view.appeared > boot_limit for w in self._workers.values())
         if not self._gate(now, running):
             self._publish(now, running, None)
             return
@@ -509,9 +516,11 @@ class SchedulerActor(TickedActor):
             return False
         v = w.view
         per = self._cfg.max_running_containers_per_instance
-        if (v.state not in STARTABLE or v.idle_behavior is not Behavior.RUN or uuid in v.running
+        if (v.state not in STARTABLE or v.idle_behavior is not Behavior.RUN
                 or (per > 0 and len(v.running) >= per)):
             return False
+        if any(uuid in x.view.running for x in self._workers.values()):
+            return False  # an earlier attempt is still known to run (a pass kills it first)
         avail, shared = type_resources(v.instance_type), False
         for u in v.running:
             other = self._queue.get(u)

@@ -53,12 +53,12 @@ def main() -> int:
             continue
         s = c.summary()
         wall = time.perf_counter() - t0
-        for k in ("containers", "faults", "restarts", "checks", "violations"):
+        for k in ("containers", "faults", "restarts", "checks", "violations", "unsettled"):
             totals[k] += s[k]
         kinds.update(c.faults)
         print(f"seed {seed:4d}: {s['containers']} containers {s['states']} over {s['simulated_hours']} h; "
               f"{s['faults']} faults, {s['restarts']} restarts, {s['checks']} checks, "
-              f"{s['violations']} violations ({wall:.1f} s)", flush=True)
+              f"{s['violations']} violations, {s['unsettled']} unsettled ({wall:.1f} s)", flush=True)
         if c.violations:
             bad.append(seed)
             print(c.report_text(args.trace), flush=True)
@@ -66,6 +66,7 @@ def main() -> int:
           f"{time.perf_counter() - t_all:.0f} s: {totals['faults']} faults injected, "
           f"{totals['restarts']} restarts, {totals['checks']} invariant checks, "
           f"{totals['violations']} violations" + (f" (seeds {bad})" if bad else "")
+          + f"; {totals['unsettled']} instants moved on from unsettled"
           + (f"; harness errors in seeds {errors}" if errors else ""))
     print("faults by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
     return 1 if bad or errors else 0

@@ -15,7 +15,13 @@ G4  an operator's hold/drain/run, once saved in the instance's tag, is what the 
     applies, across restarts.
 
 A violation records the seed and the events (faults, restarts, operator actions, starts and
-container API calls) that led to it. :class:`Chaos` is driven either by a seeded random
+container API calls, crunch-run and instance lifecycles, and the dispatcher's view of the
+container at each start) that led to it.
+
+The actors run on pykka's threads, not on the deterministic single-thread runtime: a slow call
+parks the thread that made it (a pool thread, or one a job started itself, such as the poll's
+mounts fetches) until the simulated clock reaches its end, which one thread running every job
+inline cannot model. So a seed fixes the faults and the timeline, not the interleaving. :class:`Chaos` is driven either by a seeded random
 timeline (:meth:`Chaos.run`, used by tests/test_chaos.py and bench/bench_chaos.py) or rule by
 rule (the hypothesis state machine in tests/test_chaos_state.py).
 """
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 
 import pykka
 
-from actors.base import ACTIVITY
+from actors.base import ACTIVITY, holds_count
 from actors.sim import START, Simulation
 from api.arvados.client import error_for
 from api.arvados.inprocess import LocalArvadosClient
@@ -148,6 +154,8 @@ class FaultyApi:
 
     def iter_containers(self, *a, **kw):
         self._chaos.api_before(self, "list", None)
+        if self.role == "dispatcher":
+            self._chaos.note("api list (poll)")
         yield from self._inner.iter_containers(*a, **kw)
 
     def get_container(self, uuid, *a, **kw):
@@ -207,9 +215,9 @@ class Chaos:
         self.outage_until = 0.0
         self.slow_until = 0.0
         self.impaired_at = 0.0  # last time the API was impaired (outage, slow, parked calls)
-        self.restarting = False
+        self.closing = False  # stopping or restarting the dispatcher: no call parks
         self._plock = threading.Lock()
-        self._parked: dict[threading.Event, str] = {}
+        self._parked: dict[threading.Event, bool] = {}  # parked call -> it gave back a count
         self._park_gen = 0
         self._ops: Counter = Counter()  # uuid -> our unlock/cancel calls in flight
         self.desired: dict[str, tuple[str, float]] = {}  # instance -> (behavior, since)
@@ -237,6 +245,7 @@ class Chaos:
         sim.blocked = self.blocked
         sim.cloud.fault_hook = self._cloud_fault
         sim.cloud.setup_vm = self._setup_vm
+        sim.cloud.listener = self._cloud_event
         return sim
 
     def start(self) -> Chaos:
@@ -244,6 +253,8 @@ class Chaos:
         return self
 
     def stop(self) -> None:
+        """Stop the dispatcher; no call parks from here on (none may outlive the run)."""
+        self.closing = True
         self.release_parked()
         self.sim.stop()
 
@@ -255,13 +266,13 @@ class Chaos:
         self.note("RESTART")
         self.restarts += 1
         self.unsettled += self.sim.unsettled
-        self.restarting = True
+        self.closing = True
         try:
             self.release_parked()
             self.sim.stop()
             self.sim = self._new_sim(self.sim)
         finally:
-            self.restarting = False
+            self.closing = False
         self.started_at = self.sim.now
         self.sim.start()
 
@@ -300,30 +311,40 @@ class Chaos:
         return self._park_gen if self._parked else None
 
     def park(self, seconds: float, label: str) -> None:
-        """Block the calling thread until the simulated clock has moved ``seconds`` on."""
-        if self.restarting:
+        """Block the calling thread until the simulated clock has moved ``seconds`` on.
+
+        While it waits, the work it runs stops counting in the barrier (else no step could end
+        before the release), and counts again from the instant of the release. Only a thread that
+        holds a count gives one back: a thread started inside a counted job (the poll's mounts
+        fetches) holds none of its own, and its job stays counted while it waits; the barrier
+        sees that as a stall behind a parked call (``blocked``)."""
+        if self.closing:
             return
         ev = threading.Event()
+        gave = holds_count()
         with self._plock:
-            self._parked[ev] = label
+            self._parked[ev] = gave
             self._park_gen += 1
+            if gave:
+                ACTIVITY.end()
         # after a slow poll the next one waits as long again (Go's back-off, issue 10 item 7)
         self.impaired_at = max(self.impaired_at, self.sim.now + 2 * seconds)
 
         def release(at):
             self._release(ev)
         self.sim.cloud.call_at(self.sim.now + seconds, "release " + label, release)
-        ACTIVITY.end()  # the caller's work no longer counts as in flight while it waits...
         if not ev.wait(timeout=120):
             self._release(ev)
             raise RuntimeError(f"parked call {label} never released")
 
     def _release(self, ev: threading.Event) -> None:
         with self._plock:
-            if self._parked.pop(ev, None) is None:
+            if ev not in self._parked:
                 return
+            gave = self._parked.pop(ev)
             self._park_gen += 1
-            ACTIVITY.begin()  # ...and counts again from the moment it is released
+            if gave:
+                ACTIVITY.begin()  # counted again before the parked thread can run on
             ev.set()
 
     def release_parked(self) -> None:
@@ -428,7 +449,7 @@ class Chaos:
                 self.fault("ssh drop", f"{target} {command[:60]}")
                 raise ExecutorError("chaos: SSH connection dropped")
             return
-        if op in ("destroy", "set_tags", "create") and not self.restarting and self.random_faults:
+        if op in ("destroy", "set_tags", "create") and not self.closing and self.random_faults:
             if self.frng.random() < self.cfg.slow_cloud_rate:
                 secs = self.frng.uniform(*self.cfg.slow_cloud)
                 self.fault(f"slow {op}", f"{getattr(target, 'name', target)} {secs:.0f}s")
@@ -443,7 +464,8 @@ class Chaos:
         live = [vm.id for vm in self.sim.cloud.vms
                 if (p := vm.procs.get(uuid)) is not None and p.phase is not Phase.EXITED]
         ctr = self.oracle.get_container(uuid, select=["state", "locked_by_uuid", "lock_count"])
-        self.note(f"detach {uuid} on {instance_id} (state={ctr['state']} lock_count={ctr['lock_count']})")
+        self.note(f"detach {uuid} on {instance_id} (state={ctr['state']} lock_count={ctr['lock_count']}; "
+                  f"dispatcher's view {self._views_of(uuid)})")
         if live:
             self.violation("G2", f"{uuid} sent --detach to {instance_id} while still running on {live}",
                            uuid, instance_id, *live)
@@ -456,6 +478,25 @@ class Chaos:
             self.violation("G2", f"{uuid} sent --detach to {instance_id} while we are unlocking or "
                                  "cancelling it", uuid, instance_id)
         self._attempted[uuid] = ctr["lock_count"]
+
+    def _views_of(self, uuid: str) -> str:
+        """What the scheduler and the queue hold about a container (read racily, for the trace)."""
+        out = []
+        for name, attr in (("scheduler", "_queue"), ("queue", "_entries")):
+            try:
+                e = getattr(getattr(self.sim.dispatcher, name)._actor, attr).get(uuid)
+            except Exception:
+                e = None
+            out.append(f"{name}={e.state if e is not None else None}")
+        return " ".join(out)
+
+    def _cloud_event(self, event: str, vm, at: float, uuid: str) -> None:
+        if event in ("running", "exit"):
+            p = vm.procs.get(uuid)
+            why = f" ({p.exit_reason})" if event == "exit" and p is not None and p.exit_reason else ""
+            self.note(f"crunch-run {event} {uuid} on {vm.id}{why}")
+        elif event in ("destroy", "remove"):
+            self.note(f"cloud {event} {vm.id}")
 
     # -- operators and users ---------------------------------------------------------------------
 

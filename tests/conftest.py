@@ -1,4 +1,5 @@
-"""Shared test policy: no test may leak actors, and an actor crash fails the test."""
+"""Shared test policy: no test may leak actors or work counted by the activity barrier, and an
+actor crash fails the test."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import logging
 import pykka
 import pytest
 
+from actors.base import ACTIVITY
+
 from tests.g5 import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (G5 log scan hooks)
+
+
+ACTIVITY_GRACE = 10.0  # seconds a test's leftover background jobs get to finish
 
 
 class _ErrorCatcher(logging.Handler):
@@ -35,9 +41,27 @@ def actor_hygiene(request):
     leaked = pykka.ActorRegistry.get_all()
     if leaked:
         pykka.ActorRegistry.stop_all(block=True, timeout=10)
+    counted = _settle_activity()
+    if leaked:
         pytest.fail(f"test leaked {len(leaked)} actors: {sorted({r.actor_class.__name__ for r in leaked})}")
+    if counted:
+        pytest.fail(f"test left {counted} unit(s) of work counted in the activity barrier "
+                    "(actors.base.ACTIVITY): later tests' wait_idle would time out")
     if catcher.records and request.node.get_closest_marker("allow_actor_errors") is None:
         pytest.fail("actor error logged: " + "; ".join(r.getMessage() for r in catcher.records[:3]))
+
+
+def _settle_activity(timeout: float = ACTIVITY_GRACE) -> int:
+    """0 if the process-wide barrier drains (jobs a test's teardown left running may finish a
+    little later); else reset it, so the leak fails the test that made it and no later one, and
+    return what was left."""
+    if ACTIVITY.pending == 0:
+        return 0
+    try:
+        ACTIVITY.wait_idle(timeout=timeout)
+        return 0
+    except TimeoutError:
+        return ACTIVITY.reset()
 
 
 @pytest.fixture(scope="session")

@@ -279,13 +279,14 @@ def test_kill_instance_running_a_container(live, caplog):
     assert lv.instance(x["instance"])["worker_state"] == "shutdown"
     assert any(getattr(r, "Reason", None) == "via management API: bad disk" and r.msg == "shutting down"
                for r in caplog.records)
-    # the VM goes; crunch-run died with it; the dispatcher cancels the orphaned Running container
-    # (Arvados sync: "not running on any worker") rather than re-running it
+    # the VM goes; crunch-run died with it (its attempt counts as ended when the instance vanished);
+    # the dispatcher cancels the orphaned Running container rather than re-running it
     lv.wait(lambda: lv.instance(x["instance"]) is None, 30)
     assert lv.sim.cloud.vm(x["instance"]) is None
     lv.wait(lambda: lv.state(a)["state"] == "Cancelled", 30)
     assert lv.state(a)["lock_count"] == 1
-    assert any(getattr(r, "ContainerUUID", None) == a and getattr(r, "Reason", None) == "not running on any worker"
+    assert any(getattr(r, "ContainerUUID", None) == a
+               and getattr(r, "Reason", None) == "state=Running after crunch-run exited"
                for r in caplog.records)
     lv.sim.step(30)
     assert lv.instances() == [] and lv.sim.cloud.vms == []

@@ -17,10 +17,10 @@ CFG = CloudVMs(timeout_booting=60.0, timeout_probe=10.0, timeout_idle=30.0)
 T0 = 1000.0
 
 
-def view(state=S.IDLE, behavior=B.RUN, running=(), probed=T0, busy=T0, appeared=T0):
+def view(state=S.IDLE, behavior=B.RUN, running=(), probed=T0, busy=T0, appeared=T0, probe_done=True):
     return WorkerView(instance_id="i", instance_type=instance_type(1), state=state,
                       idle_behavior=behavior, address="", provider_type="", running=running,
-                      busy=busy, appeared=appeared, probed=probed)
+                      busy=busy, appeared=appeared, probed=probed, probe_done=probe_done)
 
 
 @pytest.mark.parametrize("state,booted,want", [
@@ -86,6 +86,10 @@ def test_unresponsive(v, now, want):
     (view(S.IDLE, B.HOLD, busy=T0 - 28), T0 + 5, (), T0 + 5),  # no idle timeout on hold
     (view(S.UNKNOWN, appeared=T0 - 58), T0 + 5, (), T0 + 2),  # boot timeout of an unknown VM
     (view(S.UNKNOWN, running=("u",), appeared=T0 - 58), T0 + 5, (), T0 + 5),  # not while it runs
+    # nor on hold, nor before its first probe: the tick could not act at that deadline, and once
+    # past it woke the worker again at once, for ever (a busy loop)
+    (view(S.UNKNOWN, B.HOLD, appeared=T0 - 300), T0 + 5, (), T0 + 5),
+    (view(S.UNKNOWN, appeared=T0 - 300, probe_done=False), T0 + 5, (), T0 + 5),
     (view(S.RUNNING), T0 + 5, (T0 + 1, T0 + 3), T0 + 1),      # a kill signal
     (view(S.SHUTDOWN), T0 + 5, (T0 + 1,), None),
 ])

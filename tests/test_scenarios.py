@@ -145,6 +145,66 @@ def test_2_unknown_worker_with_known_containers_does_not_block_cancel():
     assert s.told(s.queue, "cancel", A) == 0
 
 
+def test_2_an_unknown_worker_that_never_answers_blocks_cancel_only_until_timeout_booting():
+    """Found by the chaos run (seed 23): an operator held an instance that never booted; after a
+    restart it stayed unknown, never shut down (held) and never answered a run probe, so
+    'Running on no worker -> cancel' stayed suspended cluster-wide for good, and containers whose
+    instances broke stayed Running for ever (G3)."""
+    s = Sched()
+    s.list("i-1")
+    s.report(s.view("i-1", State.UNKNOWN, behavior=Behavior.HOLD))  # never run-probed
+    s.poll(s.entry(C, "Running"))  # C's instance vanished
+    s.tick()
+    s.tick(s.cluster.cloud_vms.timeout_booting - 1)
+    assert s.told(s.queue, "cancel", C) == 0  # i-1 may still turn out to run it
+    s.tick(2)
+    assert s.told(s.queue, "cancel", C) == 1
+
+
+# -- G2: a container whose instance vanished is not started again under the same lock ---------------
+
+def test_g2_container_on_a_vanished_instance_is_not_started_again_from_an_older_queue_view():
+    """Found by the chaos run (seed 26): A was started on i-1 (its crunch-run set it Running);
+    i-1 broke and vanished from the listing while the container API was down, so the last queue
+    view still said Locked; the next pass started A on i-2 while the API had it Running. As Go
+    does with a crunch-run that exits, the attempt counts as running until a queue poll newer
+    than its end shows where the container stands."""
+    s = Sched()
+    s.list("i-1", "i-2")
+    s.report(s.view("i-1", State.IDLE), s.view("i-2", State.IDLE))
+    s.poll(s.entry(A, "Locked"))
+    s.tick()
+    [first] = s.starts(A)
+    other = "i-2" if first == "i-1" else "i-1"
+    s.report(s.view(first, State.RUNNING, running=(A,), starts_seen=1))
+    s.tick(60)
+    s.now += 300
+    s.list(other)  # the instance is gone; no poll since (API outage)
+    s.tick(1)
+    s.tick(10)
+    assert s.starts(A) == [first], "A was sent crunch-run --detach again under the same lock"
+    s.poll(s.entry(A, "Running"))  # a poll newer than the instance's disappearance
+    s.tick(1)
+    assert s.starts(A) == [first]
+    assert s.told(s.queue, "cancel", A) == 1  # Running on no worker
+
+
+def test_g2_lock_answer_does_not_start_a_container_an_earlier_attempt_of_which_turned_up():
+    """The start that goes out with a lock's answer checked only the instance held for it: a
+    crunch-run of an earlier attempt that a probe reported meanwhile, on another instance, was
+    not seen, and the container got a second one."""
+    s = Sched()
+    s.list("i-1", "i-2")
+    s.report(s.view("i-1", State.IDLE), s.view("i-2", State.IDLE))
+    s.poll(s.entry(A, "Queued"))
+    s.tick()
+    assert s.told(s.queue, "lock", A) == 1
+    s.report(s.view("i-2", State.RUNNING, running=(A,)))  # an earlier attempt's crunch-run
+    s.s.container_op_done(A, "lock", s.entry(A, "Locked"), "")
+    s.tick(1)
+    assert s.starts(A) == []
+
+
 # -- 3: a Running container that fits no configured type is left alone ---------------------------
 
 def test_3_running_container_of_retired_type_is_not_killed():
@@ -213,7 +273,7 @@ class _SlowDestroys(Chaos):
 
     def _cloud_fault(self, op, target, command):
         self.calls.append((self.t, op))
-        if op == "destroy" and not self.restarting:
+        if op == "destroy" and not self.closing:
             self.park(900, "cloud destroy")
 
 
