@@ -71,6 +71,7 @@ class ParkingExecutor:
         self.table = dict(table)
         self.parked = set(parked)
         self.calls: list[str] = []
+        self.threads: set[str] = set()  # where commands ran
         self._cond = threading.Condition()
         self._released: set[str] = set()
         self.waiting = 0
@@ -79,6 +80,7 @@ class ParkingExecutor:
         key = max((k for k in self.table if command.startswith(k)), key=len)
         with self._cond:
             self.calls.append(command)
+            self.threads.add(threading.current_thread().name)
             self._cond.notify_all()
             if key in self.parked:
                 self.waiting += 1
@@ -255,6 +257,22 @@ def test_one_probe_in_flight_then_the_overdue_one_at_once(rig):
     ex.wait_begun(LIST, 2)
 
 
+def test_a_slow_failed_probe_counts_from_when_it_began(rig):
+    """Go: "using the start time of the probe as the timeout threshold ensures we always initiate
+    at least one probe attempt after the boot/probe timeout expires"."""
+    ex = ParkingExecutor({LIST: ExecResult(b"", b"no\n", 1)}, parked={LIST})
+    w, _, iset = rig.worker(State.IDLE, ex)
+    rig.at(595)  # TimeoutProbe is 600 s from the last answer (T0)
+    ex.wait_begun(LIST)
+    rig.clock.set(T0 + 700)  # it fails after the timeout...
+    ex.release(LIST)
+    ACTIVITY.wait_idle(WAIT)
+    assert w.view.get(timeout=WAIT).state is State.IDLE  # ...but began before it: not unresponsive
+    assert iset.named("destroy") == []
+    rig.at(700)  # the next one begins after it
+    iset.wait("destroy")
+
+
 def test_stop_while_a_probe_waits_leaks_no_job():
     """Stopping a worker whose probe is out: the job ends on its own and tells a stopped actor;
     a job still queued in a pool that shuts down is cancelled; the barrier counts neither."""
@@ -296,6 +314,8 @@ def test_boot_probes_do_not_starve_booted_workers():
         busy.wait_begun(DETACH)
         sched.wait("worker_changed", lambda a: a[0].last_uuid == UUID)
         assert booting.waiting == 1
+        ran = booting.threads | busy.threads
+        assert ran and all(t.startswith("ssh-") for t in ran), ran  # never a WorkerActor's thread
     finally:
         rig.close()
 
