@@ -233,7 +233,7 @@ class WorkerActor(TickedActor):
         if self._inline:
             getattr(self, "_apply_" + apply)(fn(*args))
             return
-        done = getattr(self._self, apply + "_done")
+        done = self._done[apply]
 
         def job():
             done.defer(fn(*args))
@@ -264,6 +264,7 @@ class WorkerActor(TickedActor):
     def on_start(self) -> None:
         self._inline = False
         super().on_start()
+        self._done = {k: getattr(self._self, k + "_done") for k in ("probe", "start", "kill")}
 
     def on_stop(self) -> None:
         super().on_stop()
@@ -556,11 +557,15 @@ class WorkerActor(TickedActor):
                     runner = deployed
             if booted:
                 self._log.info("instance booted; will try probeRunning", extra=req.fields)
-        res = ProbeResult(req.gen, req.started, req.started, req.initial, booted=booted,
-                          boot_ok=boot_ok, boot_err=boot_err, runner=deployed)
+        listed = ok = broken = stale = False
+        uuids, list_at = (), 0.0
         if wants_run_probe(req.initial, booted):
-            res = self._probe_running(req, runner, res)
-        return replace(res, ended=self._seen_at(req.started))
+            listed = True
+            list_at = self._seen_at(req.started)
+            uuids, broken, stale, ok = self._probe_running(req, runner, booted)
+        return ProbeResult(req.gen, req.started, self._seen_at(req.started), req.initial, booted=booted,
+                           boot_ok=boot_ok, boot_err=boot_err, runner=deployed, listed=listed, ok=ok,
+                           uuids=uuids, broken=broken, stale=stale, list_at=list_at)
 
     def _probe_booted(self, req: ProbeRequest) -> tuple[bool, str]:
         cmd = req.boot_cmd
@@ -610,9 +615,9 @@ class WorkerActor(TickedActor):
             return False, stderr, None
         return True, "", rb.path
 
-    def _probe_running(self, req: ProbeRequest, runner: str, res: ProbeResult) -> ProbeResult:
+    def _probe_running(self, req: ProbeRequest, runner: str, booted: bool) -> tuple[tuple, bool, bool, bool]:
+        """(containers listed, broken, stale run lock, answered)"""
         cmd = crunchrun.list_command(runner, self._sudo, stdin_prices=req.prices)
-        list_at = self._seen_at(req.started)
         t0 = time.perf_counter()  # a duration for the metric only; decisions use ``now``
         try:
             out = self._run(cmd, req.list_stdin)
@@ -622,20 +627,19 @@ class WorkerActor(TickedActor):
         if out is None or not out.ok:
             if self._metrics is not None:
                 self._metrics.run_probe_duration.labels(outcome="fail").observe(time.perf_counter() - t0)
-            if res.booted:
+            if booted:
                 # every failure after boot is logged, with the command's stderr
                 self._log.warning("probe failed", extra={
                     **req.fields, "Command": cmd,
                     "stdout": (out.stdout.decode(errors="replace")[-500:] if out else ""), "stderr": err[-2000:]})
-            return replace(res, listed=True, list_at=list_at)
+            return (), False, False, False
         if self._metrics is not None:
             self._metrics.run_probe_duration.labels(outcome="success").observe(time.perf_counter() - t0)
         running, stale, broken = crunchrun.parse_list(out.stdout.decode(errors="replace"),
                                                       self._cluster.cluster_id)
         if stale:
             self._log.info("probe reported stale run lock", extra={**req.fields, "ContainerUUID": stale[0]})
-        return replace(res, listed=True, ok=True, uuids=tuple(running), broken=broken, stale=bool(stale),
-                       list_at=list_at)
+        return tuple(running), broken, bool(stale), True
 
     @_handler
     def probe_done(self, res: ProbeResult) -> None:
@@ -676,18 +680,21 @@ class WorkerActor(TickedActor):
         if probe_failed(ok, booted, uuids, bool(self._runners)):
             self._probe_failed(res.started, now, booted, res.boot_err)
             return
-        self._set(probed=now)
         if res.gen != self._gen:
             # A start, a start's answer or a runner's end happened after this probe began: its
             # list may miss a container we just started, or show one whose end we already told.
             # Leave the runners alone; the next probe catches up (Go: "probe/sync race").
             self._log.debug("skipping worker state update due to probe/sync race",
                             extra=self._fields(ProbeGen=res.gen, Gen=self._gen))
+            self._set(probed=now)
             return
         if uuids or self._runners:
-            self._set(busy=now)
             if not self._view.last_uuid and uuids:
-                self._set(last_uuid=uuids[0])
+                self._set(probed=now, busy=now, last_uuid=uuids[0])
+            else:
+                self._set(probed=now, busy=now)
+        else:
+            self._set(probed=now)
         self._update_running(uuids, now, res.list_at)
         v = self._view
         verdict = after_probe(v.state, v.idle_behavior, booted, bool(self._runners))
