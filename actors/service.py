@@ -28,6 +28,7 @@ from actors.scheduler import NotFound as SchedNotFound
 from actors.scheduler import SchedulerActor, SnapshotBox
 from actors.ticker import Ticker
 from actors.worker import WorkerActor
+from actors.workerpools import WorkerPools
 from cloud.base import OpsLimiter, wrap
 
 log = logging.getLogger("dispatch.main")
@@ -63,6 +64,7 @@ class Dispatcher:
         # that delays reports (``worker_reports(proxy) -> proxy-like``)
         self._worker_reports = worker_reports or (lambda proxy: proxy)
         self.probe_limiter = OpsLimiter(cluster.cloud_vms.max_probes_per_second)
+        self.worker_pools: WorkerPools | None = None  # the workers' SSH commands run here
         self.crashed = threading.Event()
         self.crash_error: BaseException | None = None
         self.instance_set = wrap(driver_set, resource_tags=cluster.cloud_vms.resource_tags,
@@ -101,10 +103,12 @@ class Dispatcher:
             instance_set=self._iset_inbox, ticker=self.ticker, cluster=cluster, metrics=metrics,
             clock=self.clock,
             rng=None if self.seed is None else random.Random(f"{self.seed}:{info.id}"),
-            probe_limiter=self.probe_limiter).proxy(), WorkerInbox)
+            probe_limiter=self.probe_limiter, pools=self.worker_pools).proxy(), WorkerInbox)
 
     def start(self, start_ticker: bool = True) -> None:
         small_thread_stacks()
+        if self.runtime is None:  # a simulation runtime runs the jobs itself, in order
+            self.worker_pools = WorkerPools.for_cluster(self.cluster)
         BaseActor.on_crash = staticmethod(self._on_crash)
         now = self.clock.now()
         quota_group = self.instance_set.instance_quota_group
@@ -144,6 +148,8 @@ class Dispatcher:
                 ref.stop(block=True, timeout=10)
             except (pykka.ActorDeadError, pykka.Timeout):
                 pass
+        if self.worker_pools is not None:
+            self.worker_pools.shutdown()
         if self.runtime is not None:
             self.runtime.run()  # what the stopped actors left queued (pool jobs) ends here
 

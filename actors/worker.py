@@ -8,17 +8,27 @@ the TimeoutBooting age rule; only if no probe at all answers for TimeoutBooting 
 Go. Also different: the idle clock (``busy``) starts when a worker becomes ready, so a boot slower
 than TimeoutIdle does not make a new worker eligible for shutdown before it got any work.
 
-All SSH happens in this actor's own thread: a slow or dead VM blocks only itself. Time arrives
-with ``tick(now)``; the actor tells the Ticker its next deadline after every handler.
+No SSH runs on this actor's thread: probes, starts and kills are jobs on the shared pools of
+:mod:`actors.workerpools` (boot probes apart from run probes, starts and kills), and their results
+come back as messages, so start, kill, set_idle_behavior and shutdown are handled while a probe
+waits. As in Go (``probeAndUpdate``): at most one probe in flight; a probe whose result arrives
+after a start, a kill's exit or a shutdown it did not see (the generation ``_gen``, Go's
+``updated``) counts as an answer (``probed``) but changes no runner and no state. A worker used as
+a plain object (not started: tests) runs those jobs in the caller's thread and applies them at
+once. Time arrives with ``tick(now)``; the actor tells the Ticker its next deadline after every
+handler.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import math
 import random
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from actors.base import TickedActor
 from actors.lifecycle import (after_probe, eligible_for_shutdown, next_wake, probe_failed, stale_lock,
@@ -45,6 +55,53 @@ class _Runner:
     kill_reason: str = ""
     next_signal: float = 0.0
     given_up: bool = False
+    seq: int = 0  # which start (or detection) this is: a late result for an earlier one is ignored
+    killing: bool = False  # a --kill is out (one at a time, as Go's signal loop)
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What a probe job needs, taken on the actor's thread when it begins."""
+
+    gen: int
+    started: float
+    initial: State
+    boot_cmd: str
+    boot_timeout: float
+    list_stdin: bytes
+    prices: bool
+    fields: dict = field(hash=False)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a probe found (pool thread -> actor)."""
+
+    gen: int  # the worker's generation when the probe began
+    started: float
+    ended: float
+    initial: State
+    booted: bool = False
+    boot_ok: bool = False  # the boot probe itself answered (not just "already booted")
+    boot_err: str = ""
+    runner: str | None = None  # the deployed runner's path
+    listed: bool = False  # the run probe ran
+    ok: bool = False  # ... and answered
+    uuids: tuple[str, ...] = ()
+    broken: bool = False
+    stale: bool = False
+    list_at: float = 0.0  # when its --list began (see _seen_at)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A --detach or --kill's outcome (pool thread -> actor)."""
+
+    uuid: str
+    seq: int
+    ok: bool
+    sent: float  # when the command began
+    ended: float
 
 
 def price_history(instance: InstanceInfo, it: InstanceType) -> list:
@@ -66,7 +123,8 @@ def _current_price(history) -> float | None:
 
 def _handler(fn):
     """A message handler: what it changed in the view is told to the scheduler once, at the end
-    (or earlier by an explicit ``_publish``), then the Ticker gets the next deadline."""
+    (or earlier by an explicit ``_publish``), then the Ticker gets the next deadline. (Handlers
+    never call each other: a job run inline calls the undecorated ``_apply_*``.)"""
 
     @functools.wraps(fn)
     def handle(self, *args):
@@ -82,13 +140,18 @@ class WorkerActor(TickedActor):
     def __init__(self, *, instance: InstanceInfo, instance_type: InstanceType, state: State,
                  behavior: Behavior, now: float, executor_factory, scheduler, instance_set, ticker,
                  cluster: Cluster, metrics=None, rng: random.Random | None = None,
-                 probe_limiter=None, clock=None):
+                 probe_limiter=None, clock=None, pools=None):
         super().__init__(ticker)
-        self._clock = clock  # read only to date a crunch-run's exit (see _seen_at)
+        self._clock = clock  # read only by jobs, to date what they saw (see _seen_at)
         self._cluster = cluster
         self._cfg = cluster.cloud_vms
-        # the factory gets our SSH-verified hook: it runs in this actor's thread, inside execute()
-        self._exec = executor_factory(self.on_ssh_verified)
+        # the factory gets our SSH-verified hook: it runs inside execute(), on a pool thread
+        self._exec = executor_factory(self._ssh_verified_hook)
+        self._pools = pools  # actors.workerpools.WorkerPools; None: a new thread per job
+        self._inline = True  # not started: jobs run in the caller's thread (a plain object in tests)
+        self._probing = False  # a probe job is out: at most one
+        self._gen = 0  # Go's ``updated``: bumped by starts, a start's answer, a runner's end, shutdown
+        self._seq = itertools.count(1)
         self._scheduler = scheduler
         self._iset = instance_set
         self._metrics = metrics
@@ -100,7 +163,6 @@ class WorkerActor(TickedActor):
         self._first_ssh: float = 0.0
         self._boot_outcome_reported = False
         self._stale_since: float | None = None
-        self._list_at = now  # when the last ``crunch-run --list`` began (see _seen_at)
         self._now = now
         self._next_probe = now + self._rng.uniform(0, self._cfg.probe_interval / 23)
         self._view = WorkerView(
@@ -137,9 +199,12 @@ class WorkerActor(TickedActor):
             self.wake_at(when)
 
     def next_wake(self) -> float | None:
-        return next_wake(self._view, self._next_probe, self._cfg,
+        # while a probe is out its answer books the next one: an overdue probe deadline would
+        # wake us again and again for nothing
+        when = next_wake(self._view, math.inf if self._probing else self._next_probe, self._cfg,
                          (r.next_signal for r in self._runners.values()
                           if r.kill_started is not None and not r.given_up))
+        return None if when is None or when == math.inf else when
 
     def _report_boot_outcome(self, outcome: str) -> None:
         if self._boot_outcome_reported:
@@ -149,20 +214,45 @@ class WorkerActor(TickedActor):
             self._metrics.boot_outcomes.labels(outcome=outcome).inc()
 
     def _run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
-        """``timeout`` None: the executor's short default, for ``--list`` probes."""
+        """(pool thread) ``timeout`` None: the executor's short default, for ``--list`` probes."""
         if timeout is None:
             return self._exec.execute(command, stdin)
         return self._exec.execute(command, stdin, timeout=timeout)
 
     def _seen_at(self, now: float) -> float:
-        """When a command that shows a crunch-run gone actually began: a tick is handled late
-        when this thread waits (its mailbox, the GIL), and an exit dated by the tick's ``now``
+        """When a command that shows a crunch-run gone actually began: a job starts later than the
+        handler that sent it (the pool, the GIL), and an exit dated by the handler's ``now``
         looked older than a queue poll that still saw the container Running, so the scheduler
         cancelled a container crunch-run had just completed (422). Go dates it with time.Now()."""
         return max(now, self._clock.now()) if self._clock is not None else now
 
+    def _job(self, kind: str, fn: Callable, args: tuple, apply: str) -> None:
+        """Run ``fn(*args)`` off the mailbox on the ``kind`` pool and hand its result to
+        ``_apply_<apply>`` as the message ``<apply>_done``. ``fn`` reads only its arguments and
+        what never changes after __init__ (executor, cluster, logger, metrics, clock)."""
+        if self._inline:
+            getattr(self, "_apply_" + apply)(fn(*args))
+            return
+        done = self._done[apply]
+
+        def job():
+            done.defer(fn(*args))
+
+        self._off_mailbox(job, pool=None if self._pools is None else self._pools.get(kind),
+                          name=f"worker-{kind}")
+
+    def _ssh_verified_hook(self) -> None:
+        """(pool thread, inside execute()) The host proved its identity: tell ourselves."""
+        if self._inline:
+            self.on_ssh_verified()
+            return
+        try:
+            self._self.on_ssh_verified.defer()
+        except Exception:  # stopped meanwhile
+            pass
+
     def on_ssh_verified(self) -> None:
-        """Called by the executor (in this thread) when the host proves its identity."""
+        """The executor verified the host (first time: the metric of time to SSH)."""
         if not self._first_ssh:
             now = self._now
             self._first_ssh = now
@@ -171,10 +261,15 @@ class WorkerActor(TickedActor):
 
     # -- messages --------------------------------------------------------------------------------
 
+    def on_start(self) -> None:
+        self._inline = False
+        super().on_start()
+        self._done = {k: getattr(self._self, k + "_done") for k in ("probe", "start", "kill")}
+
     def on_stop(self) -> None:
         super().on_stop()
         try:
-            self._exec.close()
+            self._exec.close()  # a job still running on it fails and tells a stopped actor
         except Exception:
             pass
 
@@ -183,7 +278,8 @@ class WorkerActor(TickedActor):
         self._now = now
         if self._view.state is not State.SHUTDOWN:
             self._kill_loop(now)
-            if not self._shutdown_if_idle(now) and now >= self._next_probe and self._probe_slot_due(now):
+            if (not self._shutdown_if_idle(now) and not self._probing and now >= self._next_probe
+                    and self._probe_slot_due(now)):
                 self._next_probe = now + self._cfg.probe_interval * self._rng.uniform(0.97, 1.03)
                 self._probe(now)
 
@@ -238,30 +334,52 @@ class WorkerActor(TickedActor):
             self._scheduler.container_start_failed(uuid, v.instance_id,
                                                    f"worker is {v.state}/{v.idle_behavior}")
             return
-        self._runners[uuid] = _Runner(uuid, now)
+        seq = next(self._seq)
+        self._runners[uuid] = _Runner(uuid, now, seq=seq)
+        self._gen += 1
         self._set(state=State.RUNNING)
         self._publish()  # the scheduler hears of the start before the (slow) command runs
         cmd = crunchrun.detach_command(self._runner, crunchrun.runner_args(self._cluster), uuid,
                                        sudo=crunchrun.needs_sudo(self._instance.remote_user))
         stdin = crunchrun.config_data(self._cluster, v.instance_type, self._instance.address, uuid)
+        self._job("command", self._start_job, (cmd, stdin, uuid, seq, now, entry.created_at,
+                                               self._fields(ContainerUUID=uuid)), "start")
+
+    def _start_job(self, cmd: str, stdin: bytes, uuid: str, seq: int, now: float,
+                   created_at: float, fields: dict) -> CommandResult:
+        """(pool thread) ``crunch-run --detach``. Whether or not it worked, the next probe decides
+        (as Arvados does)."""
+        ok = False
         try:
             res = self._run(cmd, stdin, LONG_COMMAND_TIMEOUT)
+            ok = res.ok
             if res.ok:
-                self._log.info("crunch-run process started", extra=self._fields(ContainerUUID=uuid))
+                self._log.info("crunch-run process started", extra=fields)
             else:
-                self._log.error("error starting crunch-run process", extra=self._fields(
-                    ContainerUUID=uuid, stdout=res.stdout.decode(errors="replace")[-2000:],
-                    stderr=res.stderr.decode(errors="replace")[-2000:]))
+                self._log.error("error starting crunch-run process", extra={
+                    **fields, "stdout": res.stdout.decode(errors="replace")[-2000:],
+                    "stderr": res.stderr.decode(errors="replace")[-2000:]})
         except ExecutorError as e:
-            self._log.error("error starting crunch-run process",
-                            extra=self._fields(ContainerUUID=uuid, error=str(e)))
-        if self._metrics is not None and entry.created_at:
-            self._metrics.time_from_queue_to_crunch_run.observe(max(0.0, now - entry.created_at))
-        # Whether or not the command worked, the next probe decides (as Arvados does).
-        r = self._runners.get(uuid)
-        if r is not None and r.starting:
-            r.starting = False
-            self._set(busy=now, last_uuid=uuid)
+            self._log.error("error starting crunch-run process", extra={**fields, "error": str(e)})
+        except Exception as e:  # a bug must not leave the runner starting forever
+            self._log.exception("error starting crunch-run process", extra={**fields, "error": repr(e)})
+        ended = self._seen_at(now)
+        if self._metrics is not None and created_at:
+            self._metrics.time_from_queue_to_crunch_run.observe(max(0.0, ended - created_at))
+        return CommandResult(uuid, seq, ok, now, ended)
+
+    @_handler
+    def start_done(self, res: CommandResult) -> None:
+        self._apply_start(res)
+
+    def _apply_start(self, res: CommandResult) -> None:
+        now = self._now = max(self._now, res.ended)
+        r = self._runners.get(res.uuid)
+        if r is None or r.seq != res.seq or not r.starting:
+            return  # ended, killed or listed by a probe meanwhile (Go: no longer in ``starting``)
+        r.starting = False
+        self._gen += 1
+        self._set(busy=now, last_uuid=res.uuid)
 
     @_handler
     def kill_container(self, uuid: str, reason: str, now: float) -> None:
@@ -315,6 +433,7 @@ class WorkerActor(TickedActor):
 
     def _shutdown(self, now: float, reason: str) -> None:
         self._log.info("shutting down", extra=self._fields(Reason=reason, State=str(self._view.state)))
+        self._gen += 1
         self._set(state=State.SHUTDOWN, destroyed=now)
         self._iset.destroy(self._instance.handle, now)
 
@@ -334,6 +453,7 @@ class WorkerActor(TickedActor):
         if self._runners.pop(uuid, None) is None:
             return
         self._log.info("crunch-run process ended", extra=self._fields(ContainerUUID=uuid))
+        self._gen += 1
         self._scheduler.container_ended(uuid, self._view.instance_id, now if seen is None else seen)
         self._set(busy=now)
         if self._view.state is State.RUNNING and not self._runners:
@@ -357,132 +477,200 @@ class WorkerActor(TickedActor):
             if now < r.next_signal:
                 continue
             r.next_signal = now + self._cfg.timeout_signal
+            if r.killing:
+                continue  # the last signal's command is still out
             self._log.info("sending signal", extra=self._fields(ContainerUUID=r.uuid, Signal=15,
                                                                Reason=r.kill_reason))
-            sent = self._seen_at(now)
-            try:
-                res = self._run(crunchrun.kill_command(self._runner, r.uuid, self._sudo),
-                                timeout=LONG_COMMAND_TIMEOUT)
-                ok = res.ok
-            except ExecutorError as e:
-                ok, res = False, None
-                self._log.info("kill attempt unsuccessful", extra=self._fields(ContainerUUID=r.uuid, error=str(e)))
-            if ok:
-                self._close_runner(r.uuid, now, sent)
-            elif res is not None:
-                self._log.info("kill attempt unsuccessful", extra=self._fields(
-                    ContainerUUID=r.uuid, stderr=res.stderr.decode(errors="replace")[-500:]))
+            r.killing = True
+            self._job("command", self._kill_job,
+                      (crunchrun.kill_command(self._runner, r.uuid, self._sudo), r.uuid, r.seq, now,
+                       self._fields(ContainerUUID=r.uuid)), "kill")
 
-    def _probe_booted(self) -> tuple[bool, str]:
-        cmd = crunchrun.boot_probe_command(self._cfg.boot_probe_command)
-        # Go sets no deadline: a boot probe may wait (cloud-init status --wait); what is left of
-        # TimeoutBooting bounds it, since after that the instance goes anyway
-        left = self._view.appeared + self._cfg.timeout_booting - self._now
+    def _kill_job(self, cmd: str, uuid: str, seq: int, now: float, fields: dict) -> CommandResult:
+        """(pool thread) One ``crunch-run --kill 15``."""
+        sent = self._seen_at(now)
+        ok = False
         try:
-            res = self._run(cmd, timeout=max(BOOT_PROBE_MIN_TIMEOUT, left))
+            res = self._run(cmd, timeout=LONG_COMMAND_TIMEOUT)
+            ok = res.ok
+            if not ok:
+                self._log.info("kill attempt unsuccessful", extra={
+                    **fields, "stderr": res.stderr.decode(errors="replace")[-500:]})
+        except ExecutorError as e:
+            self._log.info("kill attempt unsuccessful", extra={**fields, "error": str(e)})
+        except Exception as e:
+            self._log.exception("kill attempt unsuccessful", extra={**fields, "error": repr(e)})
+        return CommandResult(uuid, seq, ok, sent, self._seen_at(now))
+
+    @_handler
+    def kill_done(self, res: CommandResult) -> None:
+        self._apply_kill(res)
+
+    def _apply_kill(self, res: CommandResult) -> None:
+        now = self._now = max(self._now, res.ended)
+        r = self._runners.get(res.uuid)
+        if r is None or r.seq != res.seq:
+            return
+        r.killing = False
+        if res.ok:
+            self._close_runner(res.uuid, now, res.sent)
+
+    def _probe(self, now: float) -> None:
+        """Begin a probe round (boot probe, runner upload, run probe: whichever this state needs)
+        as a job: on the boot pool until the VM has booted, then on the probe pool."""
+        v = self._view
+        if self._probing or v.state is State.SHUTDOWN:
+            return
+        self._probing = True
+        prices = price_history(self._instance, v.instance_type)
+        # Go sets no deadline on the boot probe: it may wait (cloud-init status --wait); what is
+        # left of TimeoutBooting bounds it, since after that the instance goes anyway
+        req = ProbeRequest(
+            gen=self._gen, started=now, initial=v.state,
+            boot_cmd=crunchrun.boot_probe_command(self._cfg.boot_probe_command),
+            boot_timeout=max(BOOT_PROBE_MIN_TIMEOUT, v.appeared + self._cfg.timeout_booting - now),
+            # as Arvados: crunch-run records the instance's price history for cost reports
+            list_stdin=crunchrun.go_json([p.arvados_json() for p in prices]).encode() if prices else b"",
+            prices=bool(prices), fields=self._fields())
+        self._job("probe" if v.state in BOOTED else "boot", self._probe_job, (req, self._runner), "probe")
+
+    def _probe_job(self, req: ProbeRequest, runner: str) -> ProbeResult:
+        """(pool thread) Go's probeAndUpdate up to taking the lock: the remote commands."""
+        try:
+            return self._probe_commands(req, runner)
+        except Exception as e:  # a bug must not leave the worker probing forever
+            self._log.exception("probe failed", extra={**req.fields, "error": repr(e)})
+            return ProbeResult(req.gen, req.started, self._seen_at(req.started), req.initial,
+                               boot_err=repr(e))
+
+    def _probe_commands(self, req: ProbeRequest, runner: str) -> ProbeResult:
+        booted = req.initial in BOOTED
+        boot_ok, boot_err, deployed = False, "", None
+        if not booted:
+            booted, boot_err = self._probe_booted(req)
+            boot_ok = booted
+            if booted or req.initial is State.UNKNOWN:
+                copied, copy_err, deployed = self._deploy_runner(req.fields)
+                if not copied:
+                    booted, boot_err = False, copy_err
+                elif deployed:
+                    runner = deployed
+            if booted:
+                self._log.info("instance booted; will try probeRunning", extra=req.fields)
+        listed = ok = broken = stale = False
+        uuids, list_at = (), 0.0
+        if wants_run_probe(req.initial, booted):
+            listed = True
+            list_at = self._seen_at(req.started)
+            uuids, broken, stale, ok = self._probe_running(req, runner, booted)
+        return ProbeResult(req.gen, req.started, self._seen_at(req.started), req.initial, booted=booted,
+                           boot_ok=boot_ok, boot_err=boot_err, runner=deployed, listed=listed, ok=ok,
+                           uuids=uuids, broken=broken, stale=stale, list_at=list_at)
+
+    def _probe_booted(self, req: ProbeRequest) -> tuple[bool, str]:
+        cmd = req.boot_cmd
+        try:
+            res = self._run(cmd, timeout=req.boot_timeout)
         except ExecutorError as e:
             level = logging.DEBUG if isinstance(e, NoAddress) or "refused" in str(e) or "timed out" in str(e) else logging.WARNING
-            self._log.log(level, "boot probe failed", extra=self._fields(Command=cmd, error=str(e)))
+            self._log.log(level, "boot probe failed", extra={**req.fields, "Command": cmd, "error": str(e)})
             return False, str(e)
         if not res.ok:
             stderr = res.stderr.decode(errors="replace")
-            self._log.debug("boot probe failed", extra=self._fields(
-                Command=cmd, stdout=res.stdout.decode(errors="replace")[-500:], stderr=stderr[-500:]))
+            self._log.debug("boot probe failed", extra={
+                **req.fields, "Command": cmd, "stdout": res.stdout.decode(errors="replace")[-500:],
+                "stderr": stderr[-500:]})
             return False, stderr
-        self._log.info("boot probe succeeded", extra=self._fields())
-        self.on_ssh_verified()  # executors without SSH never call it; first success is as good
+        self._log.info("boot probe succeeded", extra=req.fields)
         return True, ""
 
-    def _deploy_runner(self) -> tuple[bool, str]:
+    def _deploy_runner(self, fields: dict) -> tuple[bool, str, str | None]:
         """Go's copyRunnerData: with DeployRunnerBinary set, make sure the VM has that exact
         binary at ``<DeployRunnerDirectory>/crunch-run~<md5>`` and use it as the runner command.
-        (False, reason) fails the boot probe, as in Go."""
+        (False, reason, None) fails the boot probe, as in Go; else the path to use, if any."""
         vms = self._cfg
         if not runner_deploy.deploy_source(vms.deploy_runner_binary):
-            return True, ""
+            return True, "", None
         try:
             rb = runner_deploy.load(vms.deploy_runner_binary, vms.deploy_runner_directory)
         except OSError as e:
             self._log.warning("cannot boot worker: error loading runner binary",
-                              extra=self._fields(error=f"{vms.deploy_runner_binary}: {e.strerror or e}"))
-            return False, str(e)
-        self._runner = rb.path
-        fields = self._fields(hash=rb.md5, path=rb.path)
+                              extra={**fields, "error": f"{vms.deploy_runner_binary}: {e.strerror or e}"})
+            return False, str(e), None
+        fields = {**fields, "hash": rb.md5, "path": rb.path}
         try:
             res = self._run(crunchrun.runner_md5sum_command(rb.path), timeout=LONG_COMMAND_TIMEOUT)
             if crunchrun.runner_installed(rb.md5, rb.path, res.stdout, res.stderr, res.exit_status):
                 self._log.info("runner binary already exists on worker, with correct hash", extra=fields)
-                return True, ""
+                return True, "", rb.path
             self._log.info("installing runner binary on worker", extra=fields)
-            res = self._run(crunchrun.runner_install_command(rb.path, self._sudo), rb.data, LONG_COMMAND_TIMEOUT)
+            res = self._run(crunchrun.runner_install_command(rb.path, self._sudo), rb.data,
+                            LONG_COMMAND_TIMEOUT)
         except ExecutorError as e:
             self._log.warning("error copying runner binary", extra={**fields, "error": str(e)})
-            return False, str(e)
+            return False, str(e), None
         if not res.ok:
             stderr = res.stderr.decode(errors="replace")
             self._log.warning("error copying runner binary", extra={**fields, "stderr": stderr[-2000:]})
-            return False, stderr
-        return True, ""
+            return False, stderr, None
+        return True, "", rb.path
 
-    def _probe_running(self, now: float, booted: bool) -> tuple[list[str], bool, bool]:
-        prices = price_history(self._instance, self._view.instance_type)
-        # as Arvados: crunch-run records the instance's price history for cost reports
-        cmd = crunchrun.list_command(self._runner, self._sudo, stdin_prices=bool(prices))
-        stdin = crunchrun.go_json([p.arvados_json() for p in prices]).encode() if prices else b""
-        self._list_at = self._seen_at(now)
+    def _probe_running(self, req: ProbeRequest, runner: str, booted: bool) -> tuple[tuple, bool, bool, bool]:
+        """(containers listed, broken, stale run lock, answered)"""
+        cmd = crunchrun.list_command(runner, self._sudo, stdin_prices=req.prices)
         t0 = time.perf_counter()  # a duration for the metric only; decisions use ``now``
         try:
-            res = self._run(cmd, stdin)
-            err = "" if res.ok else res.stderr.decode(errors="replace")
+            out = self._run(cmd, req.list_stdin)
+            err = "" if out.ok else out.stderr.decode(errors="replace")
         except ExecutorError as e:
-            res, err = None, str(e)
-        if res is None or not res.ok:
+            out, err = None, str(e)
+        if out is None or not out.ok:
             if self._metrics is not None:
                 self._metrics.run_probe_duration.labels(outcome="fail").observe(time.perf_counter() - t0)
             if booted:
                 # every failure after boot is logged, with the command's stderr
-                self._log.warning("probe failed", extra=self._fields(
-                    Command=cmd, stdout=(res.stdout.decode(errors="replace")[-500:] if res else ""),
-                    stderr=err[-2000:]))
-            return [], False, False
+                self._log.warning("probe failed", extra={
+                    **req.fields, "Command": cmd,
+                    "stdout": (out.stdout.decode(errors="replace")[-500:] if out else ""), "stderr": err[-2000:]})
+            return (), False, False, False
         if self._metrics is not None:
             self._metrics.run_probe_duration.labels(outcome="success").observe(time.perf_counter() - t0)
-        running, stale, broken = crunchrun.parse_list(res.stdout.decode(errors="replace"),
+        running, stale, broken = crunchrun.parse_list(out.stdout.decode(errors="replace"),
                                                       self._cluster.cluster_id)
         if stale:
-            self._log.info("probe reported stale run lock", extra=self._fields(ContainerUUID=stale[0]))
-        self._stale_since, too_long = stale_lock(bool(stale), self._stale_since, now,
-                                                 self._cfg.timeout_stale_run_lock)
-        if too_long:
-            self._log.warning("reporting broken after reporting stale run lock for too long",
-                              extra=self._fields())
-            broken = True
-        return running, broken, True
+            self._log.info("probe reported stale run lock", extra={**req.fields, "ContainerUUID": stale[0]})
+        return tuple(running), broken, bool(stale), True
 
-    def _probe(self, now: float) -> None:
+    @_handler
+    def probe_done(self, res: ProbeResult) -> None:
+        self._apply_probe(res)
+
+    def _apply_probe(self, res: ProbeResult) -> None:
+        """Go's probeAndUpdate once it holds the lock: what the answers mean for this worker."""
+        self._probing = False
+        now = self._now = max(self._now, res.ended)
         try:
-            self._probe1(now)
+            self._apply_probe1(res, now)
         finally:
             if not self._view.probe_done:
                 self._set(probe_done=True)
 
-    def _probe1(self, now: float) -> None:
-        v = self._view
-        initial = v.state
-        booted = initial in BOOTED
-        boot_err = ""
-        if not booted:
-            booted, boot_err = self._probe_booted()
-            if booted or initial is State.UNKNOWN:
-                copied, copy_err = self._deploy_runner()
-                if not copied:
-                    booted, boot_err = False, copy_err
-            if booted:
-                self._log.info("instance booted; will try probeRunning", extra=self._fields())
-        uuids, broken, ok = [], False, False
-        if wants_run_probe(initial, booted):
-            uuids, broken, ok = self._probe_running(now, booted)
-            if ok and not self._view.run_probed:
+    def _apply_probe1(self, res: ProbeResult, now: float) -> None:
+        if res.runner:
+            self._runner = res.runner
+        if res.boot_ok:
+            self.on_ssh_verified()  # executors without SSH never call it; first success is as good
+        if self._view.state is State.SHUTDOWN:
+            return  # shut down while it ran (Go skips the logging noise too)
+        booted, uuids, broken, ok = res.booted, list(res.uuids), res.broken, res.ok
+        if ok:
+            self._stale_since, too_long = stale_lock(res.stale, self._stale_since, res.started,
+                                                     self._cfg.timeout_stale_run_lock)
+            if too_long:
+                self._log.warning("reporting broken after reporting stale run lock for too long",
+                                  extra=self._fields())
+                broken = True
+            if not self._view.run_probed:
                 self._set(run_probed=True)
         if broken and self._view.idle_behavior is Behavior.RUN:
             self._log.info("probe reported broken instance", extra=self._fields())
@@ -490,14 +678,24 @@ class WorkerActor(TickedActor):
             self._set(idle_behavior=Behavior.DRAIN)
             self._save_tags()
         if probe_failed(ok, booted, uuids, bool(self._runners)):
-            self._probe_failed(now, booted, boot_err)
+            self._probe_failed(res.started, now, booted, res.boot_err)
             return
-        self._set(probed=now)
+        if res.gen != self._gen:
+            # A start, a start's answer or a runner's end happened after this probe began: its
+            # list may miss a container we just started, or show one whose end we already told.
+            # Leave the runners alone; the next probe catches up (Go: "probe/sync race").
+            self._log.debug("skipping worker state update due to probe/sync race",
+                            extra=self._fields(ProbeGen=res.gen, Gen=self._gen))
+            self._set(probed=now)
+            return
         if uuids or self._runners:
-            self._set(busy=now)
             if not self._view.last_uuid and uuids:
-                self._set(last_uuid=uuids[0])
-        self._update_running(uuids, now)
+                self._set(probed=now, busy=now, last_uuid=uuids[0])
+            else:
+                self._set(probed=now, busy=now)
+        else:
+            self._set(probed=now)
+        self._update_running(uuids, now, res.list_at)
         v = self._view
         verdict = after_probe(v.state, v.idle_behavior, booted, bool(self._runners))
         if verdict.ready:
@@ -522,25 +720,27 @@ class WorkerActor(TickedActor):
         elif verdict.state is not v.state:
             self._set(state=verdict.state)
 
-    def _update_running(self, uuids: list[str], now: float) -> None:
+    def _update_running(self, uuids: list[str], now: float, list_at: float) -> None:
         listed = set(uuids)
         for uuid in uuids:
             r = self._runners.get(uuid)
             if r is None:
                 self._log.info("crunch-run process detected", extra=self._fields(ContainerUUID=uuid))
-                self._runners[uuid] = _Runner(uuid, now, starting=False)
+                self._runners[uuid] = _Runner(uuid, now, starting=False, seq=next(self._seq))
             elif r.starting:
                 r.starting = False
         for uuid, r in list(self._runners.items()):
             if uuid not in listed and not r.starting:
-                self._close_runner(uuid, now, self._list_at)
+                self._close_runner(uuid, now, list_at)
         self._set()
 
-    def _probe_failed(self, now: float, booted: bool, boot_err: str) -> None:
+    def _probe_failed(self, started: float, now: float, booted: bool, boot_err: str) -> None:
+        """Go measures from the probe's start, so a probe that began before the timeout but failed
+        after it does not shut down an instance that had recovered in time."""
         v = self._view
-        if not unresponsive(v, now, self._cfg):
+        if not unresponsive(v, started, self._cfg):
             return
-        dur = now - v.probed
+        dur = started - v.probed
         new = v.state in (State.UNKNOWN, State.BOOTING)
         self._log.warning(("new " if new else "") + "instance unresponsive, shutting down" +
                           (" -- `dispatch-cloud cloudtest` might help troubleshoot" if new else ""),
