@@ -46,7 +46,9 @@ UUID_RE = re.compile(r"[a-z0-9]{5}-dz642-[a-z0-9]{15}")
 
 def valid_uuid(uuid) -> bool:
     return isinstance(uuid, str) and UUID_RE.fullmatch(uuid) is not None
-OP_THREADS = 8  # container API calls in flight at once (lock/unlock/cancel)
+# lock/unlock/cancel calls in flight at most; how many actually go at once is the API client's
+# RequestLimiter's (16 with Arvados' default API.MaxConcurrentRequests, halved by 503s)
+OP_THREADS = 32
 
 
 def parse_time(v) -> float:

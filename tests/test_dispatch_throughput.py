@@ -341,3 +341,34 @@ def test_a_pass_placing_many_locks_on_many_idle_instances_is_not_quadratic(monke
     p = planner.plan(queue, {}, slots, limits)
     assert len(p.locks) == 500 and len(set(p.lock_targets.values())) == 500
     assert calls[0] <= 4 * len(queue), f"{calls[0]} fit checks for {len(queue)} containers"
+
+
+def test_locks_go_out_in_parallel_beyond_eight():
+    """Before: the QueueActor ran lock/unlock/cancel on 8 threads, so no more than 8 locks were
+    ever in flight (100-150 locks/s on this machine, 7-10 s for a burst of 1,000). Now the
+    bound is the API client's RequestLimiter (16 with Arvados' default MaxConcurrentRequests).
+    The API double answers a lock only once 16 are waiting together (a barrier)."""
+    import threading
+    from actors.queue import QueueActor
+
+    n = 16
+    barrier = threading.Barrier(n, timeout=5)
+    done = []
+
+    class Api:
+        def lock(self, uuid):
+            barrier.wait()
+            done.append(uuid)
+            return {"uuid": uuid, "state": "Locked", "priority": 1, "locked_by_uuid": "me"}
+
+    q = QueueActor(client=Api(), chooser=Mock(), scheduler=Mock(), ticker=Mock(),
+                   cluster=cluster(types=(1,), poll_interval=1.0), first_now=T0)
+    es = [entry(k) for k in range(n)]
+    q._entries = {e.uuid: e for e in es}
+    try:
+        for e in es:
+            q.lock(e.uuid)
+        q._ops.shutdown(wait=True)
+    finally:
+        q._ops.shutdown(wait=False)
+    assert sorted(done) == sorted(e.uuid for e in es)
