@@ -148,7 +148,7 @@ def _profilers(pids: dict[str, int], out: Path | None) -> list[subprocess.Popen]
         return []
     import shutil
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return [subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--nonblocking",
+    return [subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--nonblocking", "--gil",
                               "--output", str(out / f"burst-{name}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name, pid in pids.items()]
