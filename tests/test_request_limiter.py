@@ -150,3 +150,37 @@ Clusters:
     assert limit("    API: {MaxConcurrentRequests: 8}") == 2
     assert limit("    API: {MaxConcurrentRequests: 2}") == 1
     assert limit("    API: {MaxConcurrentRequests: 0}") == 0  # no limit
+
+
+def test_the_environment_is_read_once_not_on_every_call(monkeypatch):
+    """Before: requests looked up proxies (and ~/.netrc, the CA bundle variables) in the
+    environment on every call, about 0.13 ms of CPU each (a sixth of a lock's round trip on
+    loopback). Read once when the client is made; a proxy or CA bundle set then still applies."""
+    import requests.utils
+    import requests.sessions
+
+    looked = []
+    real = requests.utils.get_environ_proxies
+
+    def counting(url, no_proxy=None):
+        looked.append(url)
+        return real(url, no_proxy=no_proxy)
+    monkeypatch.setattr(requests.utils, "get_environ_proxies", counting)
+    monkeypatch.setattr(requests.sessions, "get_environ_proxies", counting)
+    server = WsgiServer(_app(set(), None, [0, 0]), threads=2).start()
+    client = ArvadosClient(server.url, TOKEN, retries=0)
+    try:
+        for _ in range(5):
+            client.list_containers()
+    finally:
+        client.close()
+        server.stop()
+    assert len(looked) <= 1
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    c = ArvadosClient("https://api.example:443", TOKEN)
+    assert c._session.proxies.get("https") == "http://proxy.example:3128"
+    assert c._session.verify == "/etc/ssl/certs/ca-certificates.crt"
+    assert ArvadosClient("https://api.example:443", TOKEN, insecure=True)._session.verify is False

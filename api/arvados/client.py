@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote, urlencode, urlsplit
@@ -214,6 +215,18 @@ def _error_message(resp: requests.Response) -> str:
     return text[:200] if text else (resp.reason or f"HTTP {resp.status_code}")
 
 
+def _environment_once(session: requests.Session, url: str) -> None:
+    """What requests reads from the environment on every call (proxies for ``url``, the CA bundle
+    variables, ~/.netrc), read once: the environment of a running dispatcher does not change, and
+    reading it cost about 0.13 ms of CPU per call (a sixth of a lock's round trip here). We send
+    our own Authorization header, so ~/.netrc has nothing to add."""
+    session.proxies.update(requests.utils.get_environ_proxies(url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    session.trust_env = False
+
+
 class ArvadosClient(ContainerApi):
     """The container API over HTTP, with retries on connection errors and 5xx.
 
@@ -251,6 +264,7 @@ class ArvadosClient(ContainerApi):
             session = requests.Session()
             for scheme in ("http://", "https://"):
                 session.mount(scheme, HTTPAdapter(pool_connections=4, pool_maxsize=max(1, pool_size)))
+            _environment_once(session, self.base_url)
         self._session = session
         self._limiter = limiter
         if insecure:
