@@ -19,7 +19,10 @@ once (8 client threads) onto the N idle instances (the burst). Printed per run, 
     .venv/bin/python bench/bench_dispatch.py [--sizes 200,1000] [--runs 3] [--keep DIR]
 
 With ``--keep DIR`` each run's config, API database and dispatcher log stay in DIR, with the
-dispatcher's pid for a profiler (``py-spy record --pid $(cat DIR/n200-run1/pid) --threads``).
+dispatcher's pid for a profiler (``py-spy record --pid $(cat DIR/n200-run1/pid) --threads``);
+``--profile`` records py-spy (``--gil``) on the dispatcher and on this process (the API server)
+during each burst. BENCH_LOG_LEVEL=debug in the environment sets the dispatcher's SystemLogs
+LogLevel (e.g. to see each "lock succeeded"; it slows the run).
 """
 
 from __future__ import annotations
