@@ -39,6 +39,11 @@ PUBLISH_INTERVAL = 2.0  # fresh probe/busy times for /instances and /metrics bet
 _SHUTDOWN, _UNKNOWN = State.SHUTDOWN, State.UNKNOWN  # enum attribute lookups are slow in a hot loop
 
 
+def _plan_state(s: State) -> State:
+    """The state as the planner tells states apart (it treats STARTABLE ones alike)."""
+    return State.RUNNING if s is State.IDLE else s
+
+
 class NotFound(Exception):
     pass
 
@@ -299,9 +304,12 @@ class SchedulerActor(TickedActor):
         old, w.view = w.view, view
         # Every probe moves ``probed``/``busy``; only what the planner reads is worth a pass now
         # (the periodic pass publishes the rest). At 1,000 workers this is 1 pass/s, not 37.
-        if (old.state, old.idle_behavior, old.running, old.probe_done, old.instance_type, old.draining) != (
-                view.state, view.idle_behavior, view.running, view.probe_done, view.instance_type,
-                view.draining):
+        # Idle and running are alike to the planner: a worker confirming a start we sent (idle ->
+        # running, same containers) is no news; during a burst of 1,000 starts those reports
+        # made 30 passes a second, each over every worker.
+        if (_plan_state(old.state), old.idle_behavior, old.running, old.probe_done, old.instance_type,
+                old.draining) != (_plan_state(view.state), view.idle_behavior, view.running,
+                                  view.probe_done, view.instance_type, view.draining):
             self._touch()
 
     def container_ended(self, uuid: str, instance_id: str, at: float) -> None:

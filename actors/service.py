@@ -201,20 +201,35 @@ class ActorBackend:
         return {"health": "OK"}
 
 
+def api_request_limit(cluster) -> int:
+    """API.MaxConcurrentRequests / 4 (Arvados' default 64 -> 16), 0 (no limit) if it is 0."""
+    api = cluster.raw.get("API") if hasattr(cluster.raw, "get") else None
+    n = api.get("MaxConcurrentRequests", 64) if hasattr(api, "get") else 64
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        n = 64
+    return max(1, n // 4) if n > 0 else 0
+
+
 def build_real(cluster, clock):
     """The driver set, container API client and metrics for a real (non-simulated) run."""
     from api.metrics import DispatchMetrics
     from cloud import drivers
     from api.arvados.client import ArvadosClient
+    from api.arvados.limiter import RequestLimiter
     metrics = DispatchMetrics(cluster)
     mod = drivers.load(cluster.cloud_vms.driver)
     driver_set = drivers.instance_set(mod, cluster, instance_set_id(cluster.system_root_token), clock=clock,
                                       logger=logging.getLogger("dispatch.driver"), registry=metrics.registry)
     # No retry pause longer than PollInterval: after an API outage, a poll sleeping in its
     # backoff must not hold dispatch back past the next PollInterval.
+    # Requests in flight: the Go SDK's limiter, at most API.MaxConcurrentRequests / 4 (as
+    # arvados.NewClientFromConfig sets it); 503s halve it.
     client = ArvadosClient(cluster.controller_url, cluster.system_root_token,
                            insecure=cluster.tls_insecure,
-                           max_delay=max(0.1, cluster.cloud_vms.poll_interval))
+                           max_delay=max(0.1, cluster.cloud_vms.poll_interval),
+                           limiter=RequestLimiter(api_request_limit(cluster)))
     return driver_set, client, metrics
 
 

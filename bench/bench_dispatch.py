@@ -19,7 +19,10 @@ once (8 client threads) onto the N idle instances (the burst). Printed per run, 
     .venv/bin/python bench/bench_dispatch.py [--sizes 200,1000] [--runs 3] [--keep DIR]
 
 With ``--keep DIR`` each run's config, API database and dispatcher log stay in DIR, with the
-dispatcher's pid for a profiler (``py-spy record --pid $(cat DIR/n200-run1/pid) --threads``).
+dispatcher's pid for a profiler (``py-spy record --pid $(cat DIR/n200-run1/pid) --threads``);
+``--profile`` records py-spy (``--gil``) on the dispatcher and on this process (the API server)
+during each burst. BENCH_LOG_LEVEL=debug in the environment sets the dispatcher's SystemLogs
+LogLevel (e.g. to see each "lock succeeded"; it slows the run).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def _config(api_url: str, mgmt: str, n: int, max_probes: int) -> dict:
             "MaxProbesPerSecond": max_probes,
             "DriverParameters": {"BootTime": "1s", "BootTimeJitter": "0s", "ContainerRunTime": "2s",
                                  "ContainerRunTimeJitter": "0s", "MinTimeBetweenCreateCalls": "0s"}}},
+        **({"SystemLogs": {"LogLevel": os.environ["BENCH_LOG_LEVEL"]}} if os.environ.get("BENCH_LOG_LEVEL") else {}),
         "InstanceTypes": {"small": {"VCPUs": 1, "RAM": "1GiB", "Price": 0.1}},
     }}}
 
@@ -99,6 +103,11 @@ class LogTail:
 
     (Re-parsing the whole log every 0.2 s cost this process -- which also serves the container
     API -- seconds of CPU at 1,000 containers, and slowed the very API calls being measured.)"""
+
+    # the only records the bench reads: other lines are not even JSON-decoded (this process also
+    # serves the container API, and a 1,000-container burst logs ~10,000 other lines)
+    WANTED = (b'"instance appeared in cloud"', b'"creating new instance"', b'"crunch-run process started"',
+              b'"sending signal"', b'"kill container because', b'"cancelling container')
 
     def __init__(self, path: Path):
         self.path = path
@@ -114,7 +123,7 @@ class LogTail:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
-            if line.startswith(b"{"):
+            if line.startswith(b"{") and any(w in line for w in self.WANTED):
                 try:
                     self.records.append(json.loads(line))
                 except ValueError:
@@ -135,7 +144,25 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def run_once(n: int, workdir: Path, max_probes: int) -> dict:
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _profilers(pids: dict[str, int], out: Path | None) -> list[subprocess.Popen]:
+    """py-spy (collapsed stacks, 100 Hz, idle threads left out) on each pid, for the burst only."""
+    if out is None:
+        return []
+    import shutil
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return [subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--nonblocking", "--gil",
+                              "--output", str(out / f"burst-{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in pids.items()]
+
+
+def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> dict:
     store = ContainerStore(str(workdir / "api.db"), cluster_id="zzzzz")
     store.add_token(TOKEN, admin=True)
     counting = Counting(make_app(store))
@@ -217,6 +244,10 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
         counting.counts.clear()
         counting.on = True
         mark = len(recs)
+        spies = _profilers({"dispatcher": proc.pid, "bench-api": os.getpid()}, workdir if profile else None)
+        if spies:
+            time.sleep(1.0)  # py-spy attaches
+        cpu0 = (_cpu(proc.pid), _cpu(os.getpid()), time.time())
         burst = submit(n)
         t_sub = min(burst.values())
 
@@ -227,6 +258,10 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
                     got.setdefault(r["ContainerUUID"], _t(r))
             return got if len(got) == n else None
         starts = _wait(started, 120, "every burst container to start")
+        cpu1 = (_cpu(proc.pid), _cpu(os.getpid()), time.time())
+        for spy in spies:
+            spy.send_signal(__import__("signal").SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(30)
         _wait(lambda: finished(burst) == n, 60 + n * 0.2, "the burst to finish")
         time.sleep(3)  # let the dispatcher notice the ends and whatever it kills or cancels after them
         counting.on = False
@@ -258,6 +293,9 @@ def run_once(n: int, workdir: Path, max_probes: int) -> dict:
             "cancels": sum(1 for r in after if str(r.get("msg", "")).startswith("cancelling container")),
             "api_calls_per_ctr": sum(calls.values()) / n,
             "api_calls": dict(sorted(calls.items())),
+            "cpu_dispatcher": (cpu1[0] - cpu0[0]) / (cpu1[2] - cpu0[2]),
+            "cpu_bench_api": (cpu1[1] - cpu0[1]) / (cpu1[2] - cpu0[2]),
+            "load": os.getloadavg()[0],
             "api_422": sum(k for (_, _, s), k in counting.counts.items() if s == 422),
         }
     finally:
@@ -279,6 +317,9 @@ def main() -> int:
     p.add_argument("--keep", metavar="DIR", help="keep each run's config, API database and dispatcher log under DIR")
     p.add_argument("--max-probes", type=int, default=100,
                    help="MaxProbesPerSecond (Go's default 10 makes booting 1,000 VMs take 100 s+)")
+    p.add_argument("--profile", action="store_true",
+                   help="with --keep: py-spy the dispatcher and this process (the API server) during "
+                        "each burst; collapsed stacks in DIR/nN-runK/burst-*.txt")
     args = p.parse_args()
     for n in (int(x) for x in args.sizes.split(",")):
         results = []
@@ -286,7 +327,7 @@ def main() -> int:
             if args.keep:
                 d = Path(args.keep) / f"n{n}-run{i + 1}"
                 d.mkdir(parents=True, exist_ok=True)
-                r = run_once(n, d, args.max_probes)
+                r = run_once(n, d, args.max_probes, args.profile)
             else:
                 with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as d:
                     r = run_once(n, Path(d), args.max_probes)
@@ -296,7 +337,9 @@ def main() -> int:
                   f"queue->detach p50 {r['lat_p50']:.2f}s p90 {r['lat_p90']:.2f}s p99 {r['lat_p99']:.2f}s "
                   f"max {r['lat_max']:.2f}s; remote cmds/ctr {r['remote_cmds_per_ctr']:.2f}; "
                   f"kill decisions {r['kill_decisions']}; cancels {r['cancels']}; "
-                  f"API calls/ctr {r['api_calls_per_ctr']:.1f} {r['api_calls']}; 422s {r['api_422']}",
+                  f"API calls/ctr {r['api_calls_per_ctr']:.1f} {r['api_calls']}; 422s {r['api_422']}; "
+                  f"CPU in the burst (cores): dispatcher {r['cpu_dispatcher']:.2f}, API server + bench "
+                  f"{r['cpu_bench_api']:.2f}; load average {r['load']:.1f}",
                   flush=True)
         med = {k: statistics.median(r[k] for r in results) for k in results[0]
                if isinstance(results[0][k], (int, float))}
@@ -304,7 +347,7 @@ def main() -> int:
               f"queue->detach p50 {med['lat_p50']:.2f}s p99 {med['lat_p99']:.2f}s max {med['lat_max']:.2f}s; "
               f"warm-up {med['warmup_s']:.1f}s ({med['creates_per_s']:.0f} creates/s); "
               f"remote cmds/ctr {med['remote_cmds_per_ctr']:.2f}; API calls/ctr {med['api_calls_per_ctr']:.1f}; "
-              f"422s {med['api_422']:.0f}", flush=True)
+              f"422s {med['api_422']:.0f}; load average {med['load']:.1f}", flush=True)
     return 0
 
 

@@ -241,11 +241,11 @@ class _FailMountsOnce:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def get_container(self, uuid, select=None):
-        if select == ["mounts"] and not self.failed:
+    def list_containers(self, *a, select=None, **kw):
+        if select and "mounts" in select and not self.failed:
             self.failed += 1
             raise error_for(503, "mounts: service unavailable")
-        return self._inner.get_container(uuid, select=select)
+        return self._inner.list_containers(*a, select=select, **kw)
 
 
 def test_4_container_is_skipped_until_its_mounts_are_known(caplog):
