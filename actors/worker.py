@@ -8,18 +8,19 @@ the TimeoutBooting age rule; only if no probe at all answers for TimeoutBooting 
 Go. Also different: the idle clock (``busy``) starts when a worker becomes ready, so a boot slower
 than TimeoutIdle does not make a new worker eligible for shutdown before it got any work.
 
-No SSH runs on this actor's thread: probes, starts and kills are jobs on the shared pools of
-:mod:`actors.workerpools` (boot probes apart from run probes, starts and kills), and their results
-come back as messages, so start, kill, set_idle_behavior and shutdown are handled while a probe
-waits. Starts and kills share one pool across all workers, and one on a VM that does not answer
-holds a thread for up to 300 s, so a worker keeps at most ``pools.per_worker`` of them in flight and
-queues the rest in order (``_command``; Go bounds nothing here, its goroutines are free); a kill
-drops its container's start still queued, a shutdown drops the whole queue. As in Go (``probeAndUpdate``): at most one probe in flight; a probe whose result arrives
-after a start, a kill's exit or a shutdown it did not see (the generation ``_gen``, Go's
-``updated``) counts as an answer (``probed``) but changes no runner and no state. A worker used as
-a plain object (not started: tests) runs those jobs in the caller's thread and applies them at
-once. Time arrives with ``tick(now)``; the actor tells the Ticker its next deadline after every
-handler.
+No SSH runs on this actor's thread: probes (and the runner upload after a boot probe), starts and
+kills are jobs on the shared pools of :mod:`actors.workerpools` (boot probes apart from run probes,
+starts and kills), and their results come back as messages, so start, kill, set_idle_behavior and
+shutdown are handled while a probe waits; the thread itself only hangs up the SSH transport when
+the actor stops. Starts and kills share one pool across all workers, and one on a VM that does not
+answer holds a thread for up to 300 s, so a worker keeps at most ``pools.per_worker`` of them in
+flight and queues the rest in order (``_command``; Go bounds nothing here, its goroutines are
+free); a kill drops its container's start still queued, a shutdown drops the whole queue. As in Go
+(``probeAndUpdate``): at most one probe in flight; a probe whose result arrives after a start, a
+kill's exit or a shutdown it did not see (the generation ``_gen``, Go's ``updated``) counts as an
+answer (``probed``) but changes no runner and no state. A worker used as a plain object (not
+started: tests) runs those jobs in the caller's thread and applies them at once. Time arrives with
+``tick(now)``; the actor tells the Ticker its next deadline after every handler.
 """
 
 from __future__ import annotations
