@@ -8,15 +8,19 @@ the TimeoutBooting age rule; only if no probe at all answers for TimeoutBooting 
 Go. Also different: the idle clock (``busy``) starts when a worker becomes ready, so a boot slower
 than TimeoutIdle does not make a new worker eligible for shutdown before it got any work.
 
-No SSH runs on this actor's thread: probes, starts and kills are jobs on the shared pools of
-:mod:`actors.workerpools` (boot probes apart from run probes, starts and kills), and their results
-come back as messages, so start, kill, set_idle_behavior and shutdown are handled while a probe
-waits. As in Go (``probeAndUpdate``): at most one probe in flight; a probe whose result arrives
-after a start, a kill's exit or a shutdown it did not see (the generation ``_gen``, Go's
-``updated``) counts as an answer (``probed``) but changes no runner and no state. A worker used as
-a plain object (not started: tests) runs those jobs in the caller's thread and applies them at
-once. Time arrives with ``tick(now)``; the actor tells the Ticker its next deadline after every
-handler.
+No SSH runs on this actor's thread: probes (and the runner upload after a boot probe), starts and
+kills are jobs on the shared pools of :mod:`actors.workerpools` (boot probes apart from run probes,
+starts and kills), and their results come back as messages, so start, kill, set_idle_behavior and
+shutdown are handled while a probe waits; the thread itself only hangs up the SSH transport when
+the actor stops. Starts and kills share one pool across all workers, and one on a VM that does not
+answer holds a thread for up to 300 s, so a worker keeps at most ``pools.per_worker`` of them in
+flight and queues the rest in order (``_command``; Go bounds nothing here, its goroutines are
+free); a kill drops its container's start still queued, a shutdown drops the whole queue. As in Go
+(``probeAndUpdate``): at most one probe in flight; a probe whose result arrives after a start, a
+kill's exit or a shutdown it did not see (the generation ``_gen``, Go's ``updated``) counts as an
+answer (``probed``) but changes no runner and no state. A worker used as a plain object (not
+started: tests) runs those jobs in the caller's thread and applies them at once. Time arrives with
+``tick(now)``; the actor tells the Ticker its next deadline after every handler.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +39,7 @@ from actors.base import TickedActor
 from actors.lifecycle import (after_probe, eligible_for_shutdown, next_wake, probe_failed, stale_lock,
                               unresponsive, wants_run_probe)
 from actors.messages import BOOTED, Behavior, InstanceInfo, QueueEntry, State, WorkerView
+from actors.workerpools import COMMANDS_PER_WORKER
 from cloud import crunchrun, runner_deploy
 from cloud.base import ExecResult, ExecutorError, NoAddress
 from cloud.ssh import LONG_COMMAND_TIMEOUT
@@ -57,6 +63,17 @@ class _Runner:
     given_up: bool = False
     seq: int = 0  # which start (or detection) this is: a late result for an earlier one is ignored
     killing: bool = False  # a --kill is out (one at a time, as Go's signal loop)
+
+
+@dataclass(frozen=True)
+class _Command:
+    """A start or kill waiting in the worker for a place on the command pool."""
+
+    kind: str  # "start" or "kill": its result comes back as ``<kind>_done``
+    uuid: str
+    seq: int  # the runner's: a command for one that ended meanwhile is not sent
+    fn: Callable
+    args: tuple
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,10 @@ class WorkerActor(TickedActor):
         self._pools = pools  # actors.workerpools.WorkerPools; None: a new thread per job
         self._inline = True  # not started: jobs run in the caller's thread (a plain object in tests)
         self._probing = False  # a probe job is out: at most one
+        # starts and kills on the shared command pool: at most this many out, the rest queued
+        self._cmd_limit = COMMANDS_PER_WORKER if pools is None else pools.per_worker
+        self._cmd_out = 0
+        self._cmd_queue: deque[_Command] = deque()
         self._gen = 0  # Go's ``updated``: bumped by starts, a start's answer, a runner's end, shutdown
         self._seq = itertools.count(1)
         self._scheduler = scheduler
@@ -240,6 +261,46 @@ class WorkerActor(TickedActor):
 
         self._off_mailbox(job, pool=None if self._pools is None else self._pools.get(kind),
                           name=f"worker-{kind}")
+
+    def _command(self, kind: str, uuid: str, seq: int, fn: Callable, args: tuple) -> None:
+        """A start or kill: sent now if this worker has fewer than ``_cmd_limit`` out and none
+        waiting before it, else queued (``_send_queued`` sends it when an earlier one answers)."""
+        cmd = _Command(kind, uuid, seq, fn, args)
+        if self._inline or (self._cmd_out < self._cmd_limit and not self._cmd_queue):
+            self._send(cmd)
+        else:
+            self._cmd_queue.append(cmd)
+
+    def _send(self, cmd: _Command) -> None:
+        if not self._inline:
+            self._cmd_out += 1
+        self._job("command", cmd.fn, cmd.args, cmd.kind)
+
+    def _send_queued(self) -> None:
+        if self._view.state is State.SHUTDOWN:
+            self._drop_queued("shutdown")  # (a kill told after the shutdown)
+            return
+        while self._cmd_queue and self._cmd_out < self._cmd_limit:
+            cmd = self._cmd_queue.popleft()
+            r = self._runners.get(cmd.uuid)
+            if r is None or r.seq != cmd.seq or (cmd.kind == "start" and not r.starting):
+                continue  # its runner ended (or was found by a probe) while it waited
+            self._send(cmd)
+
+    def _drop_queued(self, why: str, uuid: str | None = None) -> int:
+        """Forget queued commands (all, or ``uuid``'s start); never sent, so nothing counted them."""
+        keep, dropped = deque(), []
+        for cmd in self._cmd_queue:
+            (dropped if uuid is None or (cmd.uuid == uuid and cmd.kind == "start") else keep).append(cmd)
+        self._cmd_queue = keep
+        for cmd in dropped:
+            r = self._runners.get(cmd.uuid)
+            if cmd.kind == "kill" and r is not None and r.seq == cmd.seq:
+                r.killing = False
+        if dropped:
+            self._log.info("queued crunch-run commands dropped", extra=self._fields(
+                Reason=why, Commands=len(dropped), **({"ContainerUUID": uuid} if uuid else {})))
+        return len(dropped)
 
     def _ssh_verified_hook(self) -> None:
         """(pool thread, inside execute()) The host proved its identity: tell ourselves."""
@@ -342,8 +403,8 @@ class WorkerActor(TickedActor):
         cmd = crunchrun.detach_command(self._runner, crunchrun.runner_args(self._cluster), uuid,
                                        sudo=crunchrun.needs_sudo(self._instance.remote_user))
         stdin = crunchrun.config_data(self._cluster, v.instance_type, self._instance.address, uuid)
-        self._job("command", self._start_job, (cmd, stdin, uuid, seq, now, entry.created_at,
-                                               self._fields(ContainerUUID=uuid)), "start")
+        self._command("start", uuid, seq, self._start_job,
+                      (cmd, stdin, uuid, seq, now, entry.created_at, self._fields(ContainerUUID=uuid)))
 
     def _start_job(self, cmd: str, stdin: bytes, uuid: str, seq: int, now: float,
                    created_at: float, fields: dict) -> CommandResult:
@@ -370,7 +431,9 @@ class WorkerActor(TickedActor):
 
     @_handler
     def start_done(self, res: CommandResult) -> None:
+        self._cmd_out -= 1
         self._apply_start(res)
+        self._send_queued()
 
     def _apply_start(self, res: CommandResult) -> None:
         now = self._now = max(self._now, res.ended)
@@ -389,6 +452,10 @@ class WorkerActor(TickedActor):
             return
         self._log.info("killing crunch-run process", extra=self._fields(ContainerUUID=uuid, Reason=reason))
         r.kill_started, r.kill_reason, r.next_signal = now, reason, now
+        if r.starting and self._drop_queued("killed before its start was sent", uuid):
+            # crunch-run never ran there: nothing to signal (Go's kill would find no process)
+            self._close_runner(uuid, now)
+            return
         self._kill_loop(now)
 
     @_handler
@@ -434,6 +501,7 @@ class WorkerActor(TickedActor):
     def _shutdown(self, now: float, reason: str) -> None:
         self._log.info("shutting down", extra=self._fields(Reason=reason, State=str(self._view.state)))
         self._gen += 1
+        self._drop_queued("shutdown")
         self._set(state=State.SHUTDOWN, destroyed=now)
         self._iset.destroy(self._instance.handle, now)
 
@@ -482,9 +550,9 @@ class WorkerActor(TickedActor):
             self._log.info("sending signal", extra=self._fields(ContainerUUID=r.uuid, Signal=15,
                                                                Reason=r.kill_reason))
             r.killing = True
-            self._job("command", self._kill_job,
-                      (crunchrun.kill_command(self._runner, r.uuid, self._sudo), r.uuid, r.seq, now,
-                       self._fields(ContainerUUID=r.uuid)), "kill")
+            self._command("kill", r.uuid, r.seq, self._kill_job,
+                          (crunchrun.kill_command(self._runner, r.uuid, self._sudo), r.uuid, r.seq, now,
+                           self._fields(ContainerUUID=r.uuid)))
 
     def _kill_job(self, cmd: str, uuid: str, seq: int, now: float, fields: dict) -> CommandResult:
         """(pool thread) One ``crunch-run --kill 15``."""
@@ -504,7 +572,9 @@ class WorkerActor(TickedActor):
 
     @_handler
     def kill_done(self, res: CommandResult) -> None:
+        self._cmd_out -= 1
         self._apply_kill(res)
+        self._send_queued()
 
     def _apply_kill(self, res: CommandResult) -> None:
         now = self._now = max(self._now, res.ended)

@@ -13,7 +13,12 @@ thread from the run probes and starts of booted VMs. So each kind of work has it
   bounds how many begin per second, so a pool of MaxProbesPerSecond x that deadline never queues
   a probe behind VMs that do not answer.
 * ``command``: ``crunch-run --detach`` and ``--kill``, so a burst of starts never waits for probes
-  and probes never wait for starts.
+  and probes never wait for starts. A start or kill on a VM that does not answer holds its thread
+  for up to LONG_COMMAND_TIMEOUT (300 s), so each worker keeps at most ``per_worker`` of these in
+  flight and queues the rest in order (``WorkerActor._command``): a few broken VMs with many
+  containers each cannot take every thread from the healthy ones (it takes ``command /
+  per_worker`` VMs hung at once). It also keeps a worker's concurrent sessions on its one SSH
+  transport under OpenSSH's MaxSessions (10).
 
 Threads are started on demand (``ThreadPoolExecutor``), so an idle dispatcher has few. A worker
 keeps at most one probe in flight; MaxProbesPerSecond is still the shared slot limiter's.
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 
 BOOT_THREADS = 256
 COMMAND_THREADS = 64
+COMMANDS_PER_WORKER = 4  # starts + kills in flight per worker (the rest wait in the worker)
 PROBE_THREADS_MIN, PROBE_THREADS_MAX = 16, 256
 
 
@@ -44,13 +50,15 @@ class WorkerPools:
     boot: ThreadPoolExecutor
     probe: ThreadPoolExecutor
     command: ThreadPoolExecutor
+    per_worker: int = COMMANDS_PER_WORKER  # of the command pool's threads, one worker holds at most this
 
     @classmethod
     def create(cls, *, boot: int = BOOT_THREADS, probe: int = PROBE_THREADS_MIN,
-               command: int = COMMAND_THREADS) -> WorkerPools:
+               command: int = COMMAND_THREADS, per_worker: int = COMMANDS_PER_WORKER) -> WorkerPools:
         return cls(boot=ThreadPoolExecutor(boot, thread_name_prefix="ssh-boot"),
                    probe=ThreadPoolExecutor(probe, thread_name_prefix="ssh-probe"),
-                   command=ThreadPoolExecutor(command, thread_name_prefix="ssh-command"))
+                   command=ThreadPoolExecutor(command, thread_name_prefix="ssh-command"),
+                   per_worker=max(1, per_worker))
 
     @classmethod
     def for_cluster(cls, cluster) -> WorkerPools:

@@ -10,6 +10,7 @@ behind the probe (a boot probe may wait up to TimeoutBooting, as Go's does).
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -324,3 +325,141 @@ def test_boot_probes_do_not_starve_booted_workers():
                                                 (100, 60.0, 256)])
 def test_probe_pool_covers_what_max_probes_per_second_lets_begin(rate, interval, want):
     assert probe_threads(rate, interval) == want
+
+
+# -- starts and kills: at most pools.per_worker out per worker, the rest queued in the worker -----
+
+
+class Gated(ParkingExecutor):
+    """Parked commands go one per ``permit``, oldest waiter first; ``peak`` is the most ever waiting."""
+
+    def __init__(self, table, parked=()):
+        super().__init__(table, parked)
+        self.permits = 0
+        self.peak = 0
+        self._tickets = itertools.count()
+        self._serving = 0
+
+    def execute(self, command: str, stdin: bytes = b"", timeout=None) -> ExecResult:
+        key = max((k for k in self.table if command.startswith(k)), key=len)
+        with self._cond:
+            self.calls.append(command)
+            self._cond.notify_all()
+            if key in self.parked and key not in self._released:
+                ticket = next(self._tickets)
+                self.waiting += 1
+                self.peak = max(self.peak, self.waiting)
+                try:
+                    ok = self._cond.wait_for(lambda: key in self._released or (
+                        self.permits > 0 and self._serving == ticket), WAIT)
+                    assert ok, f"{key} never let go"
+                    if key not in self._released:
+                        self.permits -= 1
+                        self._serving += 1
+                        self._cond.notify_all()
+                finally:
+                    self.waiting -= 1
+        return self.table[key]
+
+    def permit(self) -> None:
+        with self._cond:
+            self.permits += 1
+            self._cond.notify_all()
+
+
+def uuid_(i: int) -> str:
+    return f"zzzzz-dz642-{i:015d}"
+
+
+def detached(ex) -> list[str]:
+    """The container UUIDs of the --detach commands sent, in order (the last, quoted, word)."""
+    return [c.split()[-1].strip("'\"") for c in ex.calls if c.startswith(DETACH)]
+
+
+def test_hung_vms_with_many_starts_do_not_delay_a_start_on_a_healthy_vm():
+    """Five command threads, two per worker: two VMs that never answer their --detach hold four;
+    the healthy VM's start goes out and is answered at once. (Before the bound, the hung VMs'
+    ten starts took every thread for up to 300 s each.)"""
+    rig = Rig(WorkerPools.create(boot=1, probe=1, command=5, per_worker=2))
+    try:
+        hung = []
+        for h in range(2):
+            ex = ParkingExecutor({LIST: OK, DETACH: OK}, parked={DETACH})
+            w, _, _ = rig.worker(State.IDLE, ex, f"i-hung{h}")
+            for i in range(5):
+                w.start_container(entry(uuid_(10 * h + i)), T0)
+            w.view.get(timeout=WAIT)
+            hung.append(ex)
+        for ex in hung:
+            ex.wait_begun(DETACH, 2)
+        healthy = ParkingExecutor({LIST: OK, DETACH: OK})
+        w, sched, _ = rig.worker(State.IDLE, healthy, "i-ok")
+        w.start_container(entry(), T0)
+        sched.wait("worker_changed", lambda a: a[0].last_uuid == UUID)  # its --detach answered
+        assert [ex.count(DETACH) for ex in hung] == [2, 2]  # the rest wait in their workers
+        assert all(ex.waiting == 2 for ex in hung)
+    finally:
+        rig.close()
+
+
+def test_queued_starts_go_out_in_order_as_earlier_ones_answer():
+    rig = Rig(WorkerPools.create(boot=1, probe=1, command=8, per_worker=2))
+    try:
+        ex = Gated({LIST: OK, DETACH: OK}, parked={DETACH})
+        w, sched, _ = rig.worker(State.IDLE, ex)
+        uuids = [uuid_(i) for i in range(5)]
+        for u in uuids:
+            w.start_container(entry(u), T0)
+        for n in range(2, 6):
+            ex.wait_begun(DETACH, n)  # one more goes out only when an earlier one has answered
+            assert ex.count(DETACH) == n
+            ex.permit()
+        ex.permit()
+        ACTIVITY.wait_idle(WAIT)
+        assert ex.peak == 2
+        assert detached(ex) == uuids
+        view = w.view.get(timeout=WAIT)
+        assert view.running == tuple(uuids) and view.last_uuid == uuids[-1]
+    finally:
+        rig.close()
+
+
+def test_a_kill_drops_its_containers_queued_start():
+    """The start never went out: crunch-run never ran there, so the runner ends at once, with
+    no --kill and no --detach behind the earlier start that still waits."""
+    rig = Rig(WorkerPools.create(boot=1, probe=1, command=4, per_worker=1))
+    try:
+        ex = ParkingExecutor({LIST: OK, DETACH: OK, KILL: OK}, parked={DETACH})
+        w, sched, _ = rig.worker(State.IDLE, ex)
+        w.start_container(entry(uuid_(1)), T0)
+        w.start_container(entry(uuid_(2)), T0)
+        ex.wait_begun(DETACH)
+        w.kill_container(uuid_(2), "cancelled", T0 + 1)
+        sched.wait("container_ended", lambda a: a[0] == uuid_(2))
+        assert ex.waiting == 1  # ended while the first start still waits
+        ex.release()
+        ACTIVITY.wait_idle(WAIT)
+        assert detached(ex) == [uuid_(1)] and ex.count(KILL) == 0
+        assert w.view.get(timeout=WAIT).running == (uuid_(1),)
+    finally:
+        rig.close()
+
+
+def test_shutdown_drops_queued_commands():
+    """Queued starts were never counted by the barrier: dropping them leaks nothing (the rig's
+    close and conftest check it), and they never go out after the shutdown."""
+    rig = Rig(WorkerPools.create(boot=1, probe=1, command=8, per_worker=2))
+    try:
+        ex = ParkingExecutor({LIST: OK, DETACH: OK, KILL: OK}, parked={DETACH})
+        w, sched, iset = rig.worker(State.IDLE, ex)
+        for i in range(5):
+            w.start_container(entry(uuid_(i)), T0)
+        ex.wait_begun(DETACH, 2)
+        w.kill_instance("operator", T0 + 1)
+        iset.wait("destroy")
+        ex.release()
+        ACTIVITY.wait_idle(WAIT)
+        assert ex.count(DETACH) == 2 and ex.count(KILL) == 0
+        assert w.view.get(timeout=WAIT).state is State.SHUTDOWN
+    finally:
+        rig.close()
