@@ -374,3 +374,18 @@ def test_write_answers_equal_what_a_read_shows(tmp_path, path):
         assert json.dumps(s.update(u, fields, caller=who)) == json.dumps(shown()), fields
     assert '"cost": 3.0' in json.dumps(shown())
     s.close()
+
+
+def test_list_json_is_list_as_json(store, admin):
+    """The HTTP server answers a list with list_json, which splices the stored JSON text of
+    object and list columns in: it must say exactly what json.dumps(list(...)) says."""
+    u = make(store, admin, environment={"K": "v\u00e9\"\\n"}, mounts={"/tmp": {"kind": "tmp", "capacity": 1.5}},
+             runtime_constraints={"vcpus": 2, "ram": 1 << 40}, command=["echo", "\u2603"])["uuid"]
+    make(store, admin, priority=0)
+    store.lock(u, caller=admin)
+    store.update(u, {"state": "Running", "cost": 3, "progress": 0.25, "runtime_status": {"a": [1, None]}},
+                 caller=admin)
+    for kw in ({}, {"select": ["uuid", "mounts", "created_at", "started_at", "finished_at", "cost"]},
+               {"select": ["command", "exit_code", "log"], "count": "none"},
+               {"filters": [["state", "=", "Nothing"]]}, {"limit": 1, "offset": 1, "order": "priority"}):
+        assert store.list_json(**kw, caller=admin) == json.dumps(store.list(**kw, caller=admin)), kw

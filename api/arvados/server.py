@@ -150,10 +150,12 @@ def make_app(store: ContainerStore) -> bottle.Bottle:
                 raise _json_error(401, "Not logged in")
             bottle.request.environ[_CALLER] = info  # the header wins over api_token: once per request
 
-    def list_containers(params: dict) -> dict:
+    def list_containers(params: dict) -> str:
         who = caller(params)
         kw = {k: params.get(k) for k in _LIST_PARAMS}
-        return store.list(**kw, caller=who)
+        body = store.list_json(**kw, caller=who)
+        bottle.response.content_type = "application/json"
+        return body
 
     def get_container(uuid: str, params: dict) -> dict:
         who = caller(params)

@@ -435,6 +435,19 @@ def _to_db(name: str, value):
     return value
 
 
+_JSON_KEY = {f: json.dumps(f) + ": " for f in FIELDS}
+
+
+def _json_value(kind: str, value) -> str:
+    """A column's value as JSON text: what ``json.dumps(_from_db(name, value))`` gives, without
+    decoding the JSON text of object and list columns (json.dumps wrote it)."""
+    if kind == MAP or kind == LIST:
+        return value if value is not None else ("{}" if kind == MAP else "[]")
+    if kind == TIME:
+        return "null" if value is None else f'"{rfc3339(value)}"'
+    return json.dumps(value)
+
+
 def _from_db(name: str, value):
     kind = FIELDS[name]
     if kind in (MAP, LIST):
@@ -664,6 +677,27 @@ class ContainerStore:
     def list(self, filters=None, order=None, select=None, limit=None, offset=None,
              count: str | None = "exact", *, caller: TokenInfo) -> dict:
         """One page, as the API's ``arvados#containerList`` response body."""
+        rows, fields, limit, offset, total = self._page(filters, order, select, limit, offset, count, caller)
+        out = {"kind": "arvados#containerList", "items": [self._render(r, fields) for r in rows],
+               "limit": limit, "offset": offset}
+        if total is not None:
+            out["items_available"] = total
+        return out
+
+    def list_json(self, filters=None, order=None, select=None, limit=None, offset=None,
+                  count: str | None = "exact", *, caller: TokenInfo) -> str:
+        """:meth:`list`'s answer as JSON text, for the HTTP server. Object and list columns are
+        stored as JSON text already: spliced in as they are, not decoded and encoded again
+        (that was most of a 1,000-item queue poll's cost)."""
+        rows, fields, limit, offset, total = self._page(filters, order, select, limit, offset, count, caller)
+        keys = [(f, _JSON_KEY[f], FIELDS[f]) for f in fields]
+        items = ", ".join(["{" + ", ".join(['"kind": "arvados#container"'] + [
+            k + _json_value(kind, r[f]) for f, k, kind in keys]) + "}" for r in rows])
+        tail = "" if total is None else f', "items_available": {total}'
+        return (f'{{"kind": "arvados#containerList", "items": [{items}], "limit": {limit}, '
+                f'"offset": {offset}{tail}}}')
+
+    def _page(self, filters, order, select, limit, offset, count, caller):
         _require(caller)
         where, params = compile_filters(filters)
         order_sql = compile_order(order)
@@ -679,11 +713,7 @@ class ContainerStore:
                              (*params, limit, offset)).fetchall()
             total = (c.execute(f"SELECT COUNT(*) FROM containers WHERE {where}", params).fetchone()[0]
                      if count == "exact" else None)
-        out = {"kind": "arvados#containerList", "items": [self._render(r, fields) for r in rows],
-               "limit": limit, "offset": offset}
-        if total is not None:
-            out["items_available"] = total
-        return out
+        return rows, fields, limit, offset, total
 
     # -- containers: writes -------------------------------------------------------------------
 
