@@ -443,9 +443,18 @@ def _json_value(kind: str, value) -> str:
     decoding the JSON text of object and list columns (json.dumps wrote it)."""
     if kind == MAP or kind == LIST:
         return value if value is not None else ("{}" if kind == MAP else "[]")
+    if value is None:
+        return "null"
     if kind == TIME:
-        return "null" if value is None else f'"{rfc3339(value)}"'
+        return f'"{rfc3339(value)}"'
+    if kind == STR:
+        return _json_str(value)
+    if type(value) is int:
+        return int.__repr__(value)
     return json.dumps(value)
+
+
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps does to a str, without its set-up
 
 
 def _from_db(name: str, value):
