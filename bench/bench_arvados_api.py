@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Requests per second of the dev container API server (api/arvados/server.py + store.py).
 
-The server (WsgiServer + the Bottle app over a file-backed SQLite ContainerStore, 16 threads as
-bench_dispatch.py runs it) lives in a child process, so the clients don't share its GIL. The
+The server (WsgiServer + the Bottle app over a file-backed SQLite ContainerStore, --threads 16
+as bench_dispatch.py runs it) lives in a child process, so the clients don't share its GIL. The
 clients are ArvadosClient (requests, keep-alive sessions), one per thread. For 1 client
 (sequential) and --clients (8) concurrent ones, each over its own share of fresh Queued
 containers: ``lock`` (Queued -> Locked), ``update`` (Locked -> Running, as crunch-run does),
@@ -33,7 +33,7 @@ BASE = {"container_image": "arvados/jobs", "command": ["true"], "priority": 1,
         "runtime_constraints": {"vcpus": 1, "ram": 256 << 20}}
 
 
-def serve(conn, db: str) -> None:
+def serve(conn, db: str, threads: int) -> None:
     import logging
     from api.arvados.server import serve as serve_api
     from api.arvados.store import ContainerStore
@@ -41,7 +41,7 @@ def serve(conn, db: str) -> None:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     store = ContainerStore(db, cluster_id="zzzzz")
     store.add_token(TOKEN, admin=True)
-    server = serve_api(store, "127.0.0.1", 0, threads=16)
+    server = serve_api(store, "127.0.0.1", 0, threads=threads)
     conn.send(server.url)
     conn.recv()  # until the parent is done
     server.stop()
@@ -82,12 +82,13 @@ def main() -> int:
     p.add_argument("--n", type=int, default=2000, help="containers locked/updated per measurement")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=16, help="the server's worker threads (bench_dispatch: 16)")
     p.add_argument("--profile", metavar="FILE",
                    help="py-spy (--gil, collapsed stacks) the server process into FILE while measuring")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         parent, child = mp.Pipe()
-        proc = mp.get_context("spawn").Process(target=serve, args=(child, str(Path(tmp) / "api.db")), daemon=True)
+        proc = mp.get_context("spawn").Process(target=serve, args=(child, str(Path(tmp) / "api.db"), args.threads), daemon=True)
         proc.start()
         url = parent.recv()
         ARGS_CLIENT = lambda: ArvadosClient(url, TOKEN)  # noqa: E731
@@ -121,7 +122,7 @@ def main() -> int:
                 spy.wait(30)
             parent.send("stop")
             proc.join(10)
-    print(f"dev container API server, file-backed SQLite, {args.n} containers per measurement, "
+    print(f"dev container API server ({args.threads} threads), file-backed SQLite, {args.n} containers per measurement, "
           f"medians of {args.runs}; load average {os.getloadavg()[0]:.2f}")
     for (op, clients), rs in results.items():
         rate = statistics.median(r[0] for r in rs)
