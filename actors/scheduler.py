@@ -98,6 +98,9 @@ class SchedulerActor(TickedActor):
         self._now = first_now
         self._started = first_now
         self._workers: dict[str, _Worker] = {}
+        # uuid -> instances whose view lists it running: kept by _set_view, so the start that
+        # goes out with a lock's answer checks every worker (G2) in O(1), not O(workers)
+        self._holders: dict[str, dict[str, None]] = {}
         self._creating: dict[str, _Pending] = {}
         self._exited: dict[str, float] = {}
         self._queue: dict[str, QueueEntry] = {}
@@ -160,7 +163,7 @@ class SchedulerActor(TickedActor):
                         extra={"Instance": v.instance_id, "State": str(v.state)})
             state = State.SHUTDOWN if v.state is State.SHUTDOWN else State.UNKNOWN
             w.inbox = self._make_worker(w.info, v.instance_type, state, v.idle_behavior, self._now, w.secret)
-            w.view = replace(v, state=state, probe_done=False, starts_seen=0)
+            self._set_view(w, replace(v, state=state, probe_done=False, starts_seen=0))
             w.starts_sent, w.pending = 0, {}
             self._touch()
             return False
@@ -218,6 +221,7 @@ class SchedulerActor(TickedActor):
             # from before could still say Locked, and start the same attempt elsewhere
             for u in w.view.running:
                 self._exited.setdefault(u, now)
+            self._set_view(w, replace(w.view, running=()))
             del self._workers[iid]
             self._tell(w, w.inbox.abandon)
         total = len(self._workers) + len(self._creating)
@@ -301,7 +305,8 @@ class SchedulerActor(TickedActor):
             w.pending = {u: n for u, n in w.pending.items() if n > view.starts_seen}
             if w.pending:
                 view = replace(view, running=tuple(sorted({*view.running, *w.pending})))
-        old, w.view = w.view, view
+        old = w.view
+        self._set_view(w, view)
         # Every probe moves ``probed``/``busy``; only what the planner reads is worth a pass now
         # (the periodic pass publishes the rest). At 1,000 workers this is 1 pass/s, not 37.
         # Idle and running are alike to the planner: a worker confirming a start we sent (idle ->
@@ -527,7 +532,7 @@ class SchedulerActor(TickedActor):
         if (v.state not in STARTABLE or v.idle_behavior is not Behavior.RUN
                 or (per > 0 and len(v.running) >= per)):
             return False
-        if any(uuid in x.view.running for x in self._workers.values()):
+        if uuid in self._holders:
             return False  # an earlier attempt is still known to run (a pass kills it first)
         avail, shared = type_resources(v.instance_type), False
         for u in v.running:
@@ -547,7 +552,22 @@ class SchedulerActor(TickedActor):
         w.pending[e.uuid] = w.starts_sent
         self._tell(w, w.inbox.start_container, e, now)
         # optimistic: count it as running on that worker until the worker reports
-        w.view = replace(w.view, running=tuple(sorted({*w.view.running, e.uuid})))
+        self._set_view(w, replace(w.view, running=tuple(sorted({*w.view.running, e.uuid}))))
+
+    def _set_view(self, w: _Worker, view: WorkerView) -> None:
+        """Every change of a known worker's view goes through here, to keep ``_holders``."""
+        old, w.view = w.view.running, view
+        if old == view.running:
+            return
+        iid = view.instance_id
+        for u in set(old).difference(view.running):
+            h = self._holders.get(u)
+            if h is not None:
+                h.pop(iid, None)
+                if not h:
+                    del self._holders[u]
+        for u in view.running:
+            self._holders.setdefault(u, {})[iid] = None
     def _backing_off(self, uuid: str, now: float) -> bool:
         f = self._op_fails.get(uuid)
         return f is not None and now < f[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 
@@ -344,3 +345,47 @@ def test_closed_store_after_reads_and_corrupt_file(tmp_path):
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match=r"junk.sqlite: cannot open \(file is not a database\)"):
         ContainerStore(str(junk))
+
+
+# -- answers rendered without reading the row back ----------------------------------------------
+
+@pytest.mark.parametrize("path", [":memory:", "file"])
+def test_write_answers_equal_what_a_read_shows(tmp_path, path):
+    """lock, unlock and update render their answer from the row they read and the changes they
+    wrote, not from a second SELECT: the answer must be exactly what a get shows after it,
+    including the REAL columns (cost 3 reads back as 3.0) and the JSON ones."""
+    s = ContainerStore(str(tmp_path / "a.db") if path == "file" else path, cluster_id="x1234",
+                       clock=FakeClock())
+    who = s.authenticate(s.add_token(ADMIN, admin=True) and ADMIN)
+    u = make(s, who, mounts={"/tmp": {"kind": "tmp", "capacity": 1}})["uuid"]
+    lock_fields = ("uuid", "state", "priority", "auth_uuid", "locked_by_uuid")
+
+    def shown(fields=None):
+        got = s.get(u, caller=who)
+        return got if fields is None else {"kind": got["kind"], **{k: got[k] for k in fields}}
+
+    assert s.lock(u, caller=who) == shown(lock_fields)
+    assert s.unlock(u, caller=who) == shown(lock_fields)
+    s.lock(u, caller=who)
+    for fields in ({"state": "Running"}, {"cost": 3, "progress": 0.5}, {"runtime_status": {"activity": "x"}},
+                   {"priority": 7, "log": "l", "output": "o", "gateway_address": "1.2.3.4:5"},
+                   {}, {"state": "Complete", "exit_code": 0}):
+        # as JSON: 3 == 3.0 in Python, but not on the wire
+        assert json.dumps(s.update(u, fields, caller=who)) == json.dumps(shown()), fields
+    assert '"cost": 3.0' in json.dumps(shown())
+    s.close()
+
+
+def test_list_json_is_list_as_json(store, admin):
+    """The HTTP server answers a list with list_json, which splices the stored JSON text of
+    object and list columns in: it must say exactly what json.dumps(list(...)) says."""
+    u = make(store, admin, environment={"K": "v\u00e9\"\\n"}, mounts={"/tmp": {"kind": "tmp", "capacity": 1.5}},
+             runtime_constraints={"vcpus": 2, "ram": 1 << 40}, command=["echo", "\u2603"])["uuid"]
+    make(store, admin, priority=0)
+    store.lock(u, caller=admin)
+    store.update(u, {"state": "Running", "cost": 3, "progress": 0.25, "runtime_status": {"a": [1, None]}},
+                 caller=admin)
+    for kw in ({}, {"select": ["uuid", "mounts", "created_at", "started_at", "finished_at", "cost"]},
+               {"select": ["command", "exit_code", "log"], "count": "none"},
+               {"filters": [["state", "=", "Nothing"]]}, {"limit": 1, "offset": 1, "order": "priority"}):
+        assert store.list_json(**kw, caller=admin) == json.dumps(store.list(**kw, caller=admin)), kw

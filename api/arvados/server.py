@@ -33,6 +33,7 @@ from api.arvados.store import (BadRequest, ContainerStore, NotLoggedIn, StoreErr
 log = logging.getLogger(__name__)
 
 PREFIX = "/arvados/v1"
+_CALLER = "arvados.caller"  # environ key: the header token's TokenInfo, authenticated once
 _LIST_PARAMS = ("filters", "order", "select", "limit", "offset", "count")
 
 
@@ -120,7 +121,8 @@ def make_app(store: ContainerStore) -> bottle.Bottle:
     app = bottle.Bottle(catchall=True)
 
     def caller(params: dict) -> TokenInfo:
-        info = store.authenticate(_token(params))
+        env = bottle.request.environ
+        info = env[_CALLER] if _CALLER in env else store.authenticate(_token(params))
         if info is None:
             raise NotLoggedIn("Not logged in")
         return info
@@ -142,13 +144,18 @@ def make_app(store: ContainerStore) -> bottle.Bottle:
     def header_token_first():
         # A request whose header token is wrong is refused before its body is parsed.
         tok = _header_token()
-        if tok is not None and store.authenticate(tok) is None:
-            raise _json_error(401, "Not logged in")
+        if tok is not None:
+            info = store.authenticate(tok)
+            if info is None:
+                raise _json_error(401, "Not logged in")
+            bottle.request.environ[_CALLER] = info  # the header wins over api_token: once per request
 
-    def list_containers(params: dict) -> dict:
+    def list_containers(params: dict) -> str:
         who = caller(params)
         kw = {k: params.get(k) for k in _LIST_PARAMS}
-        return store.list(**kw, caller=who)
+        body = store.list_json(**kw, caller=who)
+        bottle.response.content_type = "application/json"
+        return body
 
     def get_container(uuid: str, params: dict) -> dict:
         who = caller(params)
