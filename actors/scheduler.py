@@ -8,7 +8,8 @@ applies the actions by telling the other actors, and publishes a :class:`Snapsho
 management API and /metrics. The quota and concurrency arithmetic is :mod:`actors.quota`'s, the
 snapshot rows :mod:`actors.render`'s.
 
-Nothing here blocks: every cloud, SSH or API call happens in another actor.
+Nothing here blocks: cloud, SSH and container API calls are the other actors' business, and they
+make them off their mailboxes (on bounded pools), telling the answers back as messages.
 """
 
 from __future__ import annotations
