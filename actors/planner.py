@@ -213,13 +213,12 @@ def choose(cands: list[_Free]) -> _Free | None:
     return best
 
 
-def sort_key(e: QueueEntry, running: Mapping[str, float | None]):
-    return (e.uuid not in running, e.state != "Locked", -e.priority, e.first_seen_at)
-
-
 def base_key(e: QueueEntry):
-    """:func:`sort_key` without the running-first part, so it can be cached between passes."""
-    return (e.state != "Locked", -e.priority, e.first_seen_at)
+    """Queue order as Go's (Locked first, then priority, then first seen), and oldest first among
+    containers one poll brought together (Go leaves those in any order; a burst's stragglers were
+    the ones submitted just after a poll and then locked last in the next one). Running ones go
+    first in :func:`plan`, which keeps this order cacheable between passes."""
+    return (e.state != "Locked", -e.priority, e.first_seen_at, e.created_at)
 
 
 def instance_sort_key(s: Slot):

@@ -772,3 +772,21 @@ def test_create_limit_is_reported_and_no_extra_create_is_planned():
     assert len(p.creates) == 4 and not p.create_limited
     p = plan(entries, {}, [], Limits(max_concurrent_creates=2, n_creating=2, **base))
     assert p.creates == [] and p.create_limited
+
+
+def test_equal_priority_first_seen_together_are_locked_oldest_first():
+    """A poll brings a burst of equal-priority containers all first seen at once (the API lists
+    them by priority, then uuid: no time order). With room for only some, the oldest are locked
+    first, so a container submitted just after a poll, which already waited for the next one, is
+    not also left at the back of that poll's batch (issue 15: the p99 of a 1,000 burst)."""
+    cl = sched_cluster(per_instance=1)
+    types = {t.name: t for t in cl.instance_types.values()}
+    # uuid order (the API's) is the reverse of creation order
+    entries = [QueueEntry(cuuid(i), "Queued", 5, {"uuid": cuuid(i)}, (types["type1"],),
+                          Resources(vcpus=1, ram=1 << 20), first_seen_at=100.0, created_at=90.0 - i)
+               for i in range(1, 7)]
+    limits = Limits(max_containers=2, max_supervisors=0, max_per_instance=1, max_instances=10,
+                    n_workers=0, at_quota=False, create_throttled=False, max_concurrent_creates=0,
+                    n_creating=0)
+    p = plan(entries, {}, [], limits)
+    assert sorted(p.locks) == [cuuid(5), cuuid(6)]
