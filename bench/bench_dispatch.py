@@ -31,6 +31,7 @@ import argparse
 import collections
 import functools
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -321,6 +322,7 @@ def main() -> int:
                    help="with --keep: py-spy the dispatcher and this process (the API server) during "
                         "each burst; collapsed stacks in DIR/nN-runK/burst-*.txt")
     args = p.parse_args()
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # one line per queued request
     for n in (int(x) for x in args.sizes.split(",")):
         results = []
         for i in range(args.runs):

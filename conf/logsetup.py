@@ -79,6 +79,9 @@ def setup(level: str = "info", stream=None, fmt: str = "json") -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for noisy in ("paramiko", "azure", "urllib3", "waitress", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "Task queue depth is N" whenever a request waits for a thread: a warning per request in a
+    # burst (thousands a second), not news
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 def configure(cluster, *, level_override: str | None = None, dev: bool = False, stream=None) -> None:

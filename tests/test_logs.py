@@ -58,6 +58,16 @@ def test_text_and_json_lines(restore_logging):
     assert rec["level"] == "warning" and rec["msg"] == "create failed" and rec["InstanceType"] == "small"
 
 
+
+def test_waitress_queue_depth_is_not_logged_per_request(restore_logging):
+    """Waitress warns "Task queue depth is N" for every request that waits for a thread: in a
+    1,000-container burst, thousands of lines a second. Its other warnings still show."""
+    out = io.StringIO()
+    logsetup.setup("info", out, fmt="text")
+    logging.getLogger("waitress.queue").warning("Task queue depth is %d", 3)
+    logging.getLogger("waitress").warning("client overflowed")
+    assert "Task queue depth" not in out.getvalue() and "client overflowed" in out.getvalue()
+
 def test_status_line():
     msg, fields = status(d.snapshot())
     # 6 workers and a pending create; containers from the queue; spend of the workers only
