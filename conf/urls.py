@@ -8,7 +8,7 @@ only for a listen address: any free port); a user name or password (the token au
 a password would be shown wherever the URL is); a query or fragment; a path where none belongs;
 and, where a secret crosses the network (``http_loopback_only``), plain http to any host but a
 loopback one (:func:`conf.hosts.is_loopback_host`). :func:`shown` is the URL as a message may show
-it: user info and query blanked out.
+it: user info, a port that is not a number, query and fragment blanked out.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 
 
 def shown(url: str) -> str:
-    """``url`` fit for a message: ``user:password@`` becomes ``***@``, a query ``?...``."""
+    """``url`` fit for a message: ``user:password@`` becomes ``***@``, a non-numeric port ``:***``,
+    a query ``?...``, a fragment ``#...``."""
     try:
         p = urlsplit(url)
     except ValueError:  # e.g. an unclosed "[": blank out the same parts by hand
@@ -34,7 +35,12 @@ def shown(url: str) -> str:
     netloc = p.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
-    return SplitResult(p.scheme, netloc, p.path, "..." if p.query else "", p.fragment).geturl()
+    try:
+        p.port
+    except ValueError:  # "https://KEY:SECRET" without "@host": the secret reads as a port
+        netloc = netloc.rpartition(":")[0] + ":***"
+    return SplitResult(p.scheme, netloc, p.path, "..." if p.query else "",
+                       "..." if p.fragment else "").geturl()
 
 
 def valid_host(host: str) -> bool:
@@ -63,8 +69,8 @@ def check_url(url, *, schemes: tuple[str, ...] = ("http", "https"), path: bool =
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as e:
-        raise ValueError(f"is not a valid URL ({e})") from None
+    except ValueError:  # urllib's reason quotes the bad part, which may be a secret
+        raise ValueError("is not a valid URL (bad port or IPv6 address)") from None
     names = " or ".join(f"{s}://" for s in schemes)
     if parts.scheme not in schemes or not parts.hostname:
         raise ValueError(f"is not an {names} URL with a host")

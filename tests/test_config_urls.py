@@ -107,6 +107,16 @@ def test_shown_hides_user_info_and_query():
     assert valid_host("a_b.example") and not valid_host("a b") and not valid_host("x" * 64 + ".org")
 
 
+def test_a_secret_read_as_a_port_or_a_fragment_is_never_shown():
+    """"https://KEY:SECRET" with the "@host" left off parses the secret as a port: neither the
+    reason nor the shown URL may repeat it; nor a token in a fragment."""
+    url = f"https://AKIA:{SECRET}"
+    with pytest.raises(ValueError) as e:
+        check_url(url)
+    assert SECRET not in str(e.value) and SECRET not in shown(url) and shown(url) == "https://AKIA:***"
+    assert shown(f"https://h.example/p#tok={SECRET}") == "https://h.example/p#..."
+
+
 # --- the loader ---------------------------------------------------------------------------------------
 # (its one-line errors for bad URLs: tests/test_config.py, BAD)
 
