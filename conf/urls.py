@@ -69,8 +69,10 @@ def check_url(url, *, schemes: tuple[str, ...] = ("http", "https"), path: bool =
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError:  # urllib's reason quotes the bad part, which may be a secret
-        raise ValueError("is not a valid URL (bad port or IPv6 address)") from None
+    except ValueError as e:
+        # "could not be cast" quotes what stood for a port: maybe a secret ("https://KEY:SECRET")
+        why = "port is not a number" if "could not be cast" in str(e) else e
+        raise ValueError(f"is not a valid URL ({why})") from None
     names = " or ".join(f"{s}://" for s in schemes)
     if parts.scheme not in schemes or not parts.hostname:
         raise ValueError(f"is not an {names} URL with a host")
