@@ -35,10 +35,9 @@ def shown(url: str) -> str:
     netloc = p.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
-    try:
-        p.port
-    except ValueError:  # "https://KEY:SECRET" without "@host": the secret reads as a port
-        netloc = netloc.rpartition(":")[0] + ":***"
+    host, colon, port = netloc.rpartition(":")
+    if colon and not port.isdigit() and "]" not in port:  # "https://KEY:SECRET" without "@host"
+        netloc = host + ":***"
     return SplitResult(p.scheme, netloc, p.path, "..." if p.query else "",
                        "..." if p.fragment else "").geturl()
 

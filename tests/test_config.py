@@ -429,7 +429,7 @@ BAD = [
      "\"http://dispatch.example:9006/mgmt\" must not have a path (got '/mgmt')"),
     (dict(Services=services(internal={"https://dispatch.example:9006": {"ListenURL": "http://0.0.0.0:port"}})),
      f"{D}.https://dispatch.example:9006.ListenURL",
-     "\"http://0.0.0.0:port\" is not a valid URL (Port could not be cast to integer value as 'port')"),
+     "\"http://0.0.0.0:***\" is not a valid URL (port is not a number)"),
     (dict(Services=services(internal={"https://dispatch.example:9006": {"ListenURL": "https://0.0.0.0:9006"}})),
      f"{D}.https://dispatch.example:9006.ListenURL",
      '"https://0.0.0.0:9006" is https: this dispatcher serves plain http (TLS belongs to a proxy in front)'),
