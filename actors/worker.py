@@ -545,8 +545,10 @@ class WorkerActor(TickedActor):
             if now < r.next_signal:
                 continue
             r.next_signal = now + self._cfg.timeout_signal
-            if r.killing:
-                continue  # the last signal's command is still out
+            if r.killing or r.starting:
+                # the last signal's command is still out; or the start's: a --kill sent now could
+                # reach the VM before crunch-run exists and the --detach start it after all
+                continue
             self._log.info("sending signal", extra=self._fields(ContainerUUID=r.uuid, Signal=15,
                                                                Reason=r.kill_reason))
             r.killing = True

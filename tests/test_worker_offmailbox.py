@@ -463,3 +463,22 @@ def test_shutdown_drops_queued_commands():
         assert w.view.get(timeout=WAIT).state is State.SHUTDOWN
     finally:
         rig.close()
+
+
+def test_a_kill_never_overtakes_its_own_start(rig):
+    """A kill decided while the container's --detach is out waits for the start's answer: sent at
+    once, it could reach the VM before crunch-run exists, succeed, end the runner, and the detach
+    would then start crunch-run anyway (before the SSH calls left the worker's thread, the detach
+    always finished first)."""
+    ex = ParkingExecutor({LIST: OK, DETACH: OK, KILL: OK}, parked={DETACH})
+    w, sched, _ = rig.worker(State.IDLE, ex)
+    w.start_container(entry(), T0)
+    ex.wait_begun(DETACH)
+    w.kill_container(UUID, "cancelled", T0 + 1)
+    w.view.get(timeout=WAIT)  # the kill is handled
+    ex.release(DETACH)
+    ACTIVITY.wait_idle(WAIT)
+    assert ex.count(KILL) == 0 and not sched.named("container_ended")  # the clock has not moved
+    rig.at(1 + 5.0 + 0.1)  # TimeoutSignal later: the next signal goes out
+    ex.wait_begun(KILL)
+    sched.wait("container_ended", lambda a: a[0] == UUID)
