@@ -530,7 +530,7 @@ class SchedulerActor(TickedActor):
             return False
         v = w.view
         per = self._cfg.max_running_containers_per_instance
-        if (v.state not in STARTABLE or v.idle_behavior is not Behavior.RUN
+        if (v.state not in STARTABLE or v.idle_behavior is not Behavior.RUN or v.draining
                 or (per > 0 and len(v.running) >= per)):
             return False
         if uuid in self._holders:

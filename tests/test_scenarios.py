@@ -205,6 +205,20 @@ def test_g2_lock_answer_does_not_start_a_container_an_earlier_attempt_of_which_t
     assert s.starts(A) == []
 
 
+
+def test_lock_answer_does_not_start_on_a_worker_the_dispatcher_drains():
+    """A pass treats a worker the dispatcher drains (its boot probe failing) as DRAIN; the start
+    that goes out with a lock's answer must too, or it lands on an instance being emptied."""
+    s = Sched()
+    s.list("i-1")
+    s.report(s.view("i-1", State.IDLE))
+    s.poll(s.entry(A, "Queued"))
+    s.tick()
+    assert s.told(s.queue, "lock", A) == 1
+    s.report(s.view("i-1", State.IDLE, draining="boot probe failing"))
+    s.s.container_op_done(A, "lock", s.entry(A, "Locked"), "")
+    assert s.starts(A) == []
+
 # -- 3: a Running container that fits no configured type is left alone ---------------------------
 
 def test_3_running_container_of_retired_type_is_not_killed():
