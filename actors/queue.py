@@ -131,7 +131,8 @@ class QueueActor(TickedActor):
 
     def on_stop(self) -> None:
         super().on_stop()
-        self._ops.shutdown(wait=False)  # calls in flight finish; their answers go nowhere
+        # queued calls are dropped (a stopped dispatcher locks nothing); those in flight finish
+        self._ops.shutdown(wait=False, cancel_futures=True)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -472,6 +472,39 @@ def test_10_queue_answers_while_a_lock_call_hangs():
         q.actor_ref.stop(block=True)
 
 
+
+def test_10_calls_still_queued_when_the_queue_stops_are_never_made(monkeypatch):
+    """A stopped dispatcher must not go on locking containers: calls waiting for a pool thread
+    are dropped (and uncounted), only the one in flight finishes."""
+    import actors.queue as queue_mod
+    from actors.ticker import Ticker
+    from api.arvados.inprocess import LocalArvadosClient
+    from api.arvados.store import ContainerStore
+    monkeypatch.setattr(queue_mod, "OP_THREADS", 1)
+    c = cluster(types=(1,))
+    clock = FakeClock(T0)
+    store = ContainerStore(":memory:", cluster_id="zzzzz", clock=clock)
+    store.add_token(c.system_root_token, admin=True)
+    client = _BlockingLock(LocalArvadosClient(store, c.system_root_token))
+    uuids = [client.create_container({"command": ["true"], "container_image": "img", "priority": 1,
+                                      "runtime_constraints": {"vcpus": 1, "ram": 1 << 20}})["uuid"]
+             for _ in range(2)]
+    ticker = Ticker(clock)
+    q = queue_mod.QueueActor.start(client=client, chooser=TypeChooser(c), scheduler=MagicMock(),
+                                   ticker=ticker, cluster=c, first_now=T0).proxy()
+    try:
+        ticker.fire_due(T0)
+        ACTIVITY.wait_idle()
+        q.lock.defer(uuids[0])
+        assert client.entered.wait(5)
+        q.lock(uuids[1]).get(timeout=5)  # queued behind the first, in the pool
+    finally:
+        q.actor_ref.stop(block=True)
+        client.release.set()
+        ACTIVITY.wait_idle()
+    states = [client.get_container(u)["state"] for u in uuids]
+    assert states == ["Locked", "Queued"]
+
 def test_10_rendering_a_snapshot_changes_no_scheduler_state():
     s = Sched()
     s.list("i-1")
