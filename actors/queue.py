@@ -75,7 +75,9 @@ def fetch_mounts(client, uuids: list[str]) -> dict[str, Mapping]:
     MOUNTS_BATCH of them, MOUNTS_PARALLEL calls at a time. One GET per container cost the API
     server and the dispatcher a request each: 1,000 new containers made a poll take 1.6-2 s on a
     2-core machine before any of them could be locked. A container the answer leaves out (deleted
-    meanwhile) or a batch that fails is left for the next poll."""
+    meanwhile) is left for the next poll; a batch that fails fails the poll (nothing of it is
+    applied): skipping its containers would leave Running ones out of the queue, and "not in
+    queue" kills them (after a restart every container is new here)."""
     def one(batch: list[str]) -> dict[str, Mapping]:
         try:
             got = client.list_containers(filters=[["uuid", "in", batch]], select=["uuid", "mounts"],
@@ -83,7 +85,7 @@ def fetch_mounts(client, uuids: list[str]) -> dict[str, Mapping]:
         except Exception as e:
             log.warning("error getting mounts", extra={"ContainerUUID": batch[0], "N": len(batch),
                                                        "error": str(e)})
-            return {}
+            raise
         want = set(batch)
         return {c["uuid"]: c.get("mounts") or {} for c in got
                 if isinstance(c, dict) and c.get("uuid") in want}
@@ -245,8 +247,8 @@ class QueueActor(TickedActor):
                 if ctr.get("state") in FINAL:
                     continue  # never add a finished container we hadn't seen
                 if uuid not in res.mounts:
-                    continue  # its mounts could not be fetched: try again next poll
-                entry = self._new_entry(ctr, res.mounts.get(uuid, {}), res.started_at)
+                    continue  # deleted before its mounts were fetched: the next poll knows
+                entry = self._new_entry(ctr, res.mounts[uuid], res.started_at)
                 if entry is None:
                     continue
             else:

@@ -12,6 +12,8 @@ import logging
 from dataclasses import replace
 from unittest.mock import Mock, create_autospec
 
+import pytest
+
 from actors.inbox import InstanceSetInbox, QueueInbox, WorkerInbox
 from actors.messages import Behavior, InstanceInfo, QueueEntry, State, WorkerView
 from actors.resources import Resources
@@ -257,8 +259,9 @@ def test_a_poll_fetches_mounts_batches_in_parallel():
     assert sorted(res.mounts) == sorted(e.uuid for e in es)
 
 
-def test_a_mounts_batch_that_fails_leaves_its_containers_for_the_next_poll(caplog):
-    """A failed batch costs only its own containers, which the next poll tries again."""
+def test_a_mounts_batch_that_fails_fails_the_poll(caplog):
+    """A failed batch fails the whole poll, which the next one repeats: leaving its containers
+    out would make Running ones "not in queue" (tests/test_scenarios.py, test_4_a_failed_...)."""
     from actors.queue import MOUNTS_BATCH
 
     es = [entry(k) for k in range(2 * MOUNTS_BATCH)]
@@ -270,8 +273,8 @@ def test_a_mounts_batch_that_fails_leaves_its_containers_for_the_next_poll(caplo
                 raise RuntimeError("503 service unavailable")
             return super().list_containers(filters, offset, **kw)
     with caplog.at_level(logging.WARNING, logger="dispatch.queue"):
-        res = _queue_actor(Failing(es))._fetch(T0, set())
-    assert sorted(res.mounts) == sorted(e.uuid for e in es[MOUNTS_BATCH:])
+        with pytest.raises(RuntimeError, match="503"):
+            _queue_actor(Failing(es))._fetch(T0, set())
     assert any(r.getMessage() == "error getting mounts" for r in caplog.records)
 
 

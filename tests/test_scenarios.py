@@ -278,6 +278,29 @@ def test_4_container_is_skipped_until_its_mounts_are_known(caplog):
         assert any("error getting mounts" in r.getMessage() for r in caplog.records)
 
 
+
+def test_4_a_failed_mounts_fetch_after_a_restart_kills_no_running_container():
+    """After a restart every container is new to the queue, Running ones included: a mounts
+    fetch that fails must not leave them out of the queue, where "not in queue" kills them."""
+    dp = {"BootTime": "10s", "BootTimeJitter": "0s", "ContainerRunTime": "300s"}
+    c = cluster(types=(1,), driver_parameters=dp)
+    sim = Simulation(c).start()
+    try:
+        u = sim.submit()
+        sim.run_until(lambda: state(sim, u) == "Running", 120)
+    finally:
+        sim.stop()
+    apis = []
+    sim2 = Simulation(c, store=sim.store, cloud=sim.cloud, clock=sim.clock,
+                      wrap_api=lambda api, role: apis.append(_FailMountsOnce(api)) or apis[-1]).start()
+    try:
+        sim2.run_until(lambda: state(sim2, u) != "Running", 600)
+        assert apis[0].failed == 1
+        got = sim2.api.get_container(u, select=["state", "lock_count", "runtime_status"])
+        assert (got["state"], got["lock_count"]) == ("Complete", 1), got
+    finally:
+        sim2.stop()
+
 # -- 5: slow destroys do not starve listing and creates ---------------------------------------------
 
 class _SlowDestroys(Chaos):
