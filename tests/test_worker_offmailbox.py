@@ -216,12 +216,12 @@ def test_start_goes_out_while_the_run_probe_waits_and_its_stale_answer_keeps_the
     view = w.view.get(timeout=WAIT)
     assert view.running == (UUID,) and view.state is State.RUNNING
     assert sched.named("container_ended") == []  # the empty list predates the start: no erasure
-    # the next probe (begun after the start) is believed
-    ex.table[LIST] = LISTED
+    # the next probe (begun after the start's answer) is believed: its empty list ends the runner
     rig.at(20)
     ex.wait_begun(LIST, 2)
     ACTIVITY.wait_idle(WAIT)
-    assert w.view.get(timeout=WAIT).running == (UUID,)
+    assert [a[0] for a in sched.named("container_ended")] == [UUID]
+    assert w.view.get(timeout=WAIT).running == ()
 
 
 def test_kill_goes_out_while_the_run_probe_waits_and_its_stale_answer_does_not_revive(rig):
