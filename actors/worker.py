@@ -102,8 +102,7 @@ class ProbeResult:
     boot_ok: bool = False  # the boot probe itself answered (not just "already booted")
     boot_err: str = ""
     runner: str | None = None  # the deployed runner's path
-    listed: bool = False  # the run probe ran
-    ok: bool = False  # ... and answered
+    ok: bool = False  # the run probe ran and answered
     uuids: tuple[str, ...] = ()
     broken: bool = False
     stale: bool = False
@@ -431,14 +430,24 @@ class WorkerActor(TickedActor):
 
     @_handler
     def start_done(self, res: CommandResult) -> None:
+        self._command_done(res, self._apply_start)
+
+    def _command_done(self, res: CommandResult, apply: Callable[[CommandResult], None]) -> None:
+        """A start's or kill's answer: one fewer in flight, apply it, send the next one queued."""
         self._cmd_out -= 1
-        self._apply_start(res)
+        apply(res)
         self._send_queued()
 
-    def _apply_start(self, res: CommandResult) -> None:
-        now = self._now = max(self._now, res.ended)
+    def _answered(self, res: CommandResult) -> _Runner | None:
+        """The runner a command's answer is about, if it is still that attempt."""
+        self._now = max(self._now, res.ended)
         r = self._runners.get(res.uuid)
-        if r is None or r.seq != res.seq or not r.starting:
+        return r if r is not None and r.seq == res.seq else None
+
+    def _apply_start(self, res: CommandResult) -> None:
+        r = self._answered(res)
+        now = self._now
+        if r is None or not r.starting:
             return  # ended, killed or listed by a probe meanwhile (Go: no longer in ``starting``)
         r.starting = False
         self._gen += 1
@@ -574,14 +583,12 @@ class WorkerActor(TickedActor):
 
     @_handler
     def kill_done(self, res: CommandResult) -> None:
-        self._cmd_out -= 1
-        self._apply_kill(res)
-        self._send_queued()
+        self._command_done(res, self._apply_kill)
 
     def _apply_kill(self, res: CommandResult) -> None:
-        now = self._now = max(self._now, res.ended)
-        r = self._runners.get(res.uuid)
-        if r is None or r.seq != res.seq:
+        r = self._answered(res)
+        now = self._now
+        if r is None:
             return
         r.killing = False
         if res.ok:
@@ -629,14 +636,13 @@ class WorkerActor(TickedActor):
                     runner = deployed
             if booted:
                 self._log.info("instance booted; will try probeRunning", extra=req.fields)
-        listed = ok = broken = stale = False
+        ok = broken = stale = False
         uuids, list_at = (), 0.0
         if wants_run_probe(req.initial, booted):
-            listed = True
             list_at = self._seen_at(req.started)
             uuids, broken, stale, ok = self._probe_running(req, runner, booted)
         return ProbeResult(req.gen, req.started, self._seen_at(req.started), req.initial, booted=booted,
-                           boot_ok=boot_ok, boot_err=boot_err, runner=deployed, listed=listed, ok=ok,
+                           boot_ok=boot_ok, boot_err=boot_err, runner=deployed, ok=ok,
                            uuids=uuids, broken=broken, stale=stale, list_at=list_at)
 
     def _probe_booted(self, req: ProbeRequest) -> tuple[bool, str]:
