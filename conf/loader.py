@@ -516,16 +516,16 @@ class _Builder:
                 v = str(v)  # port: 5432
             if not isinstance(v, str):
                 conn.fail(k, _not_a_string(v))
-            if v:
-                out[k.lower()] = v  # Arvados lower-cases the keys and drops empty values
-        for key, v in out.items():  # what the dispatch lock would trip over, found now
-            k = next(k for k in conn.data if isinstance(k, str) and k.lower() == key)
-            try:
+            if not v:
+                continue  # Arvados drops empty values and lower-cases the keys
+            key = k.lower()
+            try:  # what the dispatch lock would trip over, found now
                 check_pg_option(key)
                 if key in ("host", "port"):
                     check_pg_address(key, v)
             except ValueError as e:
                 conn.fail(k, f"{_show(v)} {e}" if key in ("host", "port") else str(e))
+            out[key] = v
         return freeze(out)
 
     @staticmethod
