@@ -57,6 +57,12 @@ LONG_COMMAND_TIMEOUT = 300.0
 _CHUNK = 1 << 15
 # The watchdog hangs up a transport this long after a command's own deadline.
 WATCHDOG_GRACE = 2.0
+# Longest wait on a channel's fd before looking at its buffers again. paramiko's fd is fed by
+# OrPipe/PosixPipe, whose set/clear flags have no lock: when the transport thread feeds stdout
+# while this thread drains stderr (or the reverse) the fd can end up clear with data waiting,
+# and nothing wakes a wait on it until more data or the deadline (seen on CI: a 4 MiB exchange
+# hung for its whole 24 s).
+LOST_WAKEUP_BOUND = 0.25
 
 _log = logging.getLogger(__name__)
 
@@ -440,8 +446,9 @@ def _exchange(chan: paramiko.Channel, command: str, stdin: bytes, deadline: floa
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Deadline()
-        # Writable-readiness has no fd: poll briefly while stdin is blocked on the window.
-        poller.poll(1000 * (min(remaining, 0.02) if not eof_sent else remaining))
+        # Writable-readiness has no fd: poll briefly while stdin is blocked on the window. The fd
+        # itself can miss a wake-up (LOST_WAKEUP_BOUND), so no wait is longer than that.
+        poller.poll(1000 * min(remaining, 0.02 if not eof_sent else LOST_WAKEUP_BOUND))
     # EOF closed both buffers: drain what is left, then wait for the exit status.
     while chan.recv_ready():
         out.append(chan.recv(_CHUNK * 2))

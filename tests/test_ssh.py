@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -431,3 +432,55 @@ def test_a_failing_channel_close_never_escapes_as_a_non_executor_error(sshd, clo
     assert ex.execute("echo done").stdout == b"done\n"
     with pytest.raises(ssh.CommandTimeout):
         ex.execute("sleep 5")
+
+
+class _SilentChannel:
+    """A channel whose data arrives without its poll fd turning readable: what paramiko's
+    OrPipe/PosixPipe do when the transport thread feeds one buffer while the reader drains the
+    other (their set/clear flags have no lock, so the last set can be undone by a clear)."""
+
+    def __init__(self):
+        self._rfd, self._wfd = os.pipe()
+        self.polls = 0
+        self.eof_received = self.closed = False
+        self.status_event = threading.Event()
+        self.exit_status = -1
+        self._out = []
+
+    def exec_command(self, command): pass
+    def settimeout(self, t): pass
+    def fileno(self): return self._rfd
+    def send_ready(self): return False
+    def shutdown_write(self): pass
+    def recv_stderr_ready(self): return False
+
+    def recv_ready(self):
+        # The data and the EOF land on the second look, with no byte on the fd.
+        self.polls += 1
+        if self.polls == 2:
+            self._out.append(b"late")
+            self.eof_received = True
+            self.exit_status = 0
+            self.status_event.set()
+        return bool(self._out)
+
+    def recv(self, n):
+        return self._out.pop()
+
+    def close(self):
+        os.close(self._rfd)
+        os.close(self._wfd)
+
+
+def test_exchange_survives_a_lost_wakeup_from_paramikos_pipe():
+    """CI hung here for the whole deadline (test_large_stdin_... on paramiko 3.5): stdout data
+    sat in the buffer while poll() waited on an fd the racy OrPipe had cleared. The wait is now
+    bounded, so data that arrives without a wake-up is read within a fraction of a second."""
+    chan = _SilentChannel()
+    try:
+        began = time.monotonic()
+        r = ssh._exchange(chan, "cat", b"", began + 10)
+        assert (r.stdout, r.exit_status) == (b"late", 0)
+        assert time.monotonic() - began < ssh.LOST_WAKEUP_BOUND + 2
+    finally:
+        chan.close()
