@@ -3,10 +3,11 @@
 
 The real ``dispatch-cloud run`` (a child process) on the stub cloud (BootTime 1s, ContainerRunTime
 2s, MaxInstances N, MaxCloudOpsPerSecond 1000, MaxConcurrentInstanceCreateOps 50, PollInterval 1s)
-against the dev container API server over HTTP (in this process, behind a counting WSGI
-middleware). First N containers, so that N instances exist and go idle (warm-up; containers that
-finish early are reused, so further rounds of 2N top the pool up to N); then N more queued at
-once (8 client threads) onto the N idle instances (the burst). Printed per run, and as medians:
+against the dev container API server over HTTP (in a process of its own, as Arvados' API server
+is, behind a counting WSGI middleware; this process only submits and watches). First N
+containers, so that N instances exist and go idle (warm-up; containers that finish early are
+reused, so further rounds of 2N top the pool up to N); then N more queued at once (8 client
+threads) onto the N idle instances (the burst). Printed per run, and as medians:
 
 * warm-up (round 1): seconds until its instances appeared, and instance creations/s;
 * burst: starts/s from the burst's submission to the last ``crunch-run process started``;
@@ -20,8 +21,8 @@ once (8 client threads) onto the N idle instances (the burst). Printed per run, 
 
 With ``--keep DIR`` each run's config, API database and dispatcher log stay in DIR, with the
 dispatcher's pid for a profiler (``py-spy record --pid $(cat DIR/n200-run1/pid) --threads``);
-``--profile`` records py-spy (``--gil``) on the dispatcher and on this process (the API server)
-during each burst. BENCH_LOG_LEVEL=debug in the environment sets the dispatcher's SystemLogs
+``--profile`` records py-spy (``--gil``) on the dispatcher and on the API server process during
+each burst. BENCH_LOG_LEVEL=debug in the environment sets the dispatcher's SystemLogs
 LogLevel (e.g. to see each "lock succeeded"; it slows the run).
 """
 
@@ -51,7 +52,7 @@ import yaml  # noqa: E402
 from api.arvados.client import ArvadosClient  # noqa: E402
 from api.arvados.server import make_app  # noqa: E402
 from api.arvados.store import ContainerStore  # noqa: E402
-from api.wsgi import WsgiServer  # noqa: E402
+from api.wsgi import CONTAINER_API_LIMITS, WsgiServer  # noqa: E402
 from tests.util import free_port as _free_port, wait_for  # noqa: E402
 
 TOKEN = "systemroot" + "a" * 30
@@ -60,7 +61,10 @@ BASE = {"command": ["true"], "container_image": "img", "cwd": "/", "output_path"
 
 
 class Counting:
-    """WSGI middleware: counts requests by (method, kind, status) while ``on`` is set."""
+    """WSGI middleware: counts requests by (method, kind, status) while counting is on.
+
+    ``PUT /_bench/counting`` (body ``on`` or ``off``; ``on`` starts from zero) switches it and
+    ``GET /_bench/counts`` reads the counts, so the bench can drive a server in another process."""
 
     def __init__(self, app):
         self.app = app
@@ -69,6 +73,8 @@ class Counting:
         self._lock = threading.Lock()
 
     def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO", "").startswith("/_bench/"):
+            return self._control(environ, start_response)
         if not self.on:
             return self.app(environ, start_response)
         method = environ.get("HTTP_X_HTTP_METHOD_OVERRIDE") or environ["REQUEST_METHOD"]
@@ -80,6 +86,70 @@ class Counting:
                 self.counts[(method, kind, int(status.split()[0]))] += 1
             return start_response(status, headers, exc_info)
         return self.app(environ, sr)
+
+    def _control(self, environ, start_response):
+        if environ["REQUEST_METHOD"] == "PUT" and environ["PATH_INFO"] == "/_bench/counting":
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            with self._lock:
+                if body == b"on":
+                    self.counts.clear()
+                self.on = body == b"on"
+            out = b"{}"
+        elif environ["PATH_INFO"] == "/_bench/counts":
+            with self._lock:
+                out = json.dumps([[*k, v] for k, v in self.counts.items()]).encode()
+        else:
+            start_response("404 Not Found", [("Content-Type", "application/json")])
+            return [b'{"errors": ["no such bench route"]}']
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [out]
+
+
+def serve_api(db: str) -> int:
+    """The API server process: print its URL, serve until stdin closes (the bench ended)."""
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # one line per queued request
+    store = ContainerStore(db, cluster_id="zzzzz")
+    store.add_token(TOKEN, admin=True)
+    api = WsgiServer(Counting(make_app(store)), "127.0.0.1", 0, threads=16, name="arvados-api",
+                     limits=CONTAINER_API_LIMITS).start()
+    print(api.url, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        api.stop()
+        store.close()
+    return 0
+
+
+class ApiProcess:
+    """The dev container API server in a process of its own (``serve_api``)."""
+
+    def __init__(self, workdir: Path):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-api", str(workdir / "api.db")],
+                                     cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(workdir / "api.log", "wb"))
+        self.url = self.proc.stdout.readline().decode().strip()
+        if not self.url.startswith("http://"):
+            self.stop()
+            raise RuntimeError(f"the API server did not start: see {workdir / 'api.log'}")
+
+    def counting(self, on: bool) -> None:
+        r = requests.put(self.url + "/_bench/counting", data=b"on" if on else b"off", timeout=30)
+        r.raise_for_status()
+
+    def counts(self) -> collections.Counter:
+        r = requests.get(self.url + "/_bench/counts", timeout=30)
+        r.raise_for_status()
+        return collections.Counter({tuple(row[:3]): row[3] for row in r.json()})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # serve_api returns
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 def _config(api_url: str, mgmt: str, n: int, max_probes: int) -> dict:
@@ -164,10 +234,7 @@ def _profilers(pids: dict[str, int], out: Path | None) -> list[subprocess.Popen]
 
 
 def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> dict:
-    store = ContainerStore(str(workdir / "api.db"), cluster_id="zzzzz")
-    store.add_token(TOKEN, admin=True)
-    counting = Counting(make_app(store))
-    api = WsgiServer(counting, "127.0.0.1", 0, threads=16, name="arvados-api").start()
+    api = ApiProcess(workdir)
     mgmt = f"http://127.0.0.1:{_free_port()}"
     cfg = workdir / "config.yml"
     cfg.write_text(yaml.safe_dump(_config(api.url, mgmt, n, max_probes)))
@@ -197,8 +264,8 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
             uuids, out = list(uuids), collections.Counter()
             for i in range(0, len(uuids), 500):  # the store's page limit is 1,000
                 batch = uuids[i:i + 500]
-                items = store.list(filters=[["uuid", "in", batch]], select=["uuid", "state"],
-                                   limit=len(batch), caller=store.authenticate(TOKEN))["items"]
+                items = client.list_containers(filters=[["uuid", "in", batch]], select=["uuid", "state"],
+                                               limit=len(batch))
                 out.update(x["state"] for x in items)
             return out
 
@@ -242,13 +309,12 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
         recs = tail()
 
         # the burst onto idle capacity
-        counting.counts.clear()
-        counting.on = True
+        api.counting(True)
         mark = len(recs)
-        spies = _profilers({"dispatcher": proc.pid, "bench-api": os.getpid()}, workdir if profile else None)
+        spies = _profilers({"dispatcher": proc.pid, "api": api.proc.pid}, workdir if profile else None)
         if spies:
             time.sleep(1.0)  # py-spy attaches
-        cpu0 = (_cpu(proc.pid), _cpu(os.getpid()), time.time())
+        cpu0 = (_cpu(proc.pid), _cpu(api.proc.pid), _cpu(os.getpid()), time.time())
         burst = submit(n)
         t_sub = min(burst.values())
 
@@ -259,13 +325,14 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
                     got.setdefault(r["ContainerUUID"], _t(r))
             return got if len(got) == n else None
         starts = _wait(started, 120, "every burst container to start")
-        cpu1 = (_cpu(proc.pid), _cpu(os.getpid()), time.time())
+        cpu1 = (_cpu(proc.pid), _cpu(api.proc.pid), _cpu(os.getpid()), time.time())
         for spy in spies:
             spy.send_signal(__import__("signal").SIGINT)  # py-spy writes its file on SIGINT
             spy.wait(30)
         _wait(lambda: finished(burst) == n, 60 + n * 0.2, "the burst to finish")
         time.sleep(3)  # let the dispatcher notice the ends and whatever it kills or cancels after them
-        counting.on = False
+        counts = api.counts()
+        api.counting(False)
         after = tail()[mark:]
         lat = [starts[u] - burst[u] for u in burst]
         last = max(starts.values())
@@ -274,7 +341,7 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
             if r.get("ContainerUUID") in burst and r.get("msg") in ("crunch-run process started", "sending signal"):
                 per[r["ContainerUUID"]] += 1
         calls = collections.Counter()
-        for (method, kind, status), k in counting.counts.items():
+        for (method, kind, status), k in counts.items():
             if (method, kind) != ("POST", "list"):  # the burst's own creates
                 calls[f"{method} {kind}"] += k
         return {
@@ -294,10 +361,11 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
             "cancels": sum(1 for r in after if str(r.get("msg", "")).startswith("cancelling container")),
             "api_calls_per_ctr": sum(calls.values()) / n,
             "api_calls": dict(sorted(calls.items())),
-            "cpu_dispatcher": (cpu1[0] - cpu0[0]) / (cpu1[2] - cpu0[2]),
-            "cpu_bench_api": (cpu1[1] - cpu0[1]) / (cpu1[2] - cpu0[2]),
+            "cpu_dispatcher": (cpu1[0] - cpu0[0]) / (cpu1[3] - cpu0[3]),
+            "cpu_api": (cpu1[1] - cpu0[1]) / (cpu1[3] - cpu0[3]),
+            "cpu_bench": (cpu1[2] - cpu0[2]) / (cpu1[3] - cpu0[3]),
             "load": os.getloadavg()[0],
-            "api_422": sum(k for (_, _, s), k in counting.counts.items() if s == 422),
+            "api_422": sum(k for (_, _, s), k in counts.items() if s == 422),
         }
     finally:
         if proc.poll() is None:
@@ -308,7 +376,6 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
                 proc.kill()
                 proc.wait(10)
         api.stop()
-        store.close()
 
 
 def main() -> int:
@@ -319,10 +386,12 @@ def main() -> int:
     p.add_argument("--max-probes", type=int, default=100,
                    help="MaxProbesPerSecond (Go's default 10 makes booting 1,000 VMs take 100 s+)")
     p.add_argument("--profile", action="store_true",
-                   help="with --keep: py-spy the dispatcher and this process (the API server) during "
+                   help="with --keep: py-spy the dispatcher and the API server process during "
                         "each burst; collapsed stacks in DIR/nN-runK/burst-*.txt")
+    p.add_argument("--serve-api", metavar="DB", help=argparse.SUPPRESS)  # the API server process
     args = p.parse_args()
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # one line per queued request
+    if args.serve_api:
+        return serve_api(args.serve_api)
     for n in (int(x) for x in args.sizes.split(",")):
         results = []
         for i in range(args.runs):
@@ -340,8 +409,8 @@ def main() -> int:
                   f"max {r['lat_max']:.2f}s; remote cmds/ctr {r['remote_cmds_per_ctr']:.2f}; "
                   f"kill decisions {r['kill_decisions']}; cancels {r['cancels']}; "
                   f"API calls/ctr {r['api_calls_per_ctr']:.1f} {r['api_calls']}; 422s {r['api_422']}; "
-                  f"CPU in the burst (cores): dispatcher {r['cpu_dispatcher']:.2f}, API server + bench "
-                  f"{r['cpu_bench_api']:.2f}; load average {r['load']:.1f}",
+                  f"CPU in the burst (cores): dispatcher {r['cpu_dispatcher']:.2f}, API server "
+                  f"{r['cpu_api']:.2f}, bench {r['cpu_bench']:.2f}; load average {r['load']:.1f}",
                   flush=True)
         med = {k: statistics.median(r[k] for r in results) for k in results[0]
                if isinstance(results[0][k], (int, float))}
