@@ -165,6 +165,35 @@ def test_detach_runs_container_to_complete(node):
     assert not lockfile.exists()  # --list removed the released lock file
 
 
+def test_an_api_container_gets_its_own_token_and_no_other_container_gets_one(node):
+    """crunch-run gives a container with runtime_constraints.API its own token
+    (v2/<auth uuid>/<secret>/<container uuid>), the API host and the insecure flag; it never
+    passes on the dispatcher's token, and a container without API gets none."""
+    go = node.tmp / "go"
+    show = ('echo "${ARVADOS_API_TOKEN-unset}"; echo "${ARVADOS_API_HOST-unset}"; '
+            f'while [ ! -e {go} ]; do sleep 0.02; done')
+    api = node.new_container(["sh", "-c", show], runtime_constraints={"API": True, "vcpus": 1, "ram": 1 << 20})
+    plain = node.new_container(["sh", "-c", show])
+    node.start(api)
+    node.start(plain)
+    node.wait_state(api, "Running")
+    node.wait_state(plain, "Running")
+    out = node.workdir / api / "stdout.txt"
+    wait_for(lambda: out.exists() and out.read_text().count("\n") == 2, what="the API container's output")
+    token, host = out.read_text().splitlines()
+    auth = node.store.auth(api, caller=node.admin)
+    assert token == f"v2/{auth['uuid']}/{auth['api_token']}/{api}"
+    assert host == node.api_host
+    who = node.store.authenticate(token)  # the container can call the API as itself
+    assert who is not None and who.uuid == auth["uuid"] and who.uuid != node.admin.uuid
+    plain_out = node.workdir / plain / "stdout.txt"
+    wait_for(lambda: plain_out.exists() and plain_out.read_text().count("\n") == 2, what="the other output")
+    assert plain_out.read_text() == "unset\nunset\n"
+    go.touch()
+    node.wait_state(api, "Complete")
+    assert node.store.authenticate(token) is None  # it died with the container
+
+
 def test_failing_command_completes_with_its_exit_code(node):
     uuid = node.new_container(["sh", "-c", "echo oops >&2; exit 3"])
     node.start(uuid)

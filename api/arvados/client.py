@@ -143,6 +143,11 @@ class ContainerApi:
     def cancel(self, uuid: str) -> dict:
         return self.update(uuid, {"state": "Cancelled"})
 
+    def container_auth(self, uuid: str) -> dict:
+        """The container's own token (``GET containers/{uuid}/auth``; the locking token only):
+        an api_client_authorization with ``uuid`` and ``api_token``."""
+        return self._auth(uuid)
+
     def create_container(self, fields: Mapping) -> dict:
         """A new Queued container (dev/test servers only: Arvados creates them from requests)."""
         return self._create(dict(fields))
@@ -158,6 +163,7 @@ class ContainerApi:
     def _unlock(self, uuid: str) -> dict: raise NotImplementedError
     def _update(self, uuid: str, fields: dict) -> dict: raise NotImplementedError
     def _create(self, fields: dict) -> dict: raise NotImplementedError
+    def _auth(self, uuid: str) -> dict: raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,3 +376,6 @@ class ArvadosClient(ContainerApi):
 
     def _create(self, fields: dict) -> dict:
         return self._request("POST", "containers", json_body={"container": fields}, idempotent=False)
+
+    def _auth(self, uuid: str) -> dict:
+        return self._request("GET", f"containers/{quote(uuid, safe='')}/auth")

@@ -51,3 +51,6 @@ class LocalArvadosClient(ContainerApi):
 
     def _create(self, fields: dict) -> dict:
         return self._call(self._store.create, fields)
+
+    def _auth(self, uuid: str) -> dict:
+        return self._call(self._store.auth, uuid)

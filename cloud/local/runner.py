@@ -459,6 +459,7 @@ class Runner:
                 return 1
             if self.terminating:
                 raise Cancelled()
+            api_env = self._api_env(ctr)
             _api_call(self.log, "update", self.client.update, self.uuid,
                       {"state": "Running", "runtime_status": paths})
         except Cancelled:
@@ -468,7 +469,7 @@ class Runner:
             self._fatal(f"container API: {e}")
             return 1
         try:
-            self.proc = self._spawn(ctr, paths)
+            self.proc = self._spawn(ctr, paths, api_env)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 self._broken_node(str(e))
@@ -481,7 +482,18 @@ class Runner:
             return self._finish({"state": "Cancelled"})
         return self._finish({"state": "Complete", "exit_code": exit_code_of(rc)})
 
-    def _spawn(self, ctr: dict, paths: dict) -> subprocess.Popen:
+    def _api_env(self, ctr: dict) -> dict:
+        """What a container with ``runtime_constraints.API`` gets to call the API as itself, as
+        crunch-run gives it: the container's own token (``v2/<auth uuid>/<secret>/<container>``,
+        crunch-run's ContainerToken), never the dispatcher's; nothing for other containers."""
+        if not (ctr.get("runtime_constraints") or {}).get("API"):
+            return {}
+        auth = _api_call(self.log, "auth", self.client.container_auth, self.uuid)
+        return {"ARVADOS_API_TOKEN": f"v2/{auth['uuid']}/{auth['api_token']}/{self.uuid}",
+                "ARVADOS_API_HOST": os.environ.get("ARVADOS_API_HOST", ""),
+                "ARVADOS_API_HOST_INSECURE": os.environ.get("ARVADOS_API_HOST_INSECURE", "")}
+
+    def _spawn(self, ctr: dict, paths: dict, api_env: dict | None = None) -> subprocess.Popen:
         command = ctr.get("command") or []
         if not isinstance(command, list) or not command:
             raise OSError(errno.EINVAL, "container command is empty or not a list")
@@ -491,7 +503,8 @@ class Runner:
         with open(paths["stdoutPath"], "ab") as out, open(paths["stderrPath"], "ab") as err:
             proc = subprocess.Popen(
                 [str(c) for c in command], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                cwd=cwd, env=container_env(ctr.get("environment") or {}), start_new_session=True,
+                cwd=cwd, env={**container_env(ctr.get("environment") or {}), **(api_env or {})},
+                start_new_session=True,
                 pass_fds=(self.lock_fd,) if self.lock_fd is not None else ())
         self.log.info("container started", extra={"pid": proc.pid, "command": command, "cwd": cwd})
         return proc
