@@ -389,3 +389,28 @@ def test_list_json_is_list_as_json(store, admin):
                {"select": ["command", "exit_code", "log"], "count": "none"},
                {"filters": [["state", "=", "Nothing"]]}, {"limit": 1, "offset": 1, "order": "priority"}):
         assert store.list_json(**kw, caller=admin) == json.dumps(store.list(**kw, caller=admin)), kw
+
+
+def test_a_child_made_as_its_parent_is_unlocked_is_refused_not_made_preemptible(monkeypatch):
+    """The container-token check and the insert are one transaction: a parent unlocked between
+    them (its token expired) must not still get a child made with that token, let alone a
+    preemptible one. The unlock is slipped in at the store's clock read between the two."""
+    store = ContainerStore(":memory:", always_use_preemptible_instances=True, preemptible_types=True)
+    store.add_token(ADMIN, admin=True)
+    admin = store.authenticate(ADMIN)
+    parent = store.create({"container_image": "img", "command": ["true"]}, caller=admin)["uuid"]
+    store.lock(parent, caller=admin)
+    a = store.auth(parent, caller=admin)
+    token = store.authenticate(f"v2/{a['uuid']}/{a['api_token']}/{parent}")
+    assert token is not None
+    micros = store._micros
+
+    def unlock_in_between():
+        monkeypatch.setattr(store, "_micros", micros)
+        store.unlock(parent, caller=admin)
+        return micros()
+    monkeypatch.setattr(store, "_micros", unlock_in_between)
+    with pytest.raises(PermissionDenied):
+        store.create({"container_image": "img", "command": ["true"]}, caller=token)
+    assert [c["uuid"] for c in store.list(caller=admin)["items"]] == [parent]
+    store.close()

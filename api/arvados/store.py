@@ -765,6 +765,9 @@ class ContainerStore:
         now = self._micros()
         uuid = random_uuid(self.cluster_id, "dz642", self._rng)
         with self._write() as c:
+            # again inside the write: the parent may have been unlocked (its token expired) since
+            if parent is not None and self._container_of_token(caller, c) != parent:
+                raise PermissionDenied("permission denied: this container token expired")
             if requesting is not None and c.execute("SELECT 1 FROM containers WHERE uuid = ?",
                                                     (requesting,)).fetchone() is None:
                 raise Unprocessable(f"requesting_container_uuid: container {requesting} not found")
@@ -782,11 +785,16 @@ class ContainerStore:
         """AlwaysUsePreemptibleInstances, which Arvados ignores when no type is preemptible."""
         return self.always_use_preemptible_instances and self.preemptible_types is not False
 
-    def _container_of_token(self, caller: TokenInfo) -> str | None:
-        """The Locked or Running container whose own token this is (Container.for_current_token)."""
-        with self._read(snapshot=False) as c:
-            row = c.execute("SELECT uuid FROM containers WHERE auth_uuid = ? AND state IN (?, ?)",
-                            (caller.uuid, LOCKED, RUNNING)).fetchone()
+    def _container_of_token(self, caller: TokenInfo, c: sqlite3.Connection | None = None) -> str | None:
+        """The Locked or Running container whose own token this is (Container.for_current_token);
+        read in transaction ``c`` when given."""
+        query = ("SELECT uuid FROM containers WHERE auth_uuid = ? AND state IN (?, ?)",
+                 (caller.uuid, LOCKED, RUNNING))
+        if c is not None:
+            row = c.execute(*query).fetchone()
+        else:
+            with self._read(snapshot=False) as r:
+                row = r.execute(*query).fetchone()
         return None if row is None else row["uuid"]
 
     def auth(self, uuid: str, *, caller: TokenInfo) -> dict:
