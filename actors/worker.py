@@ -97,7 +97,6 @@ class ProbeResult:
     gen: int  # the worker's generation when the probe began
     started: float
     ended: float
-    initial: State
     booted: bool = False
     boot_ok: bool = False  # the boot probe itself answered (not just "already booted")
     boot_err: str = ""
@@ -276,9 +275,6 @@ class WorkerActor(TickedActor):
         self._job("command", cmd.fn, cmd.args, cmd.kind)
 
     def _send_queued(self) -> None:
-        if self._view.state is State.SHUTDOWN:
-            self._drop_queued("shutdown")  # (a kill told after the shutdown)
-            return
         while self._cmd_queue and self._cmd_out < self._cmd_limit:
             cmd = self._cmd_queue.popleft()
             r = self._runners.get(cmd.uuid)
@@ -292,10 +288,6 @@ class WorkerActor(TickedActor):
         for cmd in self._cmd_queue:
             (dropped if uuid is None or (cmd.uuid == uuid and cmd.kind == "start") else keep).append(cmd)
         self._cmd_queue = keep
-        for cmd in dropped:
-            r = self._runners.get(cmd.uuid)
-            if cmd.kind == "kill" and r is not None and r.seq == cmd.seq:
-                r.killing = False
         if dropped:
             self._log.info("queued crunch-run commands dropped", extra=self._fields(
                 Reason=why, Commands=len(dropped), **({"ContainerUUID": uuid} if uuid else {})))
@@ -457,8 +449,8 @@ class WorkerActor(TickedActor):
     def kill_container(self, uuid: str, reason: str, now: float) -> None:
         self._now = now
         r = self._runners.get(uuid)
-        if r is None or r.kill_started is not None:
-            return
+        if r is None or r.kill_started is not None or self._view.state is State.SHUTDOWN:
+            return  # (being destroyed: its processes go with it; a --kill would wait on a dying VM)
         self._log.info("killing crunch-run process", extra=self._fields(ContainerUUID=uuid, Reason=reason))
         r.kill_started, r.kill_reason, r.next_signal = now, reason, now
         if r.starting and self._drop_queued("killed before its start was sent", uuid):
@@ -619,8 +611,7 @@ class WorkerActor(TickedActor):
             return self._probe_commands(req, runner)
         except Exception as e:  # a bug must not leave the worker probing forever
             self._log.exception("probe failed", extra={**req.fields, "error": repr(e)})
-            return ProbeResult(req.gen, req.started, self._seen_at(req.started), req.initial,
-                               boot_err=repr(e))
+            return ProbeResult(req.gen, req.started, self._seen_at(req.started), boot_err=repr(e))
 
     def _probe_commands(self, req: ProbeRequest, runner: str) -> ProbeResult:
         booted = req.initial in BOOTED
@@ -641,7 +632,7 @@ class WorkerActor(TickedActor):
         if wants_run_probe(req.initial, booted):
             list_at = self._seen_at(req.started)
             uuids, broken, stale, ok = self._probe_running(req, runner, booted)
-        return ProbeResult(req.gen, req.started, self._seen_at(req.started), req.initial, booted=booted,
+        return ProbeResult(req.gen, req.started, self._seen_at(req.started), booted=booted,
                            boot_ok=boot_ok, boot_err=boot_err, runner=deployed, ok=ok,
                            uuids=uuids, broken=broken, stale=stale, list_at=list_at)
 

@@ -482,3 +482,19 @@ def test_a_kill_never_overtakes_its_own_start(rig):
     rig.at(1 + 5.0 + 0.1)  # TimeoutSignal later: the next signal goes out
     ex.wait_begun(KILL)
     sched.wait("container_ended", lambda a: a[0] == UUID)
+
+
+def test_no_kill_goes_to_a_worker_being_shut_down(rig):
+    """A kill decided after the instance's destroy was sent would SSH into a VM on its way out
+    (and wait for it to time out): the worker sends nothing once it is shut down."""
+    ex = ParkingExecutor({LIST: LISTED, KILL: OK})
+    w, sched, iset = rig.worker(State.IDLE, ex)
+    rig.at(0)
+    sched.wait("worker_changed", lambda a: a[0].running == (UUID,))
+    ACTIVITY.wait_idle(WAIT)
+    w.kill_instance("operator", T0 + 1)
+    iset.wait("destroy")
+    w.kill_container(UUID, "cancelled", T0 + 2)
+    w.view.get(timeout=WAIT)  # the kill is handled
+    ACTIVITY.wait_idle(WAIT)
+    assert ex.count(KILL) == 0
