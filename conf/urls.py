@@ -24,21 +24,28 @@ _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 
 
 def shown(url: str) -> str:
-    """``url`` fit for a message: ``user:password@`` becomes ``***@``, a non-numeric port ``:***``,
-    a query ``?...``, a fragment ``#...``."""
+    """``url`` fit for a message: ``user:password@`` becomes ``***@``, a non-numeric port ``:***``
+    (and nothing after it), a query ``?...``, a fragment ``#...``.
+
+    The user info is cut at the last ``@``, not where urlsplit ends the netloc: a secret may hold
+    ``/``, ``?`` or ``#`` (AWS secret keys do), and urlsplit would leave the rest of it in the path
+    or query. Over-masking a path that holds an ``@`` is the safe side."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    user = "***@" if rest.startswith("***@") else ""
     try:
-        p = urlsplit(url)
-    except ValueError:  # e.g. an unclosed "[": blank out the same parts by hand
-        scheme, sep, rest = url.partition("://")
-        rest = rest.partition("?")[0] + ("?..." if "?" in rest else "")
-        return scheme + sep + ("***@" + rest.rpartition("@")[2] if "@" in rest else rest)
-    netloc = p.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    host, colon, port = netloc.rpartition(":")
-    if colon and not port.isdigit() and "]" not in port:  # "https://KEY:SECRET" without "@host"
-        netloc = host + ":***"
-    return SplitResult(p.scheme, netloc, p.path, "..." if p.query else "",
+        p = urlsplit(scheme + sep + rest)
+        hostport = p.netloc.removeprefix(user).rpartition("]")[2]  # after an IPv6 literal
+        port = hostport.rpartition(":")[2]
+        if ":" in hostport and port and not port.isdigit():
+            raise ValueError("not a number")  # "https://KEY:SECRET...": the secret is no port
+    except ValueError:  # that, or an unclosed "[": keep the host, nothing after it
+        host = re.match(r"\[[^\]/?#]*\]|[^:/?#\[]*", rest.removeprefix(user)).group()
+        return scheme + sep + user + host + ":***"
+    return SplitResult(p.scheme, p.netloc, p.path, "..." if p.query else "",
                        "..." if p.fragment else "").geturl()
 
 

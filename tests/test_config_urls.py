@@ -117,6 +117,21 @@ def test_a_secret_read_as_a_port_or_a_fragment_is_never_shown():
     assert shown(f"https://h.example/p#tok={SECRET}") == "https://h.example/p#..."
 
 
+@pytest.mark.parametrize("secret", ["wJalr/K7MDENG/bPxRfi", "ab?cd/ef", "ab#cd/ef", "a@b/c:d"])
+def test_a_secret_holding_url_delimiters_is_never_shown(secret):
+    """AWS secret keys hold "/": urlsplit ends the user info there, so masking the netloc left
+    the rest of the secret in the path; with no "@host", the rest after a "/" was shown too. (A
+    secret holding "@" without the "@host" reads as a host and path: no rule can tell.)"""
+    urls = [f"https://dispatch:{secret}@zzzzz.example.org/p"] + ([f"https://AKIA:{secret}"] if "@" not in secret else [])
+    for url in urls:
+        tail = secret.split("/")[-1]
+        assert secret not in shown(url) and tail not in shown(url), shown(url)
+        with pytest.raises(ValueError) as e:
+            check_url(url)
+        assert tail not in str(e.value)
+    assert shown(urls[0]) == "https://***@zzzzz.example.org/p"
+
+
 # --- the loader ---------------------------------------------------------------------------------------
 # (its one-line errors for bad URLs: tests/test_config.py, BAD)
 
