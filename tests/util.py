@@ -34,12 +34,26 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: flo
 
 def run_threads(target, args_list, timeout: float) -> None:
     """``target(*args)`` for each of ``args_list`` on its own thread, all started before any is
-    joined (each for at most ``timeout`` seconds): the shape of every race test."""
-    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    joined (each for at most ``timeout`` seconds): the shape of every race test. A thread that
+    raised or did not finish fails the test (an exception on a thread is otherwise only a
+    warning, and the test would pass without the work that thread was checking)."""
+    errors: list[BaseException] = []
+
+    def run(*args):
+        try:
+            target(*args)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=args) for args in args_list]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout)
+    stuck = sum(t.is_alive() for t in threads)
+    assert not stuck, f"{stuck} of {len(threads)} threads still running after {timeout}s"
+    if errors:
+        raise errors[0]
 
 
 @contextmanager
