@@ -414,3 +414,23 @@ def test_a_child_made_as_its_parent_is_unlocked_is_refused_not_made_preemptible(
         store.create({"container_image": "img", "command": ["true"]}, caller=token)
     assert [c["uuid"] for c in store.list(caller=admin)["items"]] == [parent]
     store.close()
+
+
+def test_a_container_token_naming_another_container_is_refused():
+    """As Arvados' api_client_authorization.rb: a v2 token's 4th part, if it names an existing
+    container, must name one locked or running on that very token; a finished one, or another
+    container's, makes the token fail. A 4th part naming no container is ignored."""
+    store = ContainerStore(":memory:")
+    store.add_token(ADMIN, admin=True)
+    admin = store.authenticate(ADMIN)
+    mk = lambda: store.create({"container_image": "img", "command": ["true"]}, caller=admin)["uuid"]
+    a, b, queued = mk(), mk(), mk()
+    for u in (a, b):
+        store.lock(u, caller=admin)
+    auth = store.auth(a, caller=admin)
+    tok = f"v2/{auth['uuid']}/{auth['api_token']}"
+    assert store.authenticate(f"{tok}/{a}") is not None
+    assert store.authenticate(f"{tok}/zzzzz-dz642-000000000000000") is not None  # no such container
+    assert store.authenticate(f"{tok}/{b}") is None  # B runs on another token
+    assert store.authenticate(f"{tok}/{queued}") is None  # not Locked or Running
+    store.close()

@@ -200,17 +200,19 @@ def _token_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _split_v2(token: str) -> tuple[str | None, str]:
-    """``v2/<uuid>/<secret>`` -> (uuid, secret); a bare token -> (None, token).
+def _split_v2(token: str) -> tuple[str | None, str, str]:
+    """``v2/<uuid>/<secret>[/<container>]`` -> (uuid, secret, container or ""); a bare token ->
+    (None, token, "").
 
-    crunch-run appends the container's uuid to a container token (``v2/<uuid>/<secret>/<container>``,
-    crunchrun.go ContainerToken); Arvados authenticates it by its first three parts, and so do we.
+    crunch-run appends the container's uuid to a container token (crunchrun.go ContainerToken);
+    Arvados (api_client_authorization.rb validate) then also checks that container, if it exists:
+    see :meth:`ContainerStore.authenticate`.
     """
     if token.startswith("v2/"):
         parts = token.split("/")
         if len(parts) in (3, 4) and parts[1] and parts[2]:
-            return parts[1], parts[2]
-    return None, token
+            return parts[1], parts[2], parts[3] if len(parts) == 4 else ""
+    return None, token, ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +645,7 @@ class ContainerStore:
         """Register an API token; returns its uuid (``<cluster>-gj3su-...``). Only a hash is kept."""
         if not isinstance(token, str) or not token:
             raise BadRequest("token: must be a non-empty string")
-        v2_uuid, secret = _split_v2(token)
+        v2_uuid, secret, _ = _split_v2(token)
         if uuid is None:
             uuid = v2_uuid or random_uuid(self.cluster_id, "gj3su", self._rng)
         elif v2_uuid is not None and v2_uuid != uuid:
@@ -656,12 +658,17 @@ class ContainerStore:
     def authenticate(self, token: str | None) -> TokenInfo | None:
         if not token:
             return None
-        v2_uuid, secret = _split_v2(token)
+        v2_uuid, secret, container = _split_v2(token)
         with self._read(snapshot=False) as c:
             row = c.execute("SELECT uuid, admin FROM tokens WHERE token_key = ?",
                             (_token_key(secret),)).fetchone()
+            named = container and c.execute("SELECT state, auth_uuid FROM containers WHERE uuid = ?",
+                                            (container,)).fetchone()
         if row is None or (v2_uuid is not None and v2_uuid != row["uuid"]):
             return None
+        if named and ((named["auth_uuid"] is not None and named["auth_uuid"] != v2_uuid)
+                      or named["state"] not in (LOCKED, RUNNING)):
+            return None  # as Arvados: the container it names must be running on this token
         return TokenInfo(uuid=row["uuid"], admin=bool(row["admin"]))
 
     # -- containers: reads --------------------------------------------------------------------
