@@ -203,12 +203,7 @@ class ActorBackend:
 
 def api_request_limit(cluster) -> int:
     """API.MaxConcurrentRequests / 4 (Arvados' default 64 -> 16), 0 (no limit) if it is 0."""
-    api = cluster.raw.get("API") if hasattr(cluster.raw, "get") else None
-    n = api.get("MaxConcurrentRequests", 64) if hasattr(api, "get") else 64
-    try:
-        n = int(n)
-    except (TypeError, ValueError):
-        n = 64
+    n = cluster.api_max_concurrent_requests
     return max(1, n // 4) if n > 0 else 0
 
 

@@ -489,6 +489,7 @@ class _Builder:
             dispatch_listen=internal[1],
             tls_insecure=tls.bool("Insecure"),
             postgresql_connection=self._pg_connection(top.section("PostgreSQL")),
+            api_max_concurrent_requests=top.section("API", {}).int("MaxConcurrentRequests", 64),
             log_level=self._log_level(top.section("SystemLogs")),
             log_format=self._log_format(top.section("SystemLogs")),
             containers=containers,

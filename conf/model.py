@@ -139,6 +139,7 @@ class Cluster:
     dispatch_listen: Mapping = field(default_factory=lambda: EMPTY)
     tls_insecure: bool = False
     postgresql_connection: Mapping = field(default_factory=lambda: EMPTY)  # libpq keyword -> value
+    api_max_concurrent_requests: int = 64  # API.MaxConcurrentRequests (0: no limit)
     log_level: str = "info"  # SystemLogs.LogLevel, normalized to LOG_LEVELS
     log_format: str = ""  # SystemLogs.Format: json, text, or "" (json for a service, text on a tty/dev)
     containers: Containers = Containers()

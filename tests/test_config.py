@@ -363,6 +363,7 @@ def _vms(**kw):
 
 BAD = [
     # (site overlay, key path, reason)
+    ({"API": {"MaxConcurrentRequests": -5}}, f"{C}.API.MaxConcurrentRequests", "-5 is too small (minimum 0)"),
     ({"InstanceTypes": {"m5": {"RAM": "16 gigs"}}}, f"{C}.InstanceTypes.m5.RAM", '"16 gigs" is not a size (unknown unit "gigs")'),
     ({"InstanceTypes": {"m5": {"RAM": 0}}}, f"{C}.InstanceTypes.m5.RAM", "must be more than 0"),
     ({"InstanceTypes": {"x": {"Price": 1}}}, f"{C}.InstanceTypes.x.RAM", "is required"),
