@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote, urlencode, urlsplit
@@ -226,10 +225,10 @@ def _environment_once(session: requests.Session, url: str) -> None:
     variables, ~/.netrc), read once: the environment of a running dispatcher does not change, and
     reading it cost about 0.13 ms of CPU per call (a sixth of a lock's round trip here). We send
     our own Authorization header, so ~/.netrc has nothing to add."""
-    session.proxies.update(requests.utils.get_environ_proxies(url))
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if bundle:
-        session.verify = bundle
+    settings = session.merge_environment_settings(url, {}, None, None, None)
+    session.proxies.update(settings["proxies"])
+    session.verify = settings["verify"]
+    session.cert = settings["cert"]
     session.trust_env = False
 
 
