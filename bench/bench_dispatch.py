@@ -34,6 +34,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,9 +54,11 @@ from api.arvados.client import ArvadosClient  # noqa: E402
 from api.arvados.server import make_app  # noqa: E402
 from api.arvados.store import ContainerStore  # noqa: E402
 from api.wsgi import CONTAINER_API_LIMITS, WsgiServer  # noqa: E402
-from tests.util import free_port as _free_port, wait_for  # noqa: E402
+from tests.dispatcher_proc import RunProcess  # noqa: E402
+from tests.util import free_port as _free_port, stop_process, wait_for  # noqa: E402
 
 TOKEN = "systemroot" + "a" * 30
+WATCH = "benchwatch" + "c" * 30  # the bench's own reads, left out of the counts
 MGMT = "management" + "b" * 30
 BASE = {"command": ["true"], "container_image": "img", "cwd": "/", "output_path": "/out"}
 
@@ -75,7 +78,7 @@ class Counting:
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO", "").startswith("/_bench/"):
             return self._control(environ, start_response)
-        if not self.on:
+        if not self.on or environ.get("HTTP_AUTHORIZATION") == f"Bearer {WATCH}":
             return self.app(environ, start_response)
         method = environ.get("HTTP_X_HTTP_METHOD_OVERRIDE") or environ["REQUEST_METHOD"]
         parts = environ.get("PATH_INFO", "").strip("/").split("/")
@@ -110,6 +113,7 @@ def serve_api(db: str) -> int:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # one line per queued request
     store = ContainerStore(db, cluster_id="zzzzz")
     store.add_token(TOKEN, admin=True)
+    store.add_token(WATCH, admin=True)
     api = WsgiServer(Counting(make_app(store)), "127.0.0.1", 0, threads=16, name="arvados-api",
                      limits=CONTAINER_API_LIMITS).start()
     print(api.url, flush=True)
@@ -172,11 +176,11 @@ def _config(api_url: str, mgmt: str, n: int, max_probes: int) -> dict:
 class LogTail:
     """The dispatcher's JSON log, parsed once: each call reads only what was added since.
 
-    (Re-parsing the whole log every 0.2 s cost this process -- which also serves the container
-    API -- seconds of CPU at 1,000 containers, and slowed the very API calls being measured.)"""
+    (Re-parsing the whole log every 0.2 s cost seconds of CPU at 1,000 containers, on the same 2
+    cores as the processes being measured.)"""
 
-    # the only records the bench reads: other lines are not even JSON-decoded (this process also
-    # serves the container API, and a 1,000-container burst logs ~10,000 other lines)
+    # the only records the bench reads: other lines are not even JSON-decoded (a 1,000-container
+    # burst logs ~10,000 other lines)
     WANTED = (b'"instance appeared in cloud"', b'"creating new instance"', b'"crunch-run process started"',
               b'"sending signal"', b'"kill container because', b'"cancelling container')
 
@@ -234,19 +238,20 @@ def _profilers(pids: dict[str, int], out: Path | None) -> list[subprocess.Popen]
 
 
 def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> dict:
-    api = ApiProcess(workdir)
-    mgmt = f"http://127.0.0.1:{_free_port()}"
-    cfg = workdir / "config.yml"
-    cfg.write_text(yaml.safe_dump(_config(api.url, mgmt, n, max_probes)))
-    log = workdir / "run.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DISPATCH_CLOUD_STATE": str(workdir)}  # own lock file
-    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--config", str(cfg)], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(log, "wb"))
-    (workdir / "pid").write_text(str(proc.pid))  # for a profiler to attach (py-spy record --pid)
-    client = ArvadosClient(api.url, TOKEN)
-    auth = {"Authorization": f"Bearer {MGMT}"}
+    api = run = None
+    spies: list[subprocess.Popen] = []
     try:
+        api = ApiProcess(workdir)
+        mgmt = f"http://127.0.0.1:{_free_port()}"
+        cfg = workdir / "config.yml"
+        cfg.write_text(yaml.safe_dump(_config(api.url, mgmt, n, max_probes)))
+        log = workdir / "run.log"
+        run = RunProcess(cfg, log, state=workdir)  # its own lock file
+        proc = run.proc
+        (workdir / "pid").write_text(str(proc.pid))  # for a profiler to attach (py-spy record --pid)
+        client = ArvadosClient(api.url, WATCH)
+        auth = {"Authorization": f"Bearer {MGMT}"}
+
         def submit(k: int) -> dict[str, float]:
             """k containers at once: 8 client threads, each with its own HTTP session."""
             local = threading.local()
@@ -311,7 +316,7 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
         # the burst onto idle capacity
         api.counting(True)
         mark = len(recs)
-        spies = _profilers({"dispatcher": proc.pid, "api": api.proc.pid}, workdir if profile else None)
+        spies[:] = _profilers({"dispatcher": proc.pid, "api": api.proc.pid}, workdir if profile else None)
         if spies:
             time.sleep(1.0)  # py-spy attaches
         cpu0 = (_cpu(proc.pid), _cpu(api.proc.pid), _cpu(os.getpid()), time.time())
@@ -326,9 +331,7 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
             return got if len(got) == n else None
         starts = _wait(started, 120, "every burst container to start")
         cpu1 = (_cpu(proc.pid), _cpu(api.proc.pid), _cpu(os.getpid()), time.time())
-        for spy in spies:
-            spy.send_signal(__import__("signal").SIGINT)  # py-spy writes its file on SIGINT
-            spy.wait(30)
+        _stop_profilers(spies)
         _wait(lambda: finished(burst) == n, 60 + n * 0.2, "the burst to finish")
         time.sleep(3)  # let the dispatcher notice the ends and whatever it kills or cancels after them
         counts = api.counts()
@@ -368,14 +371,17 @@ def run_once(n: int, workdir: Path, max_probes: int, profile: bool = False) -> d
             "api_422": sum(k for (_, _, s), k in counts.items() if s == 422),
         }
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        api.stop()
+        _stop_profilers(spies)
+        stop_process(run.proc if run is not None else None)
+        if api is not None:
+            api.stop()
+
+
+def _stop_profilers(spies: list[subprocess.Popen]) -> None:
+    """SIGINT: py-spy writes its file and exits (on every way out of a run)."""
+    for spy in spies:
+        stop_process(spy, signal.SIGINT)
+    spies.clear()
 
 
 def main() -> int:
