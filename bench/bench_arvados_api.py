@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.arvados.client import ArvadosClient  # noqa: E402
+from tests.util import process_cpu as _cpu  # noqa: E402
 
 TOKEN = "bench-arvados-api-token"
 BASE = {"container_image": "arvados/jobs", "command": ["true"], "priority": 1,
@@ -46,12 +47,6 @@ def serve(conn, db: str, threads: int) -> None:
     conn.recv()  # until the parent is done
     server.stop()
     store.close()
-
-
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _timed(pid: int, clients: int, work, items) -> tuple[float, float]:
@@ -90,6 +85,10 @@ def main() -> int:
         parent, child = mp.Pipe()
         proc = mp.get_context("spawn").Process(target=serve, args=(child, str(Path(tmp) / "api.db"), args.threads), daemon=True)
         proc.start()
+        child.close()  # only the server holds that end: if it dies, recv() ends instead of hanging
+        if not parent.poll(60):
+            proc.terminate()
+            raise SystemExit("the API server process did not start within 60 s")
         url = parent.recv()
         ARGS_CLIENT = lambda: ArvadosClient(url, TOKEN)  # noqa: E731
         admin = ARGS_CLIENT()

@@ -55,7 +55,7 @@ from api.arvados.server import make_app  # noqa: E402
 from api.arvados.store import ContainerStore  # noqa: E402
 from api.wsgi import CONTAINER_API_LIMITS, WsgiServer  # noqa: E402
 from tests.dispatcher_proc import RunProcess  # noqa: E402
-from tests.util import free_port as _free_port, stop_process, wait_for  # noqa: E402
+from tests.util import free_port as _free_port, process_cpu as _cpu, stop_process, wait_for  # noqa: E402
 
 TOKEN = "systemroot" + "a" * 30
 WATCH = "benchwatch" + "c" * 30  # the bench's own reads, left out of the counts
@@ -217,12 +217,6 @@ _wait = functools.partial(wait_for, interval=0.2)  # raises a TimeoutError (Wait
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-def _cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _profilers(pids: dict[str, int], out: Path | None) -> list[subprocess.Popen]:

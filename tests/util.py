@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -85,3 +86,10 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, wait:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait(10)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (benches)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
