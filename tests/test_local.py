@@ -400,7 +400,7 @@ def run_one_container(env, tmp_path, *, edit=lambda text: text, timeout: float =
                                           key=json.dumps(pem), state=env.state, base=env.base)))
     uuid = api.create({"container_image": "i", "command": ["sh", "-c", "echo hi; exit 6"],
                        "runtime_constraints": {"vcpus": 1, "ram": 100 << 20}})
-    proc = RunProcess(cfg, tmp_path / "dispatcher.log")
+    proc = RunProcess(cfg, tmp_path / "dispatcher.log", state=tmp_path / "dispatch-state")  # not the VMs' dir
     try:
         try:
             done = wait_for(lambda: (c := api.get(uuid))["state"] in ("Complete", "Cancelled") and c,

@@ -111,14 +111,19 @@ def test_dispatcher_deploys_the_runner_to_a_local_openssh_vm_and_runs_a_containe
     deploy = tmp_path / "deploy"
 
     def edit(text: str) -> str:
-        text = text.replace("      CrunchRunCommand: dispatch-cloud-crunch-run\n",
-                            "      CrunchRunCommand: /nonexistent/crunch-run\n")
-        text = text.replace("        Driver: local\n", f"        Driver: local\n        DeployRunnerBinary: {runner}\n"
-                                                       f"        DeployRunnerDirectory: {deploy}\n")
-        text = text.replace("          BootDelay: 0s\n", "          BootDelay: 0s\n          SSHServer: openssh\n")
-        # --list starts a Python runner through a fresh OpenSSH session: give it 1.6 s, not 0.4
-        text = text.replace("        ProbeInterval: 0.5s\n", "        ProbeInterval: 2s\n")
-        return text.replace("        TimeoutIdle: 1s\n", "        TimeoutIdle: 30s\n")
+        changes = [
+            ("      CrunchRunCommand: dispatch-cloud-crunch-run\n", "      CrunchRunCommand: /nonexistent/crunch-run\n"),
+            ("        Driver: local\n", f"        Driver: local\n        DeployRunnerBinary: {runner}\n"
+                                      f"        DeployRunnerDirectory: {deploy}\n"),
+            ("          BootDelay: 0s\n", "          BootDelay: 0s\n          SSHServer: openssh\n"),
+            # --list starts a Python runner through a fresh OpenSSH session: give it 1.6 s, not 0.4
+            ("        ProbeInterval: 0.5s\n", "        ProbeInterval: 2s\n"),
+            ("        TimeoutIdle: 1s\n", "        TimeoutIdle: 30s\n"),
+        ]
+        for old, new in changes:  # a key that moved in E2E_CONFIG must fail here, not go unset
+            assert old in text, f"E2E_CONFIG no longer has {old!r}"
+            text = text.replace(old, new)
+        return text
     done, proc, _ = run_one_container(env, tmp_path, edit=edit, timeout=40)
     assert (done["state"], done["exit_code"]) == ("Complete", 6), proc.text()[-3000:]
     installed = deploy / f"crunch-run~{md5}"
