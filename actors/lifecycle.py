@@ -73,6 +73,23 @@ def unresponsive(view: WorkerView, now: float, cfg: CloudVMs) -> bool:
     return now - view.probed >= limit
 
 
+def age_deadline(view: WorkerView, timeout_idle: float, timeout_booting: float) -> float | None:
+    """When this worker becomes due for shutdown by age alone (None: never by age). The one rule
+    both :func:`eligible_for_shutdown` and :func:`next_wake` read, so the worker never books a
+    deadline at which its tick cannot act (that drift once woke an unknown VM for ever).
+
+    Idle: TimeoutIdle after it was last busy. Unknown: never while it runs containers (the seed:
+    drain, don't kill), nor before a first probe has had the chance to find its containers; then,
+    as in Arvados, TimeoutBooting after it appeared. Never on hold."""
+    if view.idle_behavior is Behavior.HOLD:
+        return None
+    if view.state is State.IDLE:
+        return view.busy + timeout_idle
+    if view.state is State.UNKNOWN and not view.running and view.probe_done:
+        return view.appeared + timeout_booting
+    return None
+
+
 def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
                           timeout_booting: float, all_given_up: bool) -> bool:
     """Should this worker be shut down now, by its idle behaviour and state?
@@ -84,18 +101,16 @@ def eligible_for_shutdown(view: WorkerView, now: float, timeout_idle: float,
     b, s = view.idle_behavior, view.state
     if b is Behavior.HOLD or s is State.SHUTDOWN:
         return False
+    if s in (State.BOOTING, State.IDLE) and b is Behavior.DRAIN:
+        return True
     if s is State.BOOTING:
-        return b is Behavior.DRAIN
-    if s is State.IDLE:
-        return b is Behavior.DRAIN or now >= view.busy + timeout_idle
+        return False
     if s is State.RUNNING:
         return b is Behavior.DRAIN and all_given_up
-    # unknown: never while it runs containers (the seed: drain, don't kill), nor before a first
-    # probe has had the chance to find its containers; then, as in Arvados, only by age: drain
-    # does not hurry it, since a failed probe has not shown it idle
-    if view.running or not view.probe_done:
-        return False
-    return now >= view.appeared + timeout_booting
+    # idle, unknown: by age only (drain does not hurry an unknown VM: a failed probe has not
+    # shown it idle)
+    due = age_deadline(view, timeout_idle, timeout_booting)
+    return due is not None and now >= due
 
 
 def next_wake(view: WorkerView, next_probe: float, cfg: CloudVMs,
@@ -106,14 +121,6 @@ def next_wake(view: WorkerView, next_probe: float, cfg: CloudVMs,
     a VM still listed long after destroy is retried by the next sync, nothing to time here."""
     if view.state is State.SHUTDOWN:
         return None
-    when = [next_probe, *signals]
-    if view.state is State.IDLE and view.idle_behavior is Behavior.RUN:
-        when.append(view.busy + cfg.timeout_idle)
-    # Only a deadline at which the tick can act: an unknown VM on hold (or not yet probed) is not
-    # shut down at TimeoutBooting, and a deadline in the past that changes nothing woke it again at
-    # once, for ever (a busy loop; a simulation never settled)
-    if (view.state is State.UNKNOWN and not view.running and view.probe_done
-            and view.idle_behavior is not Behavior.HOLD):
-        when.append(view.appeared + cfg.timeout_booting)
-    return min(when)
+    due = age_deadline(view, cfg.timeout_idle, cfg.timeout_booting)
+    return min([next_probe, *signals, *([] if due is None else [due])])
 
