@@ -408,10 +408,8 @@ class SchedulerActor(TickedActor):
     # -- the pass ------------------------------------------------------------------------------------
 
     def _running(self) -> dict[str, float | None]:
-        running: dict[str, float | None] = {}
-        for w in self._workers.values():
-            for u in w.view.running:
-                running[u] = None
+        """Containers some worker reports (``_holders``), then those whose exit is recorded."""
+        running: dict[str, float | None] = dict.fromkeys(self._holders)
         running.update(self._exited)
         return running
 
@@ -569,6 +567,7 @@ class SchedulerActor(TickedActor):
                     del self._holders[u]
         for u in view.running:
             self._holders.setdefault(u, {})[iid] = None
+
     def _backing_off(self, uuid: str, now: float) -> bool:
         f = self._op_fails.get(uuid)
         return f is not None and now < f[1]
