@@ -35,6 +35,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import pykka
+
 from actors.base import TickedActor
 from actors.lifecycle import (after_probe, eligible_for_shutdown, next_wake, probe_failed, stale_lock,
                               unresponsive, wants_run_probe)
@@ -294,19 +296,20 @@ class WorkerActor(TickedActor):
         return len(dropped)
 
     def _ssh_verified_hook(self) -> None:
-        """(pool thread, inside execute()) The host proved its identity: tell ourselves."""
+        """(pool thread, inside execute()) The host proved its identity: tell ourselves when."""
+        at = self._seen_at(self._now)  # now, not when the message is handled
         if self._inline:
-            self.on_ssh_verified()
+            self.on_ssh_verified(at)
             return
         try:
-            self._self.on_ssh_verified.defer()
-        except Exception:  # stopped meanwhile
+            self._self.on_ssh_verified.defer(at)
+        except pykka.ActorDeadError:  # stopped meanwhile
             pass
 
-    def on_ssh_verified(self) -> None:
-        """The executor verified the host (first time: the metric of time to SSH)."""
+    def on_ssh_verified(self, at: float | None = None) -> None:
+        """The executor verified the host at ``at`` (first time: the metric of time to SSH)."""
         if not self._first_ssh:
-            now = self._now
+            now = self._now if at is None else at
             self._first_ssh = now
             if self._view.state is State.BOOTING and self._metrics is not None:
                 self._metrics.time_to_ssh.observe(now - self._view.appeared)
@@ -728,7 +731,7 @@ class WorkerActor(TickedActor):
         if res.runner:
             self._runner = res.runner
         if res.boot_ok:
-            self.on_ssh_verified()  # executors without SSH never call it; first success is as good
+            self.on_ssh_verified(res.ended)  # executors without SSH never call it; first success is as good
         if self._view.state is State.SHUTDOWN:
             return  # shut down while it ran (Go skips the logging noise too)
         booted, uuids, broken, ok = res.booted, list(res.uuids), res.broken, res.ok

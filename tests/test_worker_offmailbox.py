@@ -498,3 +498,65 @@ def test_no_kill_goes_to_a_worker_being_shut_down(rig):
     w.view.get(timeout=WAIT)  # the kill is handled
     ACTIVITY.wait_idle(WAIT)
     assert ex.count(KILL) == 0
+
+
+class _Observed:
+    def __init__(self):
+        self.values = []
+
+    def observe(self, v):
+        self.values.append(v)
+
+    def labels(self, **kw):
+        return self
+
+    def inc(self, *a):
+        pass
+
+
+class _Metrics:
+    def __init__(self):
+        self.time_to_ssh = _Observed()
+        self.boot_outcomes = _Observed()
+
+    def __getattr__(self, name):
+        return _Observed()
+
+
+def test_time_to_ssh_is_dated_when_the_host_was_verified():
+    """The executor proves the host on a pool thread; the message it sends is handled later, and
+    the worker's own time then is its last tick's (here when the boot probe began): the metric
+    took that, not the verification's time."""
+    rig = Rig()
+    try:
+        verified = []
+
+        class Verifying(ParkingExecutor):
+            def execute(self, command, stdin=b"", timeout=None):
+                if command.startswith(BOOT) and not verified:
+                    rig.clock.set(T0 + 7)  # the SSH handshake took 7 s
+                    verified.append(1)
+                    self.hook()
+                return super().execute(command, stdin, timeout)
+
+        ex = Verifying({BOOT: OK, LIST: OK}, parked={BOOT})
+        metrics = _Metrics()
+        info = InstanceInfo(id="i-1", address="10.0.0.1", provider_type="p", remote_user="root", tags={},
+                            handle=object())
+
+        def factory(hook):
+            ex.hook = hook
+            return ex
+        ref = WorkerActor.start(instance=info, instance_type=instance_type(1), state=State.BOOTING,
+                                behavior=Behavior.RUN, now=T0, executor_factory=factory,
+                                scheduler=Recorder(), instance_set=Recorder(), ticker=rig.ticker,
+                                cluster=rig.cluster, rng=ZeroJitter(), clock=rig.clock, metrics=metrics)
+        rig.refs.append(ref)
+        rig.executors.append(ex)
+        ref.proxy().view.get(timeout=WAIT)
+        rig.ticker.fire_due(T0)
+        ex.wait_begun(BOOT)
+        ref.proxy().view.get(timeout=WAIT)  # the verification's message is handled
+        assert metrics.time_to_ssh.values == [7.0]
+    finally:
+        rig.close()
