@@ -189,8 +189,8 @@ def keepalive_interval(requested: float) -> int:
 class SSHExecutor:
     """Runs commands on one instance over one persistent, host-key-verified SSH transport.
 
-    ``execute`` is normally called from one thread (the worker's) but is safe from several: they
-    share the transport, and reconnects are serialized so that threads which all saw it fail make
+    ``execute`` is called from the worker pools' threads, several at once for one worker (a probe
+    beside a start or a kill): they share the transport, and reconnects are serialized so that threads which all saw it fail make
     one new transport instead of hanging up each other's. ``set_target`` and ``close`` may come
     from other threads and never wait for a running command.
     """

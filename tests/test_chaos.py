@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 
 from actors.base import ACTIVITY, background
 from tests.chaos import Chaos, ChaosConfig

@@ -283,7 +283,7 @@ def test_a_mounts_batch_that_fails_fails_the_poll(caplog):
 def _random_case(rng):
     """A random queue and pool: types of 1/2/4 VCPUs, instances in every state and behaviour,
     some running containers of the queue, creates in flight, 0-VCPU containers, and limits."""
-    from actors.planner import Limits, Slot, instance_sort_key  # noqa: F401
+    from actors.planner import Limits, Slot
     types = [instance_type(k) for k in (1, 2, 4)]
     entries, running = [], {}
     for k in range(rng.randint(0, 40)):
