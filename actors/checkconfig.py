@@ -98,7 +98,7 @@ def summary(c: Cluster) -> str:
         f"  driver:            {vms.driver}",
         f"  management URLs:   {', '.join(_served(c, u) for u in c.dispatch_urls)}"
         + ("" if c.management_token else "  (ManagementToken is empty: API disabled)"),
-        f"  controller URL:    {c.controller_url or '(not set)'}"
+        f"  controller URL:    {c.controller_url}"
         + ("  (TLS verification off)" if c.tls_insecure else ""),
         f"  dispatch lock:     {_lock(c)}",
         f"  logs:              {c.log_format or 'json (text in dev mode or on a terminal)'}, level {c.log_level}",

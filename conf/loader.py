@@ -500,8 +500,8 @@ class _Builder:
         if not cluster.management_token:
             self.warn(top.key("ManagementToken"),
                       "is empty: the management API and /metrics will refuse every request")
-        if not cluster.system_root_token:
-            self.warn(top.key("SystemRootToken"), "is empty: the dispatcher cannot authenticate to the API server")
+        # (an empty SystemRootToken is conf.runcheck's error for run and check-config; the other
+        # commands do not use it)
         return cluster
 
     # -- PostgreSQL, SystemLogs -----------------------------------------------------------------
