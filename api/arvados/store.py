@@ -642,7 +642,9 @@ class ContainerStore:
     # -- tokens -------------------------------------------------------------------------------
 
     def add_token(self, token: str, uuid: str | None = None, admin: bool = False) -> str:
-        """Register an API token; returns its uuid (``<cluster>-gj3su-...``). Only a hash is kept."""
+        """Register an API token; returns its uuid (``<cluster>-gj3su-...``). Only a hash is kept
+        (a container's own token is also kept in clear with its container, as Arvados keeps it:
+        ``GET containers/{uuid}/auth`` must hand it out)."""
         if not isinstance(token, str) or not token:
             raise BadRequest("token: must be a non-empty string")
         v2_uuid, secret, _ = _split_v2(token)
