@@ -560,3 +560,22 @@ def test_time_to_ssh_is_dated_when_the_host_was_verified():
         assert metrics.time_to_ssh.values == [7.0]
     finally:
         rig.close()
+
+
+def test_a_starts_config_data_is_made_off_the_mailbox(rig, monkeypatch):
+    """crunch-run's stdin is the whole cluster config as Go JSON (~0.5 ms of CPU each start):
+    made on the command pool's thread with the --detach, not in the worker's handler."""
+    from actors import worker as worker_mod
+    made_on = []
+    real = worker_mod.crunchrun.config_data
+
+    def config_data(*a, **kw):
+        made_on.append(threading.current_thread().name)
+        return real(*a, **kw)
+    monkeypatch.setattr(worker_mod.crunchrun, "config_data", config_data)
+    ex = ParkingExecutor({LIST: OK, DETACH: OK})
+    w, sched, _ = rig.worker(State.IDLE, ex)
+    w.start_container(entry(), T0)
+    ex.wait_begun(DETACH)
+    ACTIVITY.wait_idle(WAIT)
+    assert len(made_on) == 1 and made_on[0] in ex.threads and not made_on[0].startswith("WorkerActor")
