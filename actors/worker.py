@@ -248,11 +248,12 @@ class WorkerActor(TickedActor):
         return max(now, self._clock.now()) if self._clock is not None else now
 
     def _job(self, kind: str, fn: Callable, args: tuple, apply: str) -> None:
-        """Run ``fn(*args)`` off the mailbox on the ``kind`` pool and hand its result to
-        ``_apply_<apply>`` as the message ``<apply>_done``. ``fn`` reads only its arguments and
-        what never changes after __init__ (executor, cluster, logger, metrics, clock)."""
+        """Run ``fn(*args)`` off the mailbox on the ``kind`` pool and hand its result back as the
+        message ``<apply>_done``. ``fn`` reads only its arguments and what never changes after
+        __init__ (executor, cluster, logger, metrics, clock). Not started (a plain object in
+        tests): run now, and apply the result as that message's handler would."""
         if self._inline:
-            getattr(self, "_apply_" + apply)(fn(*args))
+            self._job_done(apply, fn(*args))
             return
         done = self._done[apply]
 
@@ -266,14 +267,13 @@ class WorkerActor(TickedActor):
         """A start or kill: sent now if this worker has fewer than ``_cmd_limit`` out and none
         waiting before it, else queued (``_send_queued`` sends it when an earlier one answers)."""
         cmd = _Command(kind, uuid, seq, fn, args)
-        if self._inline or (self._cmd_out < self._cmd_limit and not self._cmd_queue):
+        if self._cmd_out < self._cmd_limit and not self._cmd_queue:
             self._send(cmd)
         else:
             self._cmd_queue.append(cmd)
 
     def _send(self, cmd: _Command) -> None:
-        if not self._inline:
-            self._cmd_out += 1
+        self._cmd_out += 1
         self._job("command", cmd.fn, cmd.args, cmd.kind)
 
     def _send_queued(self) -> None:
@@ -428,7 +428,14 @@ class WorkerActor(TickedActor):
 
     @_handler
     def start_done(self, res: CommandResult) -> None:
-        self._command_done(res, self._apply_start)
+        self._job_done("start", res)
+
+    def _job_done(self, kind: str, res) -> None:
+        """A job's result, whether it came as a message or ran inline: one path for both."""
+        if kind == "probe":
+            self._apply_probe(res)
+        else:
+            self._command_done(res, self._apply_start if kind == "start" else self._apply_kill)
 
     def _command_done(self, res: CommandResult, apply: Callable[[CommandResult], None]) -> None:
         """A start's or kill's answer: one fewer in flight, apply it, send the next one queued."""
@@ -581,7 +588,7 @@ class WorkerActor(TickedActor):
 
     @_handler
     def kill_done(self, res: CommandResult) -> None:
-        self._command_done(res, self._apply_kill)
+        self._job_done("kill", res)
 
     def _apply_kill(self, res: CommandResult) -> None:
         r = self._answered(res)
@@ -718,7 +725,7 @@ class WorkerActor(TickedActor):
 
     @_handler
     def probe_done(self, res: ProbeResult) -> None:
-        self._apply_probe(res)
+        self._job_done("probe", res)
 
     def _apply_probe(self, res: ProbeResult) -> None:
         """Go's probeAndUpdate once it holds the lock: what the answers mean for this worker."""
