@@ -583,8 +583,9 @@ class _Builder:
             sec.fail(k, f"{_show(shown(url))} {e}")
 
     def _internal_urls(self, dispatch: _Section) -> tuple[tuple[str, ...], Mapping]:
-        """The InternalURLs, and the address each is served on: its ListenURL, or itself. Either
-        must be one this process can listen on (plain http, no path), or ``run`` would fail."""
+        """The InternalURLs, and the ListenURL of those that have one (the others are served on
+        themselves). Either must be one this process can listen on (plain http, no path), or
+        ``run`` would fail."""
         urls = dispatch.section("InternalURLs")
         listen = {}
         for url, extra in urls.data.items():
@@ -604,7 +605,6 @@ class _Builder:
                 except ValueError as e:
                     dispatch.fail("InternalURLs", f"{_show(shown(url))} cannot be listened on: {e}; "
                                   "give it a ListenURL")
-                listen[url] = url
         if not urls.data:
             dispatch.fail("InternalURLs", "is empty: the management API needs a URL to listen on")
         return tuple(sorted(urls.data)), freeze(listen)

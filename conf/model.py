@@ -135,7 +135,7 @@ class Cluster:
     management_token: str = ""
     controller_url: str = ""  # Services.Controller.ExternalURL
     dispatch_urls: tuple[str, ...] = ("http://localhost:9006",)  # Services.DispatchCloud.InternalURLs
-    # InternalURL -> the address it is served on (its ListenURL, or itself); empty: each itself
+    # InternalURL -> its ListenURL, for those that have one; the others are served on themselves
     dispatch_listen: Mapping = field(default_factory=lambda: EMPTY)
     tls_insecure: bool = False
     postgresql_connection: Mapping = field(default_factory=lambda: EMPTY)  # libpq keyword -> value

@@ -146,8 +146,7 @@ def test_loader_keeps_listen_urls_and_good_postgresql(tmp_path):
                                    "dbname": "arvados", "user": "arvados", "password": SECRET,
                                    "sslmode": "require", "client_encoding": "utf8"}})))
     assert c.dispatch_urls == ("http://127.0.0.1:9007", "https://dispatch.example:9006/")
-    assert dict(c.dispatch_listen) == {"https://dispatch.example:9006/": "http://0.0.0.0:9006",
-                                       "http://127.0.0.1:9007": "http://127.0.0.1:9007"}
+    assert dict(c.dispatch_listen) == {"https://dispatch.example:9006/": "http://0.0.0.0:9006"}
     assert c.postgresql_connection["port"] == "5432,5433"
     from actors.checkconfig import summary
     assert ("management URLs:   http://127.0.0.1:9007, https://dispatch.example:9006/ (listening on "
